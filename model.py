@@ -1,0 +1,274 @@
+"""GPT-2 whose hidden units sit on a 2-D cortical sheet (TopoLM), in one file.
+
+The network is nanoGPT's GPT-2: token + learned position embeddings, pre-LayerNorm blocks,
+causal scaled-dot-product attention, a 4x GELU MLP, weight tying and the scaled init of the
+residual projections. What TopoLM adds:
+- Two spatial sites per block, `layer.{i}.attn` and `layer.{i}.mlp`. A site's activation is the
+  sublayer's output before it is added into the residual stream (`with_resid=False`, the
+  paper's model) or the residual stream just after the addition (`with_resid=True`). Each site
+  passes through an `nn.Identity` tap, so forward hooks on `model.sites()` expose activations
+  (see `site_activations`).
+- `self.sheet` (positions.CorticalSheet) owns the frozen unit positions as a buffer, so they
+  travel in the checkpoint, and computes the spatial loss.
+- Only the columns of the sampled neighborhoods are gathered during the forward pass, and all
+  sites' neighborhoods go through one batched loss. With alpha = 0 none of this runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from positions import CorticalSheet, check_radius, grid_side, site_names
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 16
+    n_embed: int = 784  # a perfect square: units sit on a 28 x 28 grid
+    dropout: float = 0.0
+    bias: bool = False
+    radius: int = 5
+    neighborhoods_per_batch: int = 5
+    alpha: float = 2.5
+    accum: str = "mean"
+    with_resid: bool = False
+
+    def __post_init__(self):
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "neighborhoods_per_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        side = grid_side(self.n_embed)
+        if self.n_embed % self.n_head:
+            raise ValueError(f"n_embed={self.n_embed} is not divisible by n_head={self.n_head}")
+        n_centres = check_radius(side, self.radius)
+        if self.neighborhoods_per_batch > n_centres:
+            raise ValueError(
+                f"neighborhoods_per_batch={self.neighborhoods_per_batch} exceeds the {n_centres} "
+                f"neighborhoods of radius {self.radius} on a {side}x{side} grid"
+            )
+        if self.alpha < 0:
+            raise ValueError(f"alpha={self.alpha} must be >= 0")
+        if self.accum not in ("mean", "max"):
+            raise ValueError(f"accum must be 'mean' or 'max'; got '{self.accum}'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def n_sites(self) -> int:
+        return 2 * self.n_layer
+
+
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias")
+
+
+class Losses(NamedTuple):
+    total: torch.Tensor
+    task: torch.Tensor
+    spatial: torch.Tensor  # sum over sites of alpha * SL_site
+    per_site: torch.Tensor  # (n_sites,) SL of each site, before alpha
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embed, 3 * config.n_embed, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embed, config.n_embed, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embed, self.dropout = config.n_head, config.n_embed, config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embed, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embed, 4 * config.n_embed, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embed, config.n_embed, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embed, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embed, bias=config.bias)
+        self.mlp = MLP(config)
+        # Taps: identity modules whose outputs are the site activations (hook points).
+        self.attn_site = nn.Identity()
+        self.mlp_site = nn.Identity()
+        self.with_resid = config.with_resid
+
+    def forward(self, x, units: torch.Tensor | None = None):
+        """units: (2, k*m) columns to gather at the attn and mlp sites, or None for no spatial loss."""
+        if self.with_resid:
+            x = a = self.attn_site(x + self.attn(self.ln_1(x)))
+            x = m = self.mlp_site(x + self.mlp(self.ln_2(x)))
+        else:
+            a = self.attn_site(self.attn(self.ln_1(x)))
+            x = x + a
+            m = self.mlp_site(self.mlp(self.ln_2(x)))
+            x = x + m
+        if units is None:
+            return x, ()
+        C = x.size(-1)
+        return x, (a.reshape(-1, C).index_select(1, units[0]), m.reshape(-1, C).index_select(1, units[1]))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, positions=None):
+        """positions: (n_sites, n_embed, 2) grid coordinates; None leaves the identity layout,
+        to be replaced by the checkpoint's or by `set_positions`."""
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embed),
+            wpe=nn.Embedding(config.block_size, config.n_embed),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embed, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embed, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.sheet = CorticalSheet(config.n_sites, config.n_embed, config.radius, positions)
+        self.site_names = site_names(config.n_layer)
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def sites(self) -> dict[str, nn.Module]:
+        """Hook points: site name -> the identity module whose output is that site's activation."""
+        out = {}
+        for i, block in enumerate(self.transformer.h):
+            out[f"layer.{i}.attn"] = block.attn_site
+            out[f"layer.{i}.mlp"] = block.mlp_site
+        return out
+
+    @property
+    def spatial_on(self) -> bool:
+        return self.config.alpha > 0
+
+    def encode(self, idx, generator: torch.Generator | None = None, spatial: bool = True):
+        """Final hidden states (B, T, C) and per-site spatial losses (n_sites,) or None."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        k = self.config.neighborhoods_per_batch
+        units = self.sheet.sample_units(k, generator) if spatial and self.spatial_on else None
+        gathered = []
+        for i, block in enumerate(self.transformer.h):
+            x, samples = block(x, None if units is None else units[2 * i: 2 * i + 2])
+            gathered.extend(samples)
+        x = self.transformer.ln_f(x)
+        per_site = self.sheet.loss(torch.stack(gathered), k, self.config.accum) if units is not None else None
+        return x, per_site
+
+    def forward(self, idx, targets=None, generator: torch.Generator | None = None):
+        """Logits, and with targets a `Losses` (total = task + sum over sites of alpha * SL)."""
+        x, per_site = self.encode(idx, generator, spatial=targets is not None)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # generation needs the last position only
+        logits = self.lm_head(x)
+        task = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, self.combine_losses(task, per_site)
+
+    def combine_losses(self, task: torch.Tensor, per_site: torch.Tensor | None) -> Losses:
+        if per_site is None:
+            zero = task.new_zeros(())
+            return Losses(task, task, zero, task.new_zeros(self.config.n_sites))
+        spatial = self.config.alpha * per_site.sum()
+        return Losses(task + spatial, task, spatial, per_site)
+
+    @torch.no_grad()
+    def site_activations(self, idx) -> dict[str, torch.Tensor]:
+        """Activations (B, T, n_embed) of every site for a batch of token ids, via forward hooks."""
+        acts, handles = {}, []
+        for name, module in self.sites().items():
+            handles.append(module.register_forward_hook(
+                lambda _m, _inp, out, name=name: acts.__setitem__(name, out.detach())))
+        try:
+            self.encode(idx, spatial=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return acts
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float) -> float:
+        """Model FLOPs utilization (PaLM appendix B), for `tokens_per_iter` tokens in `dt` seconds."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embed // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
+        return flops_per_token * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None and top_k > 0:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

@@ -1,0 +1,370 @@
+"""Unit positions on the cortical sheet, neighborhoods, and the spatial loss.
+
+Every spatial site (the output of one attention or MLP sublayer) has `n_embed = side * side`
+units. A layout gives each unit integer coordinates (x, y); every grid cell holds exactly one
+unit, so a layout is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
+
+A neighborhood is the square (sup-norm) block of cells with max(|x - cx|, |y - cy|) < radius
+around a centre whose whole block fits on the grid, i.e. (2r-1)^2 cells. Because each cell holds
+one unit, the members of a neighborhood are `cell_to_unit[block cells]`, listed in the block's
+own cell order. Two facts follow, and the spatial loss is built on them:
+- membership follows the coordinates by construction (recomputed whenever they change), and
+- the distance matrix of a neighborhood's members is the same for every neighborhood of every
+  site, so the inverse-distance target is one constant vector.
+
+Spatial loss of one neighborhood (SPEC section 3), with r the Pearson correlations of the
+members' activations over the samples and D_ij = 1 / (1 + d_ij):
+    SL = 0.5 * (1 - Pearson(lower_triangle(r), lower_triangle(D)))
+All sampled neighborhoods of all sites are evaluated at once in batched tensor operations:
+one gather, one batched Gram product, no Python loop over neighborhoods, no boolean masks,
+nothing that waits on the device.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+POSITIONS_FORMAT = "topolm-positions-v1"
+LAYOUTS = ("random", "identity", "swapopt")
+EPS = 1e-8  # keeps a unit with zero variance (or a flat correlation pattern) from giving NaN
+
+
+def grid_side(n_embed: int) -> int:
+    side = math.isqrt(n_embed)
+    if side * side != n_embed:
+        raise ValueError(f"n_embed={n_embed} is not a perfect square: units sit on a side x side grid")
+    return side
+
+
+def site_names(n_layer: int) -> list[str]:
+    """Two sites per block, in forward order: the attention and the MLP sublayer."""
+    return [f"layer.{i}.{kind}" for i in range(n_layer) for kind in ("attn", "mlp")]
+
+
+def check_radius(side: int, radius: int) -> int:
+    """Number of neighborhood centres on the grid; refuses radii that do not fit."""
+    if radius < 1:
+        raise ValueError(f"radius={radius} must be >= 1")
+    if 2 * radius - 1 > side:
+        raise ValueError(
+            f"radius={radius} is too large for a {side}x{side} grid: a neighborhood spans "
+            f"{2 * radius - 1} cells per side (largest radius here: {(side + 1) // 2})"
+        )
+    return (side - 2 * radius + 2) ** 2
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def identity_layout(n_sites: int, n_embed: int) -> np.ndarray:
+    """Unit u at (u // side, u % side) at every site: the paper's no-permutation ablation."""
+    side = grid_side(n_embed)
+    u = np.arange(n_embed)
+    coords = np.stack([u // side, u % side], axis=-1)
+    return np.broadcast_to(coords, (n_sites, n_embed, 2)).astype(np.int64).copy()
+
+
+def random_layout(n_sites: int, n_embed: int, seed: int) -> np.ndarray:
+    """An independent uniform random permutation of the grid per site, from its own generator."""
+    side = grid_side(n_embed)
+    rng = np.random.default_rng(seed)
+    cells = np.stack([rng.permutation(n_embed) for _ in range(n_sites)])
+    return np.stack([cells // side, cells % side], axis=-1).astype(np.int64)
+
+
+def check_layout(coords: np.ndarray, n_sites: int, n_embed: int) -> None:
+    """Refuse anything that is not one permutation of the grid per site."""
+    side = grid_side(n_embed)
+    coords = np.asarray(coords)
+    if coords.shape != (n_sites, n_embed, 2):
+        raise ValueError(f"positions have shape {coords.shape}; this model needs {(n_sites, n_embed, 2)}")
+    if coords.min() < 0 or coords.max() >= side:
+        raise ValueError(f"positions fall outside the {side}x{side} grid")
+    cells = coords[..., 0] * side + coords[..., 1]
+    for s in range(n_sites):
+        if len(np.unique(cells[s])) != n_embed:
+            raise ValueError(f"positions of site {s} are not a permutation of the grid (cells repeat)")
+
+
+def cells_of(coords: np.ndarray, side: int) -> np.ndarray:
+    return coords[..., 0] * side + coords[..., 1]
+
+
+def cell_to_unit(coords: np.ndarray, side: int) -> np.ndarray:
+    """Inverse layout: which unit sits at each cell, (sites, cells)."""
+    cells = cells_of(np.asarray(coords), side)
+    inverse = np.empty_like(cells)
+    np.put_along_axis(inverse, cells, np.arange(cells.shape[-1])[None].repeat(len(cells), 0), axis=-1)
+    return inverse
+
+
+# ----------------------------------------------------------------------------- neighborhoods
+
+def block_offsets(radius: int) -> np.ndarray:
+    """(dx, dy) of the (2r-1)^2 cells of a block, row-major."""
+    r = np.arange(-(radius - 1), radius)
+    dx, dy = np.meshgrid(r, r, indexing="ij")
+    return np.stack([dx.ravel(), dy.ravel()], axis=-1)
+
+
+def centres(side: int, radius: int) -> np.ndarray:
+    """All centres whose whole block fits: cx, cy in [r-1, side-r]."""
+    check_radius(side, radius)
+    c = np.arange(radius - 1, side - radius + 1)
+    cx, cy = np.meshgrid(c, c, indexing="ij")
+    return np.stack([cx.ravel(), cy.ravel()], axis=-1)
+
+
+def block_cells(side: int, radius: int) -> np.ndarray:
+    """Cell ids of every neighborhood, (centres, members), members in block order."""
+    cells = centres(side, radius)[:, None, :] + block_offsets(radius)[None, :, :]
+    return cells[..., 0] * side + cells[..., 1]
+
+
+def neighborhood_units(coords: np.ndarray, side: int, radius: int) -> np.ndarray:
+    """Units in every neighborhood of every site, (sites, centres, members), from the coordinates."""
+    inverse = cell_to_unit(coords, side)
+    return inverse[:, block_cells(side, radius)]
+
+
+def distance_target(radius: int) -> np.ndarray:
+    """Lower triangle of D = 1 / (1 + d) over a block, centred and scaled to unit norm.
+
+    Pearson(r, D) = <r - mean(r), D'> / |r - mean(r)| once D' is centred and of unit norm, so
+    the target is prepared once here.
+    """
+    xy = block_offsets(radius).astype(np.float64)
+    d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
+    rows, cols = np.tril_indices(len(xy), k=-1)
+    target = 1.0 / (1.0 + d[rows, cols])
+    target -= target.mean()
+    return target / np.linalg.norm(target)
+
+
+def neighborhood_loss(acts: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Spatial loss of neighborhoods batched over leading dims.
+
+    acts: (..., N, m) activations of the m members over N samples.
+    target: (P,) centred unit-norm inverse-distance lower triangle, `rows`/`cols` its indices.
+    Returns (...) losses in [0, 1].
+    """
+    x = acts.float()
+    x = x - x.mean(dim=-2, keepdim=True)
+    gram = x.transpose(-1, -2) @ x
+    inv_std = torch.rsqrt(gram.diagonal(dim1=-2, dim2=-1) + EPS)
+    corr = gram * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2)
+    r = corr[..., rows, cols]
+    r = r - r.mean(dim=-1, keepdim=True)
+    pearson = (r * target).sum(-1) * torch.rsqrt((r * r).sum(-1) + EPS)
+    return 0.5 * (1.0 - pearson)
+
+
+class CorticalSheet(nn.Module):
+    """The frozen unit positions of every site, and the sampled spatial loss.
+
+    `unit_coords` is the only persistent buffer, so positions travel inside the model's
+    checkpoint; everything else is derived from it and rebuilt whenever it is loaded.
+    """
+
+    def __init__(self, n_sites: int, n_embed: int, radius: int, coords: np.ndarray | None = None):
+        super().__init__()
+        self.n_sites, self.n_embed, self.radius = n_sites, n_embed, radius
+        self.side = grid_side(n_embed)
+        self.n_centres = check_radius(self.side, radius)
+        self.members = (2 * radius - 1) ** 2
+        if coords is None:
+            coords = identity_layout(n_sites, n_embed)  # placeholder until real positions are set
+        check_layout(coords, n_sites, n_embed)
+        self.register_buffer("unit_coords", torch.as_tensor(np.asarray(coords), dtype=torch.long))
+        self.register_buffer("block_cells", torch.as_tensor(block_cells(self.side, radius)), persistent=False)
+        rows, cols = np.tril_indices(self.members, k=-1)
+        self.register_buffer("tril_rows", torch.as_tensor(rows), persistent=False)
+        self.register_buffer("tril_cols", torch.as_tensor(cols), persistent=False)
+        self.register_buffer("target", torch.as_tensor(distance_target(radius), dtype=torch.float32), persistent=False)
+        self.register_buffer("cell_to_unit", torch.empty(n_sites, n_embed, dtype=torch.long), persistent=False)
+        self.refresh()
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute neighborhood membership from the coordinates."""
+        coords = self.unit_coords.cpu().numpy()
+        try:
+            check_layout(coords, self.n_sites, self.n_embed)
+        except ValueError as e:
+            raise ValueError(f"invalid unit positions: {e}") from e
+        self.cell_to_unit.copy_(torch.as_tensor(cell_to_unit(coords, self.side)))
+
+    @torch.no_grad()
+    def set_positions(self, coords: np.ndarray) -> None:
+        check_layout(coords, self.n_sites, self.n_embed)
+        self.unit_coords.copy_(torch.as_tensor(np.asarray(coords), dtype=torch.long))
+        self.refresh()
+
+    def sample_units(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Units of k distinct random neighborhoods per site, (sites, k * members)."""
+        device = self.cell_to_unit.device
+        scores = torch.rand(self.n_sites, self.n_centres, generator=generator, device=device)
+        chosen = scores.argsort(dim=-1)[:, :k]
+        cells = self.block_cells[chosen].reshape(self.n_sites, -1)
+        return self.cell_to_unit.gather(1, cells)
+
+    def loss(self, samples: torch.Tensor, k: int, accum: str) -> torch.Tensor:
+        """Per-site spatial loss from gathered activations (sites, N, k * members)."""
+        with torch.autocast(device_type=samples.device.type, enabled=False):
+            s, n, _ = samples.shape
+            acts = samples.float().view(s, n, k, self.members).transpose(1, 2)
+            per_nbhd = neighborhood_loss(acts, self.target, self.tril_rows, self.tril_cols)
+            return per_nbhd.amax(dim=-1) if accum == "max" else per_nbhd.mean(dim=-1)
+
+
+# ----------------------------------------------------------------------------- position-set files
+
+def save_positions(folder: str | Path, coords: np.ndarray, meta: dict) -> Path:
+    """Write `positions.npy` (int16, sites x units x 2) and readable `meta.json`."""
+    folder = Path(folder)
+    n_sites, n_embed, _ = coords.shape
+    check_layout(coords, n_sites, n_embed)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"format": POSITIONS_FORMAT, "side": grid_side(n_embed), "n_embed": n_embed,
+            "n_layer": n_sites // 2, "sites": site_names(n_sites // 2), **meta}
+    tmp = folder / "positions.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, coords.astype(np.int16), allow_pickle=False)
+    tmp.replace(folder / "positions.npy")
+    (folder / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+    return folder
+
+
+def load_positions(folder: str | Path, n_layer: int, n_embed: int) -> tuple[np.ndarray, dict]:
+    """Read a position set and check that it fits a model of n_layer blocks and n_embed units."""
+    folder = Path(folder)
+    npy = folder / "positions.npy"
+    if not npy.is_file():
+        raise FileNotFoundError(f"position set not found: {npy} (make one with init_pos.py)")
+    try:
+        coords = np.load(npy, allow_pickle=False).astype(np.int64)
+        meta_file = folder / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read position set {folder}: {e}") from e
+    want = (2 * n_layer, n_embed, 2)
+    if coords.shape != want:
+        raise ValueError(
+            f"position set {folder} has shape {coords.shape} (n_layer={coords.shape[0] // 2}, "
+            f"n_embed={coords.shape[1] if coords.ndim > 1 else '?'}); this model needs n_layer={n_layer}, n_embed={n_embed}"
+        )
+    check_layout(coords, *want[:2])
+    return coords, meta
+
+
+# ----------------------------------------------------------------------------- swap pre-optimization
+
+def unit_correlations(acts: torch.Tensor) -> np.ndarray:
+    """Pearson correlation of every pair of units, per site: (sites, N, C) -> (sites, C, C) float64.
+
+    A unit's correlations do not depend on where it sits, so the swap search computes them once.
+    """
+    x = acts.double()
+    x = x - x.mean(dim=1, keepdim=True)
+    gram = x.transpose(1, 2) @ x
+    inv_std = torch.rsqrt(gram.diagonal(dim1=1, dim2=2) + EPS)
+    return (gram * inv_std[:, :, None] * inv_std[:, None, :]).numpy()
+
+
+def _losses_of(corr_flat: np.ndarray, n_embed: int, units: np.ndarray, target: np.ndarray, rows, cols) -> np.ndarray:
+    """SL of one neighborhood per site from unit correlations (flattened (S, C, C)), units (S, m) -> (S,)."""
+    base = (np.arange(len(units)) * n_embed * n_embed)[:, None]
+    r = np.take(corr_flat, base + units[:, rows] * n_embed + units[:, cols])
+    r = r - r.mean(axis=1, keepdims=True)
+    return 0.5 * (1.0 - (r @ target) / np.sqrt((r * r).sum(axis=1) + EPS))
+
+
+def grid_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
+    """SL of every neighborhood of every site, (sites, centres), from unit correlations."""
+    side = grid_side(coords.shape[1])
+    units = neighborhood_units(coords, side, radius)
+    rows, cols = np.tril_indices(units.shape[-1], k=-1)
+    target = distance_target(radius)
+    corr_flat = np.ascontiguousarray(corr).reshape(-1)
+    return np.stack([_losses_of(corr_flat, corr.shape[-1], units[:, c], target, rows, cols) for c in range(units.shape[1])], axis=1)
+
+
+def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborhoods: int, local_steps: int,
+                  visit_all: bool, seed: int, progress: bool = False) -> tuple[np.ndarray, dict]:
+    """Swap pre-optimization (SPEC section 4), all sites at once.
+
+    Per site: visit `n_neighborhoods` random distinct neighborhoods (or all of them in random
+    order), and in each make `local_steps` attempts to swap the cells of two of its units,
+    keeping a swap when that neighborhood's spatial loss does not increase.
+
+    Swapping permutes the members, which leaves the set of pairwise correlations, hence their
+    mean and spread, unchanged: only the cross term sum_ij r_ij * D'_ij of the Pearson numerator
+    moves, and only in the two swapped rows. Each attempt therefore costs O(members) instead of a
+    new correlation matrix.
+    Returns the new coordinates and a report with per-visit losses before and after.
+    """
+    from tqdm import tqdm
+
+    n_sites, n_embed, _ = coords.shape
+    side = grid_side(n_embed)
+    cells = block_cells(side, radius)
+    n_centres, m = cells.shape
+    if not visit_all and not 1 <= n_neighborhoods <= n_centres:
+        raise ValueError(f"n_neighborhoods={n_neighborhoods} must be in [1, {n_centres}] for radius {radius} "
+                         f"on a {side}x{side} grid")
+    if m < 2:
+        raise ValueError(f"radius={radius} gives neighborhoods of one unit: nothing to swap")
+    rng = np.random.default_rng(seed)
+    n_visits = n_centres if visit_all else n_neighborhoods
+    order = np.stack([rng.permutation(n_centres)[:n_visits] for _ in range(n_sites)])
+    first = rng.integers(0, m, size=(n_visits, local_steps, n_sites))
+    second = (first + rng.integers(1, m, size=first.shape)) % m  # a different member
+
+    xy = block_offsets(radius).astype(np.float64)
+    dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    rows, cols = np.tril_indices(m, k=-1)
+    target = distance_target(radius)
+    weight = np.zeros((m, m))  # centred inverse distance for every ordered pair, as in `target`
+    raw = 1.0 / (1.0 + dist)
+    weight[rows, cols] = target * np.linalg.norm(raw[rows, cols] - raw[rows, cols].mean())
+    weight = weight + weight.T
+
+    inverse = cell_to_unit(coords, side)
+    s = np.arange(n_sites)
+    corr_flat = np.ascontiguousarray(corr).reshape(-1)
+    site_base = (s * n_embed * n_embed)[:, None]
+    before = np.empty((n_sites, n_visits))
+    after = np.empty((n_sites, n_visits))
+    accepted = np.zeros(n_sites, dtype=np.int64)
+    for v in tqdm(range(n_visits), desc="swap pre-optimization", unit="nbhd", disable=not progress):
+        visit_cells = cells[order[:, v]]
+        units = inverse[s[:, None], visit_cells]
+        before[:, v] = _losses_of(corr_flat, n_embed, units, target, rows, cols)
+        row_base = site_base + units
+        for a, b in zip(first[v], second[v]):
+            ua, ub = units[s, a], units[s, b]
+            w = weight[a] - weight[b]
+            w[s, a] = 0.0
+            w[s, b] = 0.0
+            row_a = np.take(corr_flat, row_base + (ua * n_embed)[:, None])
+            row_b = np.take(corr_flat, row_base + (ub * n_embed)[:, None])
+            keep = ((row_b - row_a) * w).sum(axis=1) >= 0.0
+            new_a, new_b = np.where(keep, ub, ua), np.where(keep, ua, ub)
+            units[s, a], units[s, b] = new_a, new_b
+            row_base[s, a], row_base[s, b] = site_base[:, 0] + new_a, site_base[:, 0] + new_b
+            accepted += keep
+        inverse[s[:, None], visit_cells] = units
+        after[:, v] = _losses_of(corr_flat, n_embed, units, target, rows, cols)
+
+    new_coords = np.empty_like(coords)
+    unit_cells = np.empty_like(inverse)
+    np.put_along_axis(unit_cells, inverse, np.arange(n_embed)[None].repeat(n_sites, 0), axis=1)
+    new_coords[..., 0], new_coords[..., 1] = unit_cells // side, unit_cells % side
+    report = {"visited_centres": order, "loss_before": before, "loss_after": after, "accepted": accepted,
+              "attempts": n_visits * local_steps}
+    return new_coords, report

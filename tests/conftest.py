@@ -1,0 +1,57 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PYTHON = sys.executable
+
+
+def write_pattern_data(folder: Path, vocab: int = 64, n_train: int = 40_000, n_val: int = 4_000, seed: int = 0) -> Path:
+    """A learnable token stream: short repeated phrases, so a tiny model's loss falls within a few steps."""
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(0, vocab, size=rng.integers(3, 8)) for _ in range(12)]
+    def stream(n):
+        out = []
+        while len(out) < n:
+            out.extend(phrases[rng.integers(len(phrases))].tolist())
+        return np.array(out[:n], dtype=np.uint16)
+    folder.mkdir(parents=True, exist_ok=True)
+    stream(n_train).tofile(folder / "train.bin")
+    stream(n_val).tofile(folder / "val.bin")
+    return folder
+
+
+TINY = dict(n_layer=2, n_head=2, n_embed=36, block_size=32, batch_size=4, vocab_size=64, radius=2,
+            neighborhoods_per_batch=3, alpha=1.0, dropout=0.0, eval_iters=2, eval_interval=10, log_interval=1,
+            save_interval=10, learning_rate=3e-3, warmup_iters=2, lr_decay_iters=40, min_lr=3e-4, max_iters=20,
+            device="cpu", dtype="float32", compile=False, position_dir="''")
+
+
+def overrides(**kw) -> list[str]:
+    merged = {**TINY, **kw}
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def run_script(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return write_pattern_data(tmp_path / "data")

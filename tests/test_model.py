@@ -1,0 +1,101 @@
+"""The model: sites, hooks, alpha=0, positions inside the state_dict."""
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from positions import neighborhood_loss, random_layout
+
+
+def tiny(**kw):
+    cfg = GPTConfig(**{**dict(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=50, radius=2,
+                              neighborhoods_per_batch=3, alpha=2.0), **kw})
+    torch.manual_seed(0)
+    return GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, seed=1))
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (3, 16), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+def test_site_names_and_hooks():
+    model = tiny()
+    assert model.site_names == ["layer.0.attn", "layer.0.mlp", "layer.1.attn", "layer.1.mlp"]
+    acts = model.site_activations(batch()[0])
+    assert list(acts) == model.site_names and acts["layer.1.mlp"].shape == (3, 16, 36)
+
+
+@pytest.mark.parametrize("with_resid", [False, True])
+def test_spatial_loss_uses_the_site_activations(with_resid):
+    """Recompute each site's loss from hooked activations with the same sampled units."""
+    model = tiny(with_resid=with_resid)
+    x, y = batch()
+    _, losses = model(x, y, generator=torch.Generator().manual_seed(5))
+    units = model.sheet.sample_units(3, torch.Generator().manual_seed(5))
+    acts = model.site_activations(x)
+    block = model.transformer.h[0]
+    h0 = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+    attn_out = block.attn(block.ln_1(h0))
+    expected_act = h0 + attn_out if with_resid else attn_out
+    torch.testing.assert_close(acts["layer.0.attn"], expected_act.detach())
+    sheet = model.sheet
+    for s, name in enumerate(model.site_names):
+        a = acts[name].reshape(-1, 36)[:, units[s]].view(-1, 3, 9).transpose(0, 1)
+        expected = neighborhood_loss(a, sheet.target, sheet.tril_rows, sheet.tril_cols).mean()
+        assert losses.per_site[s].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert losses.spatial.item() == pytest.approx(2.0 * losses.per_site.sum().item(), rel=1e-6)
+    assert losses.total.item() == pytest.approx(losses.task.item() + losses.spatial.item(), rel=1e-6)
+
+
+def test_alpha_zero_does_no_spatial_work():
+    model = tiny(alpha=0.0)
+    x, y = batch()
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state().clone()
+    calls = []
+    model.sheet.loss = lambda *a, **k: calls.append(1)  # would be called by any spatial work
+    _, losses = model(x, y, generator=g)
+    assert torch.equal(g.get_state(), before)  # no neighborhood was even sampled
+    assert not calls
+    assert losses.spatial.item() == 0.0 and torch.equal(losses.total, losses.task)
+
+
+def test_alpha_changes_nothing_but_the_spatial_term():
+    x, y = batch()
+    _, a = tiny(alpha=0.0)(x, y)
+    _, b = tiny(alpha=2.0)(x, y, generator=torch.Generator().manual_seed(0))
+    assert a.task.item() == pytest.approx(b.task.item(), abs=1e-6)
+    assert b.spatial.item() > 0
+
+
+def test_positions_travel_in_state_dict():
+    model = tiny()
+    sd = model.state_dict()
+    assert "sheet.unit_coords" in sd and "sheet.cell_to_unit" not in sd
+    other = GPT(model.config)  # identity layout until loaded
+    other.load_state_dict(sd)
+    assert torch.equal(other.sheet.unit_coords, model.sheet.unit_coords)
+    assert torch.equal(other.sheet.cell_to_unit, model.sheet.cell_to_unit)  # membership rebuilt on load
+
+
+def test_generate_shapes_and_top_k():
+    model = tiny()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=1)
+    assert out.shape == (1, 8)
+    again = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=1)
+    assert torch.equal(out, again)  # top_k=1 is greedy
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(n_embed=40), "not a perfect square"),
+    (dict(n_head=5), "not divisible"),
+    (dict(radius=4), "too large"),
+    (dict(radius=0), "must be >= 1"),
+    (dict(neighborhoods_per_batch=17), "exceeds"),
+])
+def test_config_checks(kw, msg):
+    base = dict(n_layer=1, n_head=2, n_embed=36, radius=2, neighborhoods_per_batch=3)
+    with pytest.raises(ValueError, match=msg):
+        GPTConfig(**{**base, **kw})

@@ -1,0 +1,80 @@
+"""Swap pre-optimization: invariants, against an independent recomputation of the loss."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, overrides, read_log, run_script, write_pattern_data
+from positions import (centres, check_layout, grid_losses, random_layout, swap_optimize, unit_correlations)
+from test_positions import numpy_spatial_loss
+
+
+def structured_acts(n_sites, n_embed, n=400, seed=0):
+    """Activations with smooth structure in a hidden 2-D arrangement, so swaps can find it."""
+    rng = np.random.default_rng(seed)
+    side = int(np.sqrt(n_embed))
+    hidden = rng.permutation(n_embed)
+    hx, hy = hidden // side, hidden % side
+    basis = rng.normal(size=(n, 4))
+    acts = (basis[:, :1] * np.cos(hx / side * 3)[None] + basis[:, 1:2] * np.sin(hy / side * 3)[None]
+            + 0.5 * rng.normal(size=(n, n_embed)))
+    return torch.tensor(np.stack([acts * (1 + 0.1 * s) + rng.normal(size=acts.shape) * 0.1 for s in range(n_sites)]))
+
+
+@pytest.mark.parametrize("visit_all", [False, True])
+def test_swapopt_invariants(visit_all):
+    n_sites, side, radius = 3, 10, 3
+    acts = structured_acts(n_sites, side * side)
+    corr = unit_correlations(acts)
+    start = random_layout(n_sites, side * side, seed=1)
+    coords, report = swap_optimize(start, corr, radius, 12, 30, visit_all, seed=2)
+    check_layout(coords, n_sites, side * side)  # still one permutation of the grid per site
+    assert not np.array_equal(coords, start)
+    assert (report["loss_after"] <= report["loss_before"] + 1e-12).all()
+    assert report["loss_before"].shape[1] == (36 if visit_all else 12)
+    assert (grid_losses(corr, coords, radius).mean(1) < grid_losses(corr, start, radius).mean(1)).all()
+    again, _ = swap_optimize(start, corr, radius, 12, 30, visit_all, seed=2)
+    assert np.array_equal(coords, again)
+    other, _ = swap_optimize(start, corr, radius, 12, 30, visit_all, seed=3)
+    assert not np.array_equal(coords, other)
+
+
+def test_reported_losses_follow_the_new_coordinates():
+    """The loss of the last visited neighborhood, recomputed from scratch: members found from the
+    final coordinates by a sup-norm search, loss by the plain numpy formula on raw activations."""
+    n_sites, side, radius = 2, 8, 3
+    acts = structured_acts(n_sites, side * side, seed=4)
+    coords, report = swap_optimize(random_layout(n_sites, side * side, seed=0), unit_correlations(acts),
+                                   radius, 5, 40, False, seed=0)
+    all_centres = centres(side, radius)
+    for s in range(n_sites):
+        cx, cy = all_centres[report["visited_centres"][s, -1]]
+        members = [u for u in range(side * side)
+                   if max(abs(coords[s, u, 0] - cx), abs(coords[s, u, 1] - cy)) < radius]
+        expected = numpy_spatial_loss(acts[s][:, members].numpy(), coords[s, members])
+        assert report["loss_after"][s, -1] == pytest.approx(expected, abs=1e-9)
+
+
+def test_init_pos_swapopt_cli_and_training_from_it(tmp_path):
+    data = write_pattern_data(tmp_path / "data")
+    out = tmp_path / "pos"
+    args = [PYTHON, "init_pos.py", "config/init_pos.yaml", "layout=swapopt", "n_layer=2", "n_embed=36", "n_head=2",
+            "vocab_size=64", "radius=2", "n_neighborhoods=5", "local_steps=20", f"data={data / 'train.bin'}",
+            "n_tokens=512", "block_size=32", f"out={out}"]
+    proc = run_script(args)
+    assert "layer.1.mlp" in proc.stdout and "swap search" in proc.stdout
+    coords = np.load(out / "positions.npy")
+    check_layout(coords, 4, 36)
+    meta = json.loads((out / "meta.json").read_text())
+    summary = json.loads((out / "swapopt_summary.json").read_text())
+    assert meta["layout"] == "swapopt" and meta["radius"] == 2
+    assert len(summary["sites"]) == 4
+    for site in summary["sites"]:
+        assert site["visited_loss_after"] <= site["visited_loss_before"] + 1e-12
+        assert 0 < site["swaps_accepted"] <= site["swaps_attempted"] == 100
+    again = run_script(args, check=False)  # never overwrites silently
+    assert again.returncode == 2 and "overwrite=True" in again.stderr
+    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+                *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="s", max_iters=3, position_dir=str(out))])
+    assert read_log(tmp_path / "s")[-1]["event"] == "end"

@@ -1,0 +1,157 @@
+"""train.py end to end: loss falls, checkpoints, resume (bit-exact after a kill), DDP over gloo."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, overrides, read_log, run_script
+
+
+def train_args(data, out, **kw):
+    return [PYTHON, "train.py", "train_shakespeare.yaml", *overrides(dataset=str(data), out_dir=str(out), **kw)]
+
+
+def final_weights(run_dir, it):
+    ckpt = torch.load(run_dir / f"ckpt-{it:07d}.pt", map_location="cpu", weights_only=True)
+    return ckpt
+
+
+def last_per_iter(log, event="train"):
+    return {r["iter"]: r for r in log if r["event"] == event}
+
+
+def test_short_run_lowers_loss_writes_checkpoint_and_resumes(tiny_data, tmp_path):
+    run_script(train_args(tiny_data, tmp_path, run_name="r", max_iters=20))
+    run_dir = tmp_path / "r"
+    log = read_log(run_dir)
+    evals = [r for r in log if r["event"] == "eval"]
+    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 20
+    assert evals[-1]["val"]["task"] < evals[0]["val"]["task"] - 0.5
+    assert evals[-1]["val"]["spatial"] < evals[0]["val"]["spatial"]
+    ckpt = final_weights(run_dir, 20)  # weights_only=True: no pickled classes inside
+    assert ckpt["iter_num"] == 20 and "sheet.unit_coords" in ckpt["model"]
+    assert not any(k.startswith("_orig_mod.") or k.startswith("module.") for k in ckpt["model"])
+    assert sorted(p.name for p in run_dir.glob("ckpt-*.pt")) == ["ckpt-0000010.pt", "ckpt-0000020.pt"]
+    assert not list(run_dir.glob("*.tmp*"))
+
+    run_script(train_args(tiny_data, tmp_path, run_name="r", max_iters=30, init_from="resume"))
+    log2 = read_log(run_dir)
+    assert log2[:len(log)] == log  # appended, not truncated
+    assert [r["event"] for r in log2[len(log):]][0] == "resume"
+    trained = sorted(last_per_iter(log2[len(log):]))
+    assert trained == list(range(20, 30))
+    assert final_weights(run_dir, 30)["iter_num"] == 30
+
+
+def test_positions_from_a_set_travel_into_the_checkpoint(tiny_data, tmp_path):
+    run_script([PYTHON, "init_pos.py", "layout=random", "n_layer=2", "n_embed=36", "seed=5", f"out={tmp_path / 'pos'}"])
+    run_script(train_args(tiny_data, tmp_path, run_name="p", max_iters=2, position_dir=str(tmp_path / "pos")))
+    import numpy as np
+    saved = np.load(tmp_path / "pos" / "positions.npy")
+    ckpt = final_weights(tmp_path / "p", 2)
+    assert np.array_equal(ckpt["model"]["sheet.unit_coords"].numpy(), saved)
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _kill_tree(pid):
+    """SIGKILL a launcher and every process under it (torchrun puts workers in sessions of their own)."""
+    for p in _descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_when(proc, log_path, min_iter, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before it could be killed")
+        if log_path.exists():
+            iters = [int(line.split('"iter": ')[1].split(",")[0]) for line in log_path.read_text().splitlines()
+                     if '"event": "train"' in line]
+            if iters and iters[-1] >= min_iter:
+                _kill_tree(proc.pid)
+                proc.wait()
+                time.sleep(0.5)  # let orphaned workers' deaths settle before the restart
+                return iters[-1]
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _exact_resume(tiny_data, tmp_path, launcher, extra):
+    common = dict(max_iters=40, save_interval=10, eval_interval=20, dropout=0.1, **extra)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run_script([*launcher, *train_args(tiny_data, tmp_path, run_name="whole", **common)[1:]])
+    proc = subprocess.Popen([*launcher, *train_args(tiny_data, tmp_path, run_name="killed", **common)[1:]],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = _kill_when(proc, tmp_path / "killed" / "log.jsonl", min_iter=23)
+    assert killed_at < 39
+    run_script([*launcher, *train_args(tiny_data, tmp_path, run_name="killed", init_from="resume", **common)[1:]])
+    whole, resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "killed")
+    assert [r for r in resumed if r["event"] == "resume"][0]["iter"] == 20  # newest complete checkpoint
+    a, b = last_per_iter(whole), last_per_iter(resumed)
+    assert sorted(a) == sorted(b) == list(range(40))
+    for it in range(40):
+        assert (a[it]["loss"], a[it]["task"], a[it]["spatial"]) == (b[it]["loss"], b[it]["task"], b[it]["spatial"]), it
+    wa, wb = final_weights(tmp_path / "whole", 40)["model"], final_weights(tmp_path / "killed", 40)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_exact_resume_after_sigkill(tiny_data, tmp_path):
+    _exact_resume(tiny_data, tmp_path, [PYTHON], {})
+
+
+def test_exact_resume_after_sigkill_ddp(tiny_data, tmp_path):
+    launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    _exact_resume(tiny_data, tmp_path, launcher, dict(backend="gloo", gradient_accumulation_steps=2))
+
+
+def test_ddp_two_ranks_train_and_agree(tiny_data, tmp_path):
+    proc = run_script([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                       "train_shakespeare.yaml", *overrides(dataset=str(tiny_data), out_dir=str(tmp_path), run_name="d",
+                                                            max_iters=20, backend="gloo", gradient_accumulation_steps=4)])
+    log = read_log(tmp_path / "d")
+    assert log[0]["world_size"] == 2
+    end = [r for r in log if r["event"] == "end"][0]
+    assert len(end["param_sha256"]) == 2 and len(set(end["param_sha256"])) == 1
+    evals = [r for r in log if r["event"] == "eval"]
+    assert evals[-1]["val"]["task"] < evals[0]["val"]["task"] - 0.5
+    assert "tokens per iteration: 512 (2 micro-steps x 2 ranks x 4 x 32)" in proc.stdout
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_args(tiny_data, tmp_path, run_name="t", max_iters=100000, save_interval=100000),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_path = tmp_path / "t" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log_path.exists() and '"event": "train"' in log_path.read_text()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped = [r for r in read_log(tmp_path / "t") if r["event"] == "stopped"]
+    assert stopped and (tmp_path / "t" / f"ckpt-{stopped[0]['iter']:07d}.pt").is_file()

@@ -81,6 +81,7 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
     The first argument without '=' names a YAML preset (a bare name is looked up in config/).
     Later `key=value` pairs override it. Returns the validated dataclass instance.
     """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -106,8 +107,13 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
             key, value = item.split("=", 1)
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
                 raise UserError(f"cannot parse override '{item}': expected key=value")
-            if key in string_keys:  # taken verbatim: "start=ROMEO:" must not become a YAML mapping
-                merged[key] = value
+            if key in string_keys:
+                # YAML quoting still works (run_name=''), but "start=ROMEO:" stays text, not a mapping.
+                try:
+                    as_yaml = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    as_yaml = None
+                merged[key] = as_yaml if isinstance(as_yaml, str) else value
             else:
                 parsed.append(item)
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(parsed))

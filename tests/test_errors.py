@@ -135,3 +135,10 @@ def test_nonfinite_loss_skip(tiny_data, tmp_path, monkeypatch):
     assert skipped == [3]
     final = torch.load(tmp_path / "r" / "ckpt-0000006.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())
+
+
+def test_string_overrides_stay_text():
+    from sample import SampleConfig
+    assert load_config(SampleConfig, ["start=ROMEO:"]).start == "ROMEO:"
+    cfg = load_config(train.TrainConfig, ["position_dir=''", "run_name=123"])
+    assert cfg.position_dir == "" and cfg.run_name == "123"

@@ -1,0 +1,266 @@
+"""Measure what this code costs on this machine: spatial loss, train step, swap search, data prep.
+
+    python bench.py                       # everything, a few minutes on 2 CPU cores
+    python bench.py only=spatial reps=20  # one part; json=bench.json also writes the figures
+
+Each figure is the median (min-max) over `reps` timed runs after `warmup` untimed ones.
+Nothing here is a test: the targets are printed beside the figures for a person to read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO, cli_main, gpt2_encoding, load_config, one_of, require
+from model import GPT, GPTConfig
+from positions import CorticalSheet, random_layout, swap_optimize, unit_correlations
+
+
+@dataclass
+class BenchConfig:
+    only: str = "all"
+    """'all', 'spatial', 'step', 'swap' or 'data'."""
+    reps: int = 5
+    """Timed repetitions per figure."""
+    warmup: int = 2
+    """Untimed repetitions before timing."""
+    paper_reps: int = 3
+    """Timed repetitions of the paper-width train step (slow on CPU)."""
+    device: str = "auto"
+    """'cpu', 'cuda' or 'auto'."""
+    compile: bool = False
+    """Also time the train step with torch.compile (on CUDA both are always timed)."""
+    json: str = ""
+    """Write all figures to this JSON file."""
+    data_mb: int = 8
+    """Size of the local corpus for the data-preparation figure."""
+
+    def __post_init__(self):
+        one_of(self.only, "only", ("all", "spatial", "step", "swap", "data"))
+        require(self.reps >= 1 and self.paper_reps >= 1 and self.warmup >= 0, "reps must be >= 1, warmup >= 0")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, warmup: int, device: str) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
+
+
+def fmt(t: dict) -> str:
+    return f"{t['median_ms']:8.1f} ms ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
+
+
+# ----------------------------------------------------------------------------- 1. spatial loss
+
+def bench_spatial(cfg: BenchConfig, device: str) -> dict:
+    n_sites, n_embed, radius, rows = 24, 784, 5, 2048
+    out = {}
+    for k in (5, 20):
+        sheet = CorticalSheet(n_sites, n_embed, radius, random_layout(n_sites, n_embed, 0)).to(device)
+        acts = [torch.randn(rows, n_embed, device=device, requires_grad=True) for _ in range(n_sites)]
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def loss_only():
+            units = sheet.sample_units(k, g)
+            samples = torch.stack([a.index_select(1, units[i]) for i, a in enumerate(acts)])
+            return sheet.loss(samples, k, "mean").sum()
+
+        def fwd_bwd():
+            loss_only().backward()
+
+        t = timed(fwd_bwd, cfg.reps, cfg.warmup, device)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss_only()
+        top_level = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+        out[f"k={k}"] = {**t, "ops_forward": len(top_level)}
+        print(f"spatial loss fwd+bwd, 24 sites x {k} neighborhoods x 81 units, {rows} rows: {fmt(t)}; "
+              f"{len(top_level)} operator calls in the forward")
+    gram = torch.randn(n_sites * 5, rows, 81, device=device, requires_grad=True)
+    t = timed(lambda: (gram.transpose(1, 2) @ gram).sum().backward(), cfg.reps, cfg.warmup, device)
+    out["gram_floor"] = t
+    print(f"  floor (the batched Gram product, forward and backward): {fmt(t)}; target for k=5: <= 100 ms on 2 CPU cores "
+          f"(research code: 308 ms)")
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. train step
+
+STEP_SIZES = {
+    "paper": dict(n_layer=12, n_embed=784, n_head=16, radius=5),
+    "small": dict(n_layer=4, n_embed=256, n_head=8, radius=5),
+}
+
+
+def _step_fn(size: str, alpha: float, device: str, compile_model: bool, batch: int = 8, block: int = 256):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=block, alpha=alpha, **STEP_SIZES[size])
+    model = GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, 0)).to(device)
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
+    runner = torch.compile(model) if compile_model else model
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    ctx = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with ctx:
+            _, losses = runner(x, x, generator=g)
+        losses.total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, step
+
+
+def _peak_memory_child(size: str, alpha: float, device: str) -> None:
+    _, step = _step_fn(size, alpha, device, False)
+    for _ in range(2):
+        step()
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mb": peak}))
+
+
+def peak_memory(size: str, alpha: float, device: str) -> float:
+    """Peak memory of two train steps in a fresh process (CPU: max RSS; CUDA: max allocated)."""
+    code = f"import bench; bench._peak_memory_child({size!r}, {alpha!r}, {device!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def bench_step(cfg: BenchConfig, device: str) -> dict:
+    out = {}
+    compile_modes = [False, True] if (device.startswith("cuda") or cfg.compile) else [False]
+    for compile_model in compile_modes:
+        for size in ("small", "paper"):
+            reps = cfg.paper_reps if size == "paper" and not device.startswith("cuda") else cfg.reps
+            topo_model, topo = _step_fn(size, 2.5, device, compile_model)
+            _, control = _step_fn(size, 0.0, device, compile_model)
+            for _ in range(max(1, cfg.warmup)):
+                topo(), control()
+            times = {"topo": [], "control": []}
+            for _ in range(reps):  # alternate, so drifts in machine speed hit both alike
+                for name, fn in (("topo", topo), ("control", control)):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            entry = {k: {"median_ms": 1e3 * med[k], "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v)}
+                     for k, v in times.items()}
+            entry["ratio"] = med["topo"] / med["control"]
+            tag = f"{size}{' compiled' if compile_model else ''}"
+            if not compile_model:
+                entry["peak_mb"] = {"topo": peak_memory(size, 2.5, device), "control": peak_memory(size, 0.0, device)}
+            from train import peak_flops
+            peak = peak_flops(device)
+            if peak:
+                entry["mfu"] = {k: topo_model.estimate_mfu(8 * 256, med[k], peak) for k in med}
+            out[tag] = entry
+            mem = entry.get("peak_mb")
+            print(f"train step {tag:<15} ({STEP_SIZES[size]['n_layer']} layers, n_embed {STEP_SIZES[size]['n_embed']}, "
+                  f"batch 8 x 256): topo {fmt(entry['topo'])}, control {fmt(entry['control'])}, "
+                  f"ratio {entry['ratio']:.3f} (target <= 1.02)"
+                  + (f"; peak memory topo {mem['topo']:.0f} MB, control {mem['control']:.0f} MB" if mem else "")
+                  + (f"; MFU topo {entry['mfu']['topo'] * 100:.1f}%, control {entry['mfu']['control'] * 100:.1f}%"
+                     if "mfu" in entry else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. swap search
+
+def bench_swap(cfg: BenchConfig) -> dict:
+    out = {}
+    cases = {
+        "seed defaults (24 sites, radius 10, 50 x 50)": dict(n_sites=24, radius=10, n=50, visit_all=False),
+        "research init_pos.yaml (32 sites, radius 5, all 400 x 50)": dict(n_sites=32, radius=5, n=400, visit_all=True),
+    }
+    for name, c in cases.items():
+        acts = torch.randn(c["n_sites"], 2048, 784)
+        acts[:, :, 1::2] += acts[:, :, ::2]
+        corr = unit_correlations(acts)
+        coords = random_layout(c["n_sites"], 784, 0)
+        t = timed(lambda: swap_optimize(coords, corr, c["radius"], c["n"], 50, c["visit_all"], 0),
+                  max(1, cfg.reps // 2), min(1, cfg.warmup), "cpu")
+        out[name] = t
+        print(f"swap search, {name}: {fmt(t)}")
+    print("  targets on 2 CPU cores: seed defaults a few seconds; research config < 7 s (research code: ~224 s)")
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. data prep
+
+def bench_data(cfg: BenchConfig) -> dict:
+    sys.path.insert(0, str(REPO / "data" / "shakespeare"))
+    from prepare import plays_dir, strip_markdown
+    plays = [strip_markdown(p.read_text(encoding="utf-8")) for p in sorted(plays_dir().rglob("*.md"))]
+    docs, size = [], 0
+    while size < cfg.data_mb * 2**20:  # many document-sized pieces, as in FineWeb
+        for play in plays:
+            for i in range(0, len(play), 4000):
+                docs.append(play[i:i + 4000])
+                size += len(docs[-1])
+    enc = gpt2_encoding()
+    t0 = time.perf_counter()
+    n_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+    single = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "docs.jsonl"
+        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        cmd = [sys.executable, "data/fineweb/prepare.py", "--files", str(src), "--out_dir", tmp,
+               "--num_proc", str(os.cpu_count() or 1)]
+        env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "cache")}
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=env)
+        whole = time.perf_counter() - t0
+    out = {"tokens": n_tokens, "single_stream_tok_s": n_tokens / single, "prepare_tok_s": n_tokens / whole,
+           "speedup": single / whole, "workers": os.cpu_count()}
+    print(f"data prep, {size / 2**20:.0f} MB / {n_tokens:,} tokens: single encode_ordinary stream "
+          f"{out['single_stream_tok_s']:,.0f} tok/s; prepare.py end to end with {os.cpu_count()} workers "
+          f"{out['prepare_tok_s']:,.0f} tok/s = {out['speedup']:.2f}x (target >= 1.7x on 2 cores)")
+    return out
+
+
+def main(argv: list[str]) -> None:
+    cfg: BenchConfig = load_config(BenchConfig, argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    print(f"bench on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{os.cpu_count()} CPU cores'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = {"device": device, "config": asdict(cfg)}
+    parts = {"spatial": lambda: bench_spatial(cfg, device), "step": lambda: bench_step(cfg, device),
+             "swap": lambda: bench_swap(cfg), "data": lambda: bench_data(cfg)}
+    for name, fn in parts.items():
+        if cfg.only in ("all", name):
+            results[name] = fn()
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -131,8 +131,8 @@ class Block(nn.Module):
         self.mlp_site = nn.Identity()
         self.with_resid = config.with_resid
 
-    def forward(self, x, units: torch.Tensor | None = None):
-        """units: (2, k*m) columns to gather at the attn and mlp sites, or None for no spatial loss."""
+    def forward(self, x):
+        """The block's output and its two site activations (attn, mlp)."""
         if self.with_resid:
             x = a = self.attn_site(x + self.attn(self.ln_1(x)))
             x = m = self.mlp_site(x + self.mlp(self.ln_2(x)))
@@ -141,10 +141,7 @@ class Block(nn.Module):
             x = x + a
             m = self.mlp_site(self.mlp(self.ln_2(x)))
             x = x + m
-        if units is None:
-            return x, ()
-        C = x.size(-1)
-        return x, (a.reshape(-1, C).index_select(1, units[0]), m.reshape(-1, C).index_select(1, units[1]))
+        return x, (a, m)
 
 
 class GPT(nn.Module):
@@ -196,7 +193,14 @@ class GPT(nn.Module):
     def spatial_on(self) -> bool:
         return self.config.alpha > 0
 
-    def encode(self, idx, generator: torch.Generator | None = None, spatial: bool = True):
+    def sample_units(self, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Units of this step's random neighborhoods (n_sites, k * members); None when alpha = 0.
+
+        Callers that compile the model draw these outside it (a seeded generator breaks the graph)."""
+        return self.sheet.sample_units(self.config.neighborhoods_per_batch, generator) if self.spatial_on else None
+
+    def encode(self, idx, generator: torch.Generator | None = None, spatial: bool = True,
+               units: torch.Tensor | None = None):
         """Final hidden states (B, T, C) and per-site spatial losses (n_sites,) or None."""
         B, T = idx.size()
         if T > self.config.block_size:
@@ -204,18 +208,26 @@ class GPT(nn.Module):
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         k = self.config.neighborhoods_per_batch
-        units = self.sheet.sample_units(k, generator) if spatial and self.spatial_on else None
-        gathered = []
-        for i, block in enumerate(self.transformer.h):
-            x, samples = block(x, None if units is None else units[2 * i: 2 * i + 2])
-            gathered.extend(samples)
+        if not (spatial and self.spatial_on):
+            units = None
+        elif units is None:
+            units = self.sample_units(generator)
+        grams = []
+        for block in self.transformer.h:
+            x, site_acts = block(x)
+            if units is not None:
+                for act in site_acts:  # gather only the sampled units' columns, reduce them to Gram matrices
+                    s = len(grams)
+                    grams.append(self.sheet.site_gram(act.reshape(-1, act.size(-1)).index_select(1, units[s]), k))
         x = self.transformer.ln_f(x)
-        per_site = self.sheet.loss(torch.stack(gathered), k, self.config.accum) if units is not None else None
+        per_site = self.sheet.loss(torch.stack(grams), self.config.accum) if units is not None else None
         return x, per_site
 
-    def forward(self, idx, targets=None, generator: torch.Generator | None = None):
-        """Logits, and with targets a `Losses` (total = task + sum over sites of alpha * SL)."""
-        x, per_site = self.encode(idx, generator, spatial=targets is not None)
+    def forward(self, idx, targets=None, generator: torch.Generator | None = None, units: torch.Tensor | None = None):
+        """Logits, and with targets a `Losses` (total = task + sum over sites of alpha * SL).
+
+        The neighborhoods are `units` if given, else drawn from `generator` (see `sample_units`)."""
+        x, per_site = self.encode(idx, generator, spatial=targets is not None, units=units)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs the last position only
         logits = self.lm_head(x)

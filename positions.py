@@ -145,22 +145,44 @@ def distance_target(radius: int) -> np.ndarray:
     return target / np.linalg.norm(target)
 
 
-def neighborhood_loss(acts: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Spatial loss of neighborhoods batched over leading dims.
+class CentredGram(torch.autograd.Function):
+    """G = Xc^T Xc for Xc = X - mean over samples, batched over leading dims: (..., N, m) -> (..., m, m).
 
-    acts: (..., N, m) activations of the m members over N samples.
-    target: (P,) centred unit-norm inverse-distance lower triangle, `rows`/`cols` its indices.
-    Returns (...) losses in [0, 1].
+    Autograd would differentiate the centring and both operands of the product separately: three
+    batched products, a sum of two gradients and several copies. Because the columns of Xc have zero
+    mean, the gradient is exactly dX = Xc (dG + dG^T): one product. Xc is made contiguous once, so
+    neither product copies its input again.
     """
-    x = acts.float()
-    x = x - x.mean(dim=-2, keepdim=True)
-    gram = x.transpose(-1, -2) @ x
+
+    @staticmethod
+    def forward(ctx, x):
+        xc = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.sub(x, x.mean(dim=-2, keepdim=True), out=xc)
+        ctx.save_for_backward(xc)
+        return xc.transpose(-1, -2) @ xc
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xc,) = ctx.saved_tensors
+        return xc @ (grad + grad.transpose(-1, -2))
+
+
+def gram_loss(gram: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Spatial loss from centred Gram matrices (..., m, m) of the members' activations -> (...) in [0, 1].
+
+    target: (P,) centred unit-norm inverse-distance lower triangle, `rows`/`cols` its indices.
+    """
     inv_std = torch.rsqrt(gram.diagonal(dim1=-2, dim2=-1) + EPS)
     corr = gram * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2)
     r = corr[..., rows, cols]
     r = r - r.mean(dim=-1, keepdim=True)
     pearson = (r * target).sum(-1) * torch.rsqrt((r * r).sum(-1) + EPS)
     return 0.5 * (1.0 - pearson)
+
+
+def neighborhood_loss(acts: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Spatial loss of neighborhoods batched over leading dims: acts (..., N, m) over N samples -> (...)."""
+    return gram_loss(CentredGram.apply(acts.float()), target, rows, cols)
 
 
 class CorticalSheet(nn.Module):
@@ -213,12 +235,20 @@ class CorticalSheet(nn.Module):
         cells = self.block_cells[chosen].reshape(self.n_sites, -1)
         return self.cell_to_unit.gather(1, cells)
 
-    def loss(self, samples: torch.Tensor, k: int, accum: str) -> torch.Tensor:
-        """Per-site spatial loss from gathered activations (sites, N, k * members)."""
+    def site_gram(self, samples: torch.Tensor, k: int) -> torch.Tensor:
+        """Centred Gram matrices (k, m, m) of one site's gathered activations (N, k * members).
+
+        Called per site inside the forward pass, so that only these small matrices are stacked
+        and the (N, k, m) view feeds the batched product without a copy.
+        """
         with torch.autocast(device_type=samples.device.type, enabled=False):
-            s, n, _ = samples.shape
-            acts = samples.float().view(s, n, k, self.members).transpose(1, 2)
-            per_nbhd = neighborhood_loss(acts, self.target, self.tril_rows, self.tril_cols)
+            n = samples.shape[0]
+            return CentredGram.apply(samples.float().view(n, k, self.members).transpose(0, 1))
+
+    def loss(self, grams: torch.Tensor, accum: str) -> torch.Tensor:
+        """Per-site spatial loss (sites,) from the stacked Gram matrices (sites, k, m, m)."""
+        with torch.autocast(device_type=grams.device.type, enabled=False):
+            per_nbhd = gram_loss(grams, self.target, self.tril_rows, self.tril_cols)
             return per_nbhd.amax(dim=-1) if accum == "max" else per_nbhd.mean(dim=-1)
 
 

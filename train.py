@@ -322,7 +322,7 @@ def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfi
             for _ in range(cfg.eval_iters):
                 x, y = source.get(g_batch)
                 with ctx:
-                    _, losses = raw_model(x, y, generator=g_nbhd)
+                    _, losses = raw_model(x, y, units=raw_model.sample_units(g_nbhd))
                 sums += torch.cat([torch.stack([losses.total, losses.task, losses.spatial]).float(), losses.per_site.float()])
         if d.ddp:
             dist.all_reduce(sums)
@@ -483,7 +483,7 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                 sync = nullcontext() if (not d.ddp or micro == accum_steps - 1) else model.no_sync()
                 with sync:
                     with ctx:
-                        _, losses = model(x, y, generator=generators["nbhd"])
+                        _, losses = model(x, y, units=raw_model.sample_units(generators["nbhd"]))
                     scaler.scale(losses.total / accum_steps).backward()
                 sums += torch.cat([torch.stack([losses.task, losses.spatial]).detach().float(),
                                    losses.per_site.detach().float()])

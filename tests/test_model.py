@@ -55,7 +55,8 @@ def test_alpha_zero_does_no_spatial_work():
     g = torch.Generator().manual_seed(3)
     before = g.get_state().clone()
     calls = []
-    model.sheet.loss = lambda *a, **k: calls.append(1)  # would be called by any spatial work
+    model.sheet.site_gram = lambda *a, **k: calls.append(1)  # would be called by any spatial work
+    model.sheet.loss = lambda *a, **k: calls.append(1)
     _, losses = model(x, y, generator=g)
     assert torch.equal(g.get_state(), before)  # no neighborhood was even sampled
     assert not calls
@@ -99,3 +100,14 @@ def test_config_checks(kw, msg):
     base = dict(n_layer=1, n_head=2, n_embed=36, radius=2, neighborhoods_per_batch=3)
     with pytest.raises(ValueError, match=msg):
         GPTConfig(**{**base, **kw})
+
+
+def test_compiled_forward_has_no_graph_break():
+    """The spatial loss runs under torch.compile in one graph (neighborhoods drawn outside, as train.py does)."""
+    import torch._dynamo
+    model = tiny()
+    x, y = batch()
+    units = model.sample_units(torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda a, b, u: model(a, b, units=u)[1].total)(x, y, units)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -81,6 +81,11 @@ def test_loss_matches_numpy_formula():
     assert np.all((ours >= 0) & (ours <= 1))
 
 
+def sheet_loss(sheet, samples, k, accum):
+    """The model's path: per-site Gram matrices of gathered columns (sites, N, k*m), then the loss."""
+    return sheet.loss(torch.stack([sheet.site_gram(x, k) for x in samples]), accum)
+
+
 def test_sheet_loss_mean_and_max_and_sampling():
     side, radius, k, n = 6, 2, 4, 64
     sheet = CorticalSheet(3, side * side, radius, random_layout(3, side * side, seed=0))
@@ -94,7 +99,7 @@ def test_sheet_loss_mean_and_max_and_sampling():
     samples = torch.stack([acts[s][:, units[s]] for s in range(3)])
     coords = sheet.unit_coords.numpy()
     for accum, reduce in (("mean", np.mean), ("max", np.max)):
-        got = sheet.loss(samples, k, accum).numpy()
+        got = sheet_loss(sheet, samples, k, accum).numpy()
         for s in range(3):
             expected = reduce([numpy_spatial_loss(acts[s][:, u].numpy(), coords[s, u.numpy()])
                                for u in per_site_units[s]])
@@ -108,10 +113,10 @@ def test_zero_variance_unit_gives_no_nan():
     dead = torch.zeros(1, 32, 9)
     dead[..., 3] = 1.0  # unit 3 of the neighborhood never varies
     x = samples * (1 - dead) + 0.0 * dead
-    loss = sheet.loss(x, 1, "mean").sum()
+    loss = sheet_loss(sheet, x, 1, "mean").sum()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(samples.grad).all()
-    flat = sheet.loss(torch.zeros(1, 32, 9), 1, "mean")  # every unit dead: still a number
+    flat = sheet_loss(sheet, torch.zeros(1, 32, 9), 1, "mean")  # every unit dead: still a number
     assert torch.isfinite(flat).all()
 
 

@@ -155,3 +155,15 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
     assert proc.returncode == 0, err
     stopped = [r for r in read_log(tmp_path / "t") if r["event"] == "stopped"]
     assert stopped and (tmp_path / "t" / f"ckpt-{stopped[0]['iter']:07d}.pt").is_file()
+
+
+def test_keep_last_prunes_old_checkpoints_and_ignores_partial_files(tiny_data, tmp_path):
+    run_dir = tmp_path / "k"
+    run_dir.mkdir()
+    (run_dir / "ckpt-0000099.pt.tmp123").write_bytes(b"partial")  # a save that was killed midway
+    run_script(train_args(tiny_data, tmp_path, run_name="k", max_iters=6, save_interval=2, keep_last=2))
+    assert sorted(p.name for p in run_dir.glob("ckpt-*.pt")) == ["ckpt-0000004.pt", "ckpt-0000006.pt"]
+    run_script(train_args(tiny_data, tmp_path, run_name="k", max_iters=8, save_interval=2, keep_last=2,
+                          init_from="resume"))
+    resumed = [r for r in read_log(run_dir) if r["event"] == "resume"]
+    assert resumed[0]["iter"] == 6

@@ -216,9 +216,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x, site_acts = block(x)
             if units is not None:
-                for act in site_acts:  # gather only the sampled units' columns, reduce them to Gram matrices
-                    s = len(grams)
-                    grams.append(self.sheet.site_gram(act.reshape(-1, act.size(-1)).index_select(1, units[s]), k))
+                for act in site_acts:
+                    grams.append(self.sheet.site_gram(act, units[len(grams)], k))
         x = self.transformer.ln_f(x)
         per_site = self.sheet.loss(torch.stack(grams), self.config.accum) if units is not None else None
         return x, per_site

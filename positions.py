@@ -235,12 +235,14 @@ class CorticalSheet(nn.Module):
         cells = self.block_cells[chosen].reshape(self.n_sites, -1)
         return self.cell_to_unit.gather(1, cells)
 
-    def site_gram(self, samples: torch.Tensor, k: int) -> torch.Tensor:
-        """Centred Gram matrices (k, m, m) of one site's gathered activations (N, k * members).
+    def site_gram(self, act: torch.Tensor, site_units: torch.Tensor, k: int) -> torch.Tensor:
+        """Centred Gram matrices (k, m, m) of one site's sampled neighborhoods.
 
-        Called per site inside the forward pass, so that only these small matrices are stacked
-        and the (N, k, m) view feeds the batched product without a copy.
+        act: the site's activations (..., n_embed); site_units: that site's row of `sample_units`.
+        Called per site inside the forward pass, so that only these small matrices are stacked,
+        never the gathered activations; the centring inside `CentredGram` is their only copy.
         """
+        samples = act.reshape(-1, act.size(-1)).index_select(1, site_units)
         with torch.autocast(device_type=samples.device.type, enabled=False):
             n = samples.shape[0]
             return CentredGram.apply(samples.float().view(n, k, self.members).transpose(0, 1))

@@ -82,8 +82,9 @@ def test_loss_matches_numpy_formula():
 
 
 def sheet_loss(sheet, samples, k, accum):
-    """The model's path: per-site Gram matrices of gathered columns (sites, N, k*m), then the loss."""
-    return sheet.loss(torch.stack([sheet.site_gram(x, k) for x in samples]), accum)
+    """The model's path on already-gathered columns (sites, N, k*m): per-site Gram matrices, then the loss."""
+    columns = torch.arange(samples.shape[-1])
+    return sheet.loss(torch.stack([sheet.site_gram(x, columns, k) for x in samples]), accum)
 
 
 def test_sheet_loss_mean_and_max_and_sampling():

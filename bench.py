@@ -19,11 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common import REPO, cli_main, gpt2_encoding, load_config, one_of, require
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, configure_adamw
 from positions import CorticalSheet, random_layout, swap_optimize, unit_correlations
 
 
@@ -120,7 +119,7 @@ def _step_fn(size: str, alpha: float, device: str, compile_model: bool, batch: i
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=block, alpha=alpha, **STEP_SIZES[size])
     model = GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, 0)).to(device)
-    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
+    opt = configure_adamw(model, 0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
     runner = torch.compile(model) if compile_model else model
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)

@@ -142,6 +142,32 @@ def one_of(value: str, key: str, allowed: Iterable[str]) -> None:
 # ----------------------------------------------------------------------------- distributed
 
 @dataclass
+class SystemConfig:
+    """Keys that every training script shares (train.py and finetune.py configs inherit them)."""
+    backend: str = "auto"
+    """DDP backend: 'nccl', 'gloo', or 'auto' (nccl on CUDA, gloo on CPU)."""
+    device: str = "auto"
+    """'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA if available)."""
+    dtype: str = "auto"
+    """'float32', 'bfloat16', 'float16', or 'auto' (bfloat16 if the GPU has it, float16 on other GPUs, float32 on CPU)."""
+    compile: bool = False
+    """torch.compile the model."""
+    seed: int = 1337
+    """Seed of every random stream (each rank offsets it by its rank where streams must differ)."""
+    nonfinite: str = "stop"
+    """On a non-finite loss or gradient: 'stop' with an error, or 'skip' the optimizer step."""
+    wandb_log: bool = False
+    """Log to Weights & Biases (set WANDB_MODE=offline to log without network)."""
+
+    def __post_init__(self):
+        one_of(self.backend, "backend", ("auto", "nccl", "gloo"))
+        one_of(self.dtype, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        one_of(self.nonfinite, "nonfinite", ("stop", "skip"))
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device must be auto, cpu, cuda or cuda:N; got '{self.device}'")
+
+
+@dataclass
 class Dist:
     rank: int
     local_rank: int
@@ -250,10 +276,12 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def find_checkpoint(path_or_run: str) -> Path:
-    """A checkpoint file, or the newest complete checkpoint in a run folder."""
+    """A checkpoint file, the newest complete checkpoint in a run folder, or a finetuned folder's best."""
     p = Path(path_or_run)
     if p.is_dir():
         ckpts = list_checkpoints(p)
+        if not ckpts and (p / "ckpt-best.pt").is_file():  # a finetune.py output folder
+            return p / "ckpt-best.pt"
         if not ckpts:
             raise UserError(f"no checkpoint (ckpt-*.pt) in {p}")
         return ckpts[-1]

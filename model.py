@@ -200,8 +200,13 @@ class GPT(nn.Module):
         return self.sheet.sample_units(self.config.neighborhoods_per_batch, generator) if self.spatial_on else None
 
     def encode(self, idx, generator: torch.Generator | None = None, spatial: bool = True,
-               units: torch.Tensor | None = None):
-        """Final hidden states (B, T, C) and per-site spatial losses (n_sites,) or None."""
+               units: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+        """Final hidden states (B, T, C) and per-site spatial losses (n_sites,) or None.
+
+        lengths: (B,) real tokens per right-padded sequence; positions from `lengths` on are
+        padding and are left out of the spatial loss. Attention is causal, so a real token
+        never sees the padding after it and its hidden state is the same as without padding.
+        """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
@@ -212,12 +217,15 @@ class GPT(nn.Module):
             units = None
         elif units is None:
             units = self.sample_units(generator)
+        row_mask = None
+        if units is not None and lengths is not None:
+            row_mask = (pos.unsqueeze(0) < lengths.unsqueeze(1)).reshape(B * T, 1).float()
         grams = []
         for block in self.transformer.h:
             x, site_acts = block(x)
             if units is not None:
                 for act in site_acts:
-                    grams.append(self.sheet.site_gram(act, units[len(grams)], k))
+                    grams.append(self.sheet.site_gram(act, units[len(grams)], k, row_mask))
         x = self.transformer.ln_f(x)
         per_site = self.sheet.loss(torch.stack(grams), self.config.accum) if units is not None else None
         return x, per_site
@@ -254,14 +262,6 @@ class GPT(nn.Module):
                 h.remove()
         return acts
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
     def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float) -> float:
         """Model FLOPs utilization (PaLM appendix B), for `tokens_per_iter` tokens in `dt` seconds."""
         cfg = self.config
@@ -283,3 +283,35 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+class SequenceClassifier(nn.Module):
+    """A GPT with a new linear head on the final hidden state of each sequence's last real token.
+
+    Batches are right-padded and `lengths` says where each sequence ends: the head reads position
+    lengths - 1 (never a pad), and padding rows are left out of the spatial loss. n_outputs is the
+    number of classes, or 1 for a regression task.
+    """
+
+    def __init__(self, gpt: GPT, n_outputs: int, dropout: float):
+        super().__init__()
+        self.gpt = gpt
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(gpt.config.n_embed, n_outputs)
+        torch.nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, lengths, units: torch.Tensor | None = None, spatial: bool = True):
+        """Outputs (B, n_outputs) and per-site spatial losses (n_sites,) or None."""
+        hidden, per_site = self.gpt.encode(idx, spatial=spatial, units=units, lengths=lengths)
+        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        return self.head(self.dropout(last)), per_site
+
+
+def configure_adamw(module: nn.Module, weight_decay: float, learning_rate: float, betas, device_type: str):
+    """AdamW with weight decay on matrices (and embeddings) only, not on gains and biases."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")

@@ -152,19 +152,27 @@ class CentredGram(torch.autograd.Function):
     batched products, a sum of two gradients and several copies. Because the columns of Xc have zero
     mean, the gradient is exactly dX = Xc (dG + dG^T): one product. Xc is made contiguous once, so
     neither product copies its input again.
+
+    `row_mask` (N, 1) of 0/1, optional: rows with 0 (padding) are left out. The mean is taken over
+    the kept rows and the left-out rows of Xc are zero, so they add nothing to G; the columns of Xc
+    still sum to zero, so the one-product gradient stays exact (and is zero on left-out rows).
     """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, row_mask=None):
         xc = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        torch.sub(x, x.mean(dim=-2, keepdim=True), out=xc)
+        if row_mask is None:
+            torch.sub(x, x.mean(dim=-2, keepdim=True), out=xc)
+        else:
+            mean = (x * row_mask).sum(dim=-2, keepdim=True) / row_mask.sum().clamp_min(1.0)
+            torch.mul(x - mean, row_mask, out=xc)
         ctx.save_for_backward(xc)
         return xc.transpose(-1, -2) @ xc
 
     @staticmethod
     def backward(ctx, grad):
         (xc,) = ctx.saved_tensors
-        return xc @ (grad + grad.transpose(-1, -2))
+        return xc @ (grad + grad.transpose(-1, -2)), None
 
 
 def gram_loss(gram: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -235,17 +243,19 @@ class CorticalSheet(nn.Module):
         cells = self.block_cells[chosen].reshape(self.n_sites, -1)
         return self.cell_to_unit.gather(1, cells)
 
-    def site_gram(self, act: torch.Tensor, site_units: torch.Tensor, k: int) -> torch.Tensor:
+    def site_gram(self, act: torch.Tensor, site_units: torch.Tensor, k: int,
+                  row_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Centred Gram matrices (k, m, m) of one site's sampled neighborhoods.
 
-        act: the site's activations (..., n_embed); site_units: that site's row of `sample_units`.
+        act: the site's activations (..., n_embed); site_units: that site's row of `sample_units`;
+        row_mask: optional (rows, 1) 0/1 float over the flattened leading dims, 0 for padding rows.
         Called per site inside the forward pass, so that only these small matrices are stacked,
         never the gathered activations; the centring inside `CentredGram` is their only copy.
         """
         samples = act.reshape(-1, act.size(-1)).index_select(1, site_units)
         with torch.autocast(device_type=samples.device.type, enabled=False):
             n = samples.shape[0]
-            return CentredGram.apply(samples.float().view(n, k, self.members).transpose(0, 1))
+            return CentredGram.apply(samples.float().view(n, k, self.members).transpose(0, 1), row_mask)
 
     def loss(self, grams: torch.Tensor, accum: str) -> torch.Tensor:
         """Per-site spatial loss (sites,) from the stacked Gram matrices (sites, k, m, m)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -27,15 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (DATA_DIR, POSITIONS_DIR, Dist, UserError, atomic_save, checkpoint_path, cleanup_distributed,
+from common import (DATA_DIR, POSITIONS_DIR, Dist, SystemConfig, UserError, atomic_save, checkpoint_path, cleanup_distributed,
                     cli_main, list_checkpoints, load_checkpoint, load_config, one_of, open_tokens, print0, require,
                     resolve_path, setup_distributed)
-from model import ARCH_KEYS, GPT, GPTConfig
+from model import ARCH_KEYS, GPT, GPTConfig, configure_adamw
 from positions import load_positions, random_layout
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SystemConfig):
     # ---- I/O
     out_dir: str = "out"
     """Folder that holds run folders; each run writes into out_dir/<run name>."""
@@ -57,11 +56,7 @@ class TrainConfig:
     """'scratch' starts a new run; 'resume' continues from the run folder's newest checkpoint."""
     eval_only: bool = False
     """Evaluate once and exit."""
-    nonfinite: str = "stop"
-    """On a non-finite loss or gradient: 'stop' with an error, or 'skip' the optimizer step."""
     # ---- wandb
-    wandb_log: bool = False
-    """Log to Weights & Biases (set WANDB_MODE=offline to log without network)."""
     wandb_project: str = "topolm"
     """wandb project name."""
     wandb_run_name: str = ""
@@ -122,17 +117,7 @@ class TrainConfig:
     """Step at which the cosine reaches min_lr."""
     min_lr: float = 6e-5
     """Final learning rate."""
-    # ---- system
-    backend: str = "auto"
-    """DDP backend: 'nccl', 'gloo', or 'auto' (nccl on CUDA, gloo on CPU)."""
-    device: str = "auto"
-    """'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA if available)."""
-    dtype: str = "auto"
-    """'float32', 'bfloat16', 'float16', or 'auto' (bfloat16 if the GPU has it, float16 on other GPUs, float32 on CPU)."""
-    compile: bool = False
-    """torch.compile the model."""
-    seed: int = 1337
-    """Seed of every random stream (each rank offsets it by its rank)."""
+    # ---- system: backend, device, dtype, compile, seed, nonfinite and wandb_log come from common.SystemConfig
 
     def __post_init__(self):
         for key in ("eval_interval", "eval_iters", "log_interval", "save_interval", "batch_size",
@@ -141,11 +126,7 @@ class TrainConfig:
         for key in ("keep_last", "max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "learning_rate", "min_lr"):
             require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
         one_of(self.init_from, "init_from", ("scratch", "resume"))
-        one_of(self.nonfinite, "nonfinite", ("stop", "skip"))
-        one_of(self.backend, "backend", ("auto", "nccl", "gloo"))
-        one_of(self.dtype, "dtype", ("auto", "float32", "bfloat16", "float16"))
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device must be auto, cpu, cuda or cuda:N; got '{self.device}'")
+        super().__post_init__()
         self.model_config()  # architecture checks (perfect square, heads, radius) live in GPTConfig
 
     def model_config(self) -> GPTConfig:
@@ -268,6 +249,96 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class Optimization:
+    """The optimizer step that train.py and finetune.py share.
+
+    Owns AdamW, the fp16 grad scaler, autocast, torch.compile and the DDP wrapper. `step` runs the
+    micro-batches of one optimizer step (gradients synchronised on the last one only), unscales,
+    clips, and then does one small collective that tells every rank which logged quantity (if any)
+    went non-finite and whether any rank was asked to stop, so that all ranks take the same branch.
+    `cfg` needs the optimizer keys (learning_rate, weight_decay, beta1, beta2, grad_clip, nonfinite)
+    and `compile`.
+    """
+
+    def __init__(self, raw_model: torch.nn.Module, cfg, d: Dist, dtype: str):
+        self.raw_model, self.cfg, self.d, self.dtype = raw_model, cfg, d, dtype
+        device_type = torch.device(d.device).type
+        self.ctx = autocast_context(d.device, dtype)
+        self.optimizer = configure_adamw(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+        self.model = raw_model
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def wrap(self) -> torch.nn.Module:
+        """Compile and/or wrap in DDP (after any state is loaded into the raw model)."""
+        if self.cfg.compile:
+            print0("compiling the model...")
+            self.model = torch.compile(self.model)
+        if self.d.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            device_ids = [self.d.local_rank] if self.d.device.startswith("cuda") else None
+            self.model = DDP(self.model, device_ids=device_ids)
+        return self.model
+
+    def step(self, it: int, lr: float, accum_steps: int, micro_step, names: list[str | None],
+             stop_requested: bool) -> tuple[list[float], float, bool, bool]:
+        """One optimizer step. `micro_step(model)` runs one micro-batch forward under autocast and
+        returns (loss to minimise, 1-D tensor of quantities to log); `names` names those quantities
+        for the non-finite check (None: not checked). Returns (the quantities averaged over the
+        micro-batches, gradient norm, whether the step was skipped, whether to stop)."""
+        sums = None
+        for micro in range(accum_steps):
+            sync = nullcontext() if (not self.d.ddp or micro == accum_steps - 1) else self.model.no_sync()
+            with sync:
+                with self.ctx:
+                    loss, stats = micro_step(self.model)
+                self.scaler.scale(loss / accum_steps).backward()
+            stats = stats.detach().float()
+            sums = stats if sums is None else sums + stats
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        checked = [i for i, name in enumerate(names) if name is not None]
+        finite = torch.cat([torch.isfinite(sums[checked]), torch.isfinite(grad_norm.reshape(1).to(sums.device))]).float()
+        if self.dtype == "float16":
+            finite[-1] = 1.0  # the scaler handles overflowing fp16 gradients itself
+        flags = torch.cat([finite, torch.tensor([float(stop_requested)], device=sums.device)])
+        if self.d.ddp:
+            flags[:-1] = -flags[:-1]  # MIN over finite flags, MAX over the stop flag, in one MAX
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags[:-1] = -flags[:-1]
+        flags = flags.tolist()
+        bad = [name for name, ok in zip([names[i] for i in checked] + ["gradient norm"], flags[:-1]) if ok < 1]
+        if bad and self.cfg.nonfinite == "stop":
+            raise UserError(f"non-finite loss at iteration {it}: {', '.join(bad)}; the last good "
+                            f"checkpoint is kept (set nonfinite=skip to skip such steps)")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if bad:
+            print0(f"iteration {it}: non-finite {', '.join(bad)}; optimizer step skipped")
+        else:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (sums / accum_steps).tolist(), float(grad_norm), bool(bad), flags[-1] > 0
+
+
+def save_run_checkpoint(path: Path, payload: dict, generators: dict[str, torch.Generator], d: Dist) -> None:
+    """Write a checkpoint with every rank's random streams (a collective: all ranks call it)."""
+    rng = gather_objects(rng_state(generators, d.device), d)
+    if d.is_main:
+        atomic_save({**payload, "rng": rng, "world_size": d.world_size}, path)
+
+
 # ----------------------------------------------------------------------------- data
 
 class Batches:
@@ -347,8 +418,6 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                         f"by the {d.world_size} ranks")
     accum_steps = cfg.gradient_accumulation_steps // d.world_size
     dtype = resolve_dtype(cfg.dtype, d.device)
-    device_type = torch.device(d.device).type
-    ctx = autocast_context(d.device, dtype)
     run_dir = cfg.run_dir()
     data_dir = resolve_path(cfg.dataset, DATA_DIR)
     batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
@@ -370,9 +439,8 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                             f"or another run_name/out_dir for a new run")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = GPT(cfg.model_config(), coords).to(d.device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    raw_model = GPT(cfg.model_config(), coords).to(d.device)
+    opt = Optimization(raw_model, cfg, d, dtype)
     generators = {
         "batch": torch.Generator().manual_seed(cfg.seed + d.rank),
         "nbhd": torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * (d.rank + 1)),
@@ -380,10 +448,8 @@ def train(cfg: TrainConfig, d: Dist) -> None:
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
     iter_num, best_val_loss, wandb_id = 0, float("inf"), None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt)
         iter_num, best_val_loss, wandb_id = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("wandb_id")
         if ckpt.get("world_size") == d.world_size:
             set_rng_state(ckpt["rng"][d.rank], generators, d.device)
@@ -392,14 +458,7 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                    f"random streams are re-seeded, so the run continues but not bit-exactly")
         del ckpt
     start_iter = iter_num
-
-    raw_model = model
-    if cfg.compile:
-        print0("compiling the model...")
-        model = torch.compile(model)
-    if d.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
+    model = opt.wrap()
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = JsonLog(run_dir / "log.jsonl", d.is_main)
@@ -419,30 +478,24 @@ def train(cfg: TrainConfig, d: Dist) -> None:
         wandb_id = wandb_run.id
 
     def save(it: int) -> None:
-        rng = gather_objects(rng_state(generators, d.device), d)
-        if not d.is_main:
-            return
-        atomic_save({
+        save_run_checkpoint(checkpoint_path(run_dir, it), {
             "format": "topolm-ckpt-v1",
             "model": raw_model.state_dict(),
             "model_config": asdict(raw_model.config),
             "config": asdict(cfg),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            **opt.state_dict(),
             "iter_num": it,
             "best_val_loss": best_val_loss,
-            "rng": rng,
-            "world_size": d.world_size,
             "wandb_id": wandb_id,
-        }, checkpoint_path(run_dir, it))
-        if cfg.keep_last:
+        }, generators, d)
+        if d.is_main and cfg.keep_last:
             for old in list_checkpoints(run_dir)[:-cfg.keep_last]:
                 old.unlink()
         print0(f"saved checkpoint {checkpoint_path(run_dir, it)}")
 
     def run_eval(it: int) -> dict:
         nonlocal best_val_loss
-        res = evaluate(model, raw_model, batches, cfg, d, ctx)
+        res = evaluate(model, raw_model, batches, cfg, d, opt.ctx)
         improved = res["val"]["loss"] < best_val_loss
         best_val_loss = min(best_val_loss, res["val"]["loss"])
         print0(f"step {it}: train loss {res['train']['loss']:.4f} (task {res['train']['task']:.4f}, spatial "
@@ -461,11 +514,17 @@ def train(cfg: TrainConfig, d: Dist) -> None:
         return
 
     stop = StopSignal()
-    component_names = ["task"] + [f"spatial site {n}" for n in raw_model.site_names] + ["gradient norm"]
+    stat_names = ["task", None] + [f"spatial site {n}" for n in raw_model.site_names]  # task, spatial, sites
     last_eval = {"improved": True}
     t0 = time.time()
     running_mfu = -1.0
     peak = peak_flops(d.device)
+
+    def micro_step(model):
+        x, y = batches["train"].get(generators["batch"])
+        _, losses = model(x, y, units=raw_model.sample_units(generators["nbhd"]))
+        return losses.total, torch.cat([torch.stack([losses.task, losses.spatial]), losses.per_site])
+
     try:
         while iter_num < cfg.max_iters:
             if iter_num % cfg.eval_interval == 0:
@@ -475,51 +534,13 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                     save(iter_num)
 
             lr = learning_rate_at(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums = torch.zeros(2 + raw_model.config.n_sites, device=d.device)  # task, spatial, sites
-            for micro in range(accum_steps):
-                x, y = batches["train"].get(generators["batch"])
-                sync = nullcontext() if (not d.ddp or micro == accum_steps - 1) else model.no_sync()
-                with sync:
-                    with ctx:
-                        _, losses = model(x, y, units=raw_model.sample_units(generators["nbhd"]))
-                    scaler.scale(losses.total / accum_steps).backward()
-                sums += torch.cat([torch.stack([losses.task, losses.spatial]).detach().float(),
-                                   losses.per_site.detach().float()])
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            # One small collective per step tells every rank which component (if any) went non-finite
-            # and whether any rank was asked to stop, so all ranks take the same branch.
-            finite = torch.cat([torch.isfinite(sums[:1]), torch.isfinite(sums[2:]),
-                                torch.isfinite(grad_norm.reshape(1).to(d.device))]).float()
-            if dtype == "float16":
-                finite[-1] = 1.0  # the scaler handles overflowing fp16 gradients itself
-            flags = torch.cat([finite, torch.tensor([float(stop.requested)], device=d.device)])
-            if d.ddp:
-                flags[:-1] = -flags[:-1]  # MIN over finite flags, MAX over the stop flag, in one MAX
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                flags[:-1] = -flags[:-1]
-            flags = flags.tolist()
-            bad = [name for name, ok in zip(component_names, flags[:-1]) if ok < 1]
-            if bad and cfg.nonfinite == "stop":
-                raise UserError(f"non-finite loss at iteration {iter_num}: {', '.join(bad)}; the last good "
-                                f"checkpoint is kept (set nonfinite=skip to skip such steps)")
-            if bad:
-                print0(f"iteration {iter_num}: non-finite {', '.join(bad)}; optimizer step skipped")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-
+            stats, grad_norm, skipped, stop_now = opt.step(iter_num, lr, accum_steps, micro_step, stat_names,
+                                                           stop.requested)
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             iter_num += 1
             if (iter_num - 1) % cfg.log_interval == 0:
-                sums = (sums / accum_steps).tolist()
-                task, spatial = sums[0], sums[1]
+                task, spatial = stats[0], stats[1]
                 mfu_text = ""
                 if peak and iter_num - start_iter > 5:
                     mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
@@ -528,11 +549,11 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                 print0(f"iter {iter_num - 1}: loss {task + spatial:.4f} (task {task:.4f}, spatial {spatial:.4f}), "
                        f"{dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
                 log.write(event="train", iter=iter_num - 1, loss=task + spatial, task=task, spatial=spatial,
-                          sites=sums[2:], lr=lr, grad_norm=float(grad_norm), skipped=bool(bad), dt=dt)
+                          sites=stats[2:], lr=lr, grad_norm=grad_norm, skipped=skipped, dt=dt)
                 if wandb_run:
                     wandb_run.log({"iter": iter_num - 1, "train/step_loss": task + spatial, "train/step_task": task,
                                    "train/step_spatial": spatial, "lr": lr}, step=iter_num - 1)
-            if flags[-1] > 0:
+            if stop_now:
                 print0(f"stop requested: saving a checkpoint at iteration {iter_num} and exiting")
                 save(iter_num)
                 log.write(event="stopped", iter=iter_num)

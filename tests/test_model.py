@@ -1,5 +1,4 @@
 """The model: sites, hooks, alpha=0, positions inside the state_dict."""
-import numpy as np
 import pytest
 import torch
 

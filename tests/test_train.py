@@ -2,10 +2,8 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import pytest
 import torch
 
 from conftest import PYTHON, REPO, overrides, read_log, run_script

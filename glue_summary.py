@@ -1,0 +1,74 @@
+"""One table over every GLUE task finetuned so far (the metrics.json files that finetune.py writes).
+
+    python glue_summary.py                     # finetuned/*/metrics.json
+    python glue_summary.py dir=finetuned/control json=summary.json
+
+A task's score is the mean of its metrics (MNLI: of matched and mismatched accuracy), as on the
+GLUE leaderboard; the average leaves WNLI out, as the paper does, and says how many tasks it covers.
+All numbers are fractions (the paper's GLUE average: TopoLM 0.68, control 0.65).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import UserError, cli_main, load_config
+from finetune import GLUE_TASKS, task_score
+
+
+@dataclass
+class SummaryConfig:
+    dir: str = "finetuned"
+    """Folder holding one <task>/metrics.json per finetuned task."""
+    json: str = ""
+    """Also write the table as JSON to this file."""
+
+
+def collect(folder: Path) -> dict[str, dict]:
+    found = {}
+    for task in GLUE_TASKS:
+        path = folder / task / "metrics.json"
+        if path.is_file():
+            try:
+                found[task] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} is not valid JSON: {e}") from e
+    return found
+
+
+def summarize(folder: Path) -> tuple[list[dict], float | None, int]:
+    rows = []
+    for task, m in collect(folder).items():
+        splits = m["splits"]
+        details = ", ".join(f"{s.replace('validation_', '').replace('validation', 'val')} {k} {splits[s][k]:.4f}"
+                            for s in GLUE_TASKS[task].val_splits for k in GLUE_TASKS[task].metrics)
+        rows.append({"task": task, "score": task_score(task, splits), "details": details,
+                     "best_iter": m.get("best_iter"), "stop_reason": m.get("stop_reason"),
+                     "pretrained": (m.get("pretrained") or {}).get("path")})
+    counted = [r["score"] for r in rows if r["task"] != "wnli"]
+    average = sum(counted) / len(counted) if counted else None
+    return rows, average, len(counted)
+
+
+def main(argv: list[str]) -> None:
+    cfg: SummaryConfig = load_config(SummaryConfig, argv)
+    folder = Path(cfg.dir)
+    if not folder.is_dir():
+        raise UserError(f"folder not found: {folder}")
+    rows, average, n = summarize(folder)
+    if not rows:
+        raise UserError(f"no <task>/metrics.json in {folder}; run finetune.py first")
+    print(f"GLUE validation results in {folder}")
+    print(f"{'task':<6} {'score':>7}  {'best step':>9}  {'stopped by':<16} metrics")
+    for r in rows:
+        print(f"{r['task']:<6} {r['score']:>7.4f}  {r['best_iter']:>9}  {r['stop_reason'] or '':<16} {r['details']}")
+    if average is not None:
+        print(f"{'avg':<6} {average:>7.4f}  (mean over {n} task(s), WNLI excluded)")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"rows": rows, "average_excluding_wnli": average,
+                                              "tasks_in_average": n}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -145,34 +145,47 @@ def distance_target(radius: int) -> np.ndarray:
     return target / np.linalg.norm(target)
 
 
-class CentredGram(torch.autograd.Function):
-    """G = Xc^T Xc for Xc = X - mean over samples, batched over leading dims: (..., N, m) -> (..., m, m).
+class GatheredCentredGram(torch.autograd.Function):
+    """Centred Gram matrices of k groups of m columns of one site's activations.
 
-    Autograd would differentiate the centring and both operands of the product separately: three
-    batched products, a sum of two gradients and several copies. Because the columns of Xc have zero
-    mean, the gradient is exactly dX = Xc (dG + dG^T): one product. Xc is made contiguous once, so
-    neither product copies its input again.
-
-    `row_mask` (N, 1) of 0/1, optional: rows with 0 (padding) are left out. The mean is taken over
-    the kept rows and the left-out rows of Xc are zero, so they add nothing to G; the columns of Xc
+    act (N, C), units (k * m,): G_j = Xc_j^T Xc_j, Xc_j the columns units[j*m:(j+1)*m] minus their
+    mean over the N rows; returns (k, m, m). On the CPU this is memory-bound, so the function makes
+    as few passes over memory as it can:
+    - one gather copies the k * m columns into a fresh (N, k * m) buffer, which is centred in place
+      and read by the batched product as a strided (k, N, m) view: no further copy;
+    - autograd would differentiate the centring and both operands of the product separately (three
+      products and several copies). The columns of Xc have zero mean, so the gradient is exactly
+      dXc_j = Xc_j (dG_j + dG_j^T): one product, then scattered back into the site's columns
+      (index_add: neighborhoods may share units).
+    `row_mask` (N, 1) of 0/1, optional: rows with 0 (padding) are left out. The mean runs over the
+    kept rows and the left-out rows of Xc are zero, so they add nothing to G; the columns of Xc
     still sum to zero, so the one-product gradient stays exact (and is zero on left-out rows).
     """
 
     @staticmethod
-    def forward(ctx, x, row_mask=None):
-        xc = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    def forward(ctx, act, units, k: int, row_mask=None):
+        n = act.shape[0]
+        xc = torch.gather(act, 1, units.expand(n, -1))  # a new tensor: safe to centre in place
+        if xc.dtype in (torch.float16, torch.bfloat16):  # the Gram and correlations need fp32
+            xc = xc.float()
         if row_mask is None:
-            torch.sub(x, x.mean(dim=-2, keepdim=True), out=xc)
+            xc.sub_(xc.mean(dim=0))
         else:
-            mean = (x * row_mask).sum(dim=-2, keepdim=True) / row_mask.sum().clamp_min(1.0)
-            torch.mul(x - mean, row_mask, out=xc)
-        ctx.save_for_backward(xc)
-        return xc.transpose(-1, -2) @ xc
+            xc.sub_((xc * row_mask).sum(dim=0) / row_mask.sum().clamp_min(1.0)).mul_(row_mask)
+        ctx.save_for_backward(xc, units)
+        ctx.k, ctx.act_shape, ctx.act_dtype = k, act.shape, act.dtype
+        x3 = xc.view(n, k, -1).transpose(0, 1)
+        return x3.transpose(1, 2) @ x3
 
     @staticmethod
     def backward(ctx, grad):
-        (xc,) = ctx.saved_tensors
-        return xc @ (grad + grad.transpose(-1, -2)), None
+        xc, units = ctx.saved_tensors
+        n, k = xc.shape[0], ctx.k
+        dxc = torch.bmm(xc.view(n, k, -1).transpose(0, 1), grad + grad.transpose(1, 2))  # (k, N, m)
+        # (torch.compile refuses bmm's out= into the strided (N, k * m) view, hence this one copy)
+        dxc = dxc.transpose(0, 1).reshape(n, -1).to(ctx.act_dtype)
+        dact = torch.zeros(ctx.act_shape, dtype=ctx.act_dtype, device=xc.device)
+        return dact.index_add_(1, units, dxc), None, None, None
 
 
 def gram_loss(gram: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -189,8 +202,12 @@ def gram_loss(gram: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols
 
 
 def neighborhood_loss(acts: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Spatial loss of neighborhoods batched over leading dims: acts (..., N, m) over N samples -> (...)."""
-    return gram_loss(CentredGram.apply(acts.float()), target, rows, cols)
+    """Spatial loss of neighborhoods batched over leading dims: acts (..., N, m) over N samples -> (...).
+
+    Plain autograd, for reference and for small inputs; training uses `CorticalSheet.site_gram`.
+    """
+    xc = acts.float() - acts.float().mean(dim=-2, keepdim=True)
+    return gram_loss(xc.transpose(-1, -2) @ xc, target, rows, cols)
 
 
 class CorticalSheet(nn.Module):
@@ -250,12 +267,10 @@ class CorticalSheet(nn.Module):
         act: the site's activations (..., n_embed); site_units: that site's row of `sample_units`;
         row_mask: optional (rows, 1) 0/1 float over the flattened leading dims, 0 for padding rows.
         Called per site inside the forward pass, so that only these small matrices are stacked,
-        never the gathered activations; the centring inside `CentredGram` is their only copy.
+        never the gathered activations.
         """
-        samples = act.reshape(-1, act.size(-1)).index_select(1, site_units)
-        with torch.autocast(device_type=samples.device.type, enabled=False):
-            n = samples.shape[0]
-            return CentredGram.apply(samples.float().view(n, k, self.members).transpose(0, 1), row_mask)
+        with torch.autocast(device_type=act.device.type, enabled=False):
+            return GatheredCentredGram.apply(act.reshape(-1, act.size(-1)), site_units, k, row_mask)
 
     def loss(self, grams: torch.Tensor, accum: str) -> torch.Tensor:
         """Per-site spatial loss (sites,) from the stacked Gram matrices (sites, k, m, m)."""

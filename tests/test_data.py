@@ -24,22 +24,29 @@ def test_last_merge_is_kept():
 
 
 def test_fineweb_prepare_on_local_jsonl_roundtrips(tmp_path):
-    texts = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\nÜnïcode ✓ line two." for i in range(60)]
+    texts = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\nÜnïcode ✓ line two." for i in range(1200)]
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
-    out = tmp_path / "out"
-    run_script([PYTHON, "data/fineweb/prepare.py", "--files", str(src), "--out_dir", str(out), "--num_proc", "2",
-                "--val_fraction", "0.1"])
+    outputs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        run_script([PYTHON, "data/fineweb/prepare.py", "--files", str(src), "--out_dir", str(out),
+                    "--num_proc", workers, "--val_fraction", "0.01"])
+        outputs[workers] = {s: (out / f"{s}.bin").read_bytes() for s in ("train", "val")}
+    assert outputs["1"] == outputs["2"]  # the worker count does not change a byte
     enc = gpt2_encoding()
-    decoded = []
+    decoded = {}
     for split in ("train", "val"):
-        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        ids = np.frombuffer(outputs["2"][split], dtype=np.uint16)
         assert ids[-1] == EOT_TOKEN
         docs = np.split(ids, np.where(ids == EOT_TOKEN)[0] + 1)[:-1]
-        decoded.append([enc.decode(d[:-1].tolist()) for d in docs])
-    assert len(decoded[1]) == 6 and len(decoded[0]) == 54
-    assert sorted(decoded[0] + decoded[1]) == sorted(texts)
-    meta = json.loads((out / "meta.json").read_text())
+        decoded[split] = [enc.decode(d[:-1].tolist()) for d in docs]
+    # the validation documents are those of datasets' own train_test_split (the research code's split)
+    from datasets import Dataset
+    expected_val = Dataset.from_dict({"text": texts}).train_test_split(test_size=0.01, seed=42)["test"]["text"]
+    assert sorted(decoded["val"]) == sorted(expected_val) and len(decoded["val"]) == 12
+    assert decoded["train"] == [t for t in texts if t not in set(expected_val)]  # source order
+    meta = json.loads((tmp_path / "out2" / "meta.json").read_text())
     assert meta["files"]["train.bin"]["max_token_id"] == EOT_TOKEN
 
 

@@ -16,7 +16,7 @@ from common import UserError
 from conftest import PYTHON, REPO, overrides, read_log, run_script, write_pattern_data
 from finetune import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
-from positions import CentredGram, neighborhood_loss, random_layout
+from positions import GatheredCentredGram, neighborhood_loss, random_layout
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -115,17 +115,18 @@ def test_padding_changes_neither_outputs_nor_spatial_loss():
 
 def test_masked_centred_gram_gradient_matches_autograd_on_kept_rows():
     torch.manual_seed(0)
-    x = torch.randn(2, 12, 5, dtype=torch.float64, requires_grad=True)
+    act = torch.randn(12, 20, dtype=torch.float64, requires_grad=True)
+    units = torch.tensor([3, 7, 1, 0, 19, 7, 2, 11, 5, 3])  # 2 groups of 5, sharing units 3 and 7
     keep = torch.tensor([1.0] * 7 + [0.0] * 5, dtype=torch.float64)
     weights = torch.randn(2, 5, 5, dtype=torch.float64)
-    (CentredGram.apply(x, keep[:, None]) * weights).sum().backward()
-    ours = x.grad.clone()
-    x.grad = None
-    kept = x[:, :7]
+    (GatheredCentredGram.apply(act, units, 2, keep[:, None]) * weights).sum().backward()
+    ours = act.grad.clone()
+    act.grad = None
+    kept = act[:7, units].view(7, 2, 5).transpose(0, 1)
     xc = kept - kept.mean(dim=1, keepdim=True)
     (xc.transpose(1, 2) @ xc * weights).sum().backward()
-    torch.testing.assert_close(ours, x.grad)
-    assert ours[:, 7:].abs().max() == 0
+    torch.testing.assert_close(ours, act.grad)
+    assert ours[7:].abs().max() == 0
 
 
 # ----------------------------------------------------------------------------- end to end

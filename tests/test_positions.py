@@ -107,6 +107,23 @@ def test_sheet_loss_mean_and_max_and_sampling():
             assert got[s] == pytest.approx(expected, abs=2e-5)
 
 
+def test_site_gram_gradient_matches_plain_autograd():
+    """The one-product backward (and its scatter into shared units) against autograd of the formula."""
+    side, radius, k = 6, 2, 5
+    sheet = CorticalSheet(1, side * side, radius, random_layout(1, side * side, seed=2)).double()
+    units = sheet.sample_units(k, torch.Generator().manual_seed(1))[0]
+    assert len(set(units.tolist())) < len(units)  # overlapping neighborhoods share units
+    act = torch.randn(2, 24, side * side, dtype=torch.float64, requires_grad=True)
+    acts_ref = act.detach().clone().requires_grad_(True)
+    ours = sheet.loss(sheet.site_gram(act, units, k)[None], "mean").sum()
+    ours.backward()
+    cols = acts_ref.reshape(-1, side * side)[:, units].view(-1, k, 9).transpose(0, 1)
+    ref = neighborhood_loss(cols, sheet.target, sheet.tril_rows, sheet.tril_cols).mean()
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(act.grad, acts_ref.grad)
+
+
 def test_zero_variance_unit_gives_no_nan():
     side, radius = 5, 2
     sheet = CorticalSheet(1, side * side, radius, random_layout(1, side * side, seed=0))

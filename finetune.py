@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -219,8 +219,7 @@ class Examples:
     """Tokenized examples of one split: token ids per example and the labels."""
     ids: list[np.ndarray]
     labels: np.ndarray  # int64 class ids, or float32 scores for regression
-    truncated: int = 0
-    n_source: int = field(default=0)
+    truncated: int = 0  # examples cut to max_length
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -311,7 +310,7 @@ def tokenize(ds, task: str, max_length: int, limit: int = 0, where: str = "") ->
         toks, cut = join_pair(encoded[0][i], encoded[1][i] if len(encoded) > 1 else None, max_length)
         ids.append(np.asarray(toks or [EOT_TOKEN], dtype=np.int64))  # an empty text still needs one token
         truncated += cut
-    return Examples(ids, labels, truncated, len(ds))
+    return Examples(ids, labels, truncated)
 
 
 def collate(examples: Examples, index: np.ndarray, device: str):
@@ -408,12 +407,12 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         raise UserError(f"checkpoint {ckpt_file} has vocab_size={vocab_size}; GLUE text needs the GPT-2 "
                         f"vocabulary (at least {EOT_TOKEN + 1})")
     raw = load_glue(cfg.task, cfg.data_dir)
-    where = cfg.data_dir and f"{Path(cfg.data_dir) / cfg.task}/" or f"nyu-mll/glue/{cfg.task} "
-    train_set = tokenize(raw["train"], cfg.task, cfg.max_length, cfg.max_train_examples, f"{where}train")
-    val_sets = {s: tokenize(raw[s], cfg.task, cfg.max_length, 0, f"{where}{s}") for s in spec.val_splits}
+    source = str(Path(cfg.data_dir) / cfg.task) if cfg.data_dir else f"nyu-mll/glue/{cfg.task}"
+    train_set = tokenize(raw["train"], cfg.task, cfg.max_length, cfg.max_train_examples, f"{source}/train")
+    val_sets = {s: tokenize(raw[s], cfg.task, cfg.max_length, 0, f"{source}/{s}") for s in spec.val_splits}
     for name, ex in [("train", train_set), *val_sets.items()]:
         if len(ex) == 0:
-            raise UserError(f"{where}{name} holds no examples")
+            raise UserError(f"{source}/{name} holds no examples")
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     steps_per_epoch = len(train_set) // per_step
     if steps_per_epoch == 0:

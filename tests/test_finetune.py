@@ -336,3 +336,13 @@ def test_sigterm_writes_results_of_the_best_evaluation_and_exits_0(pretrained, g
     metrics = json.loads((tmp_path / "sst2" / "metrics.json").read_text())
     assert metrics["stop_reason"] == "stopped by signal" and metrics["best_iter"] >= 5
     assert (tmp_path / "sst2" / "ckpt-best.pt").is_file()
+
+
+def test_classifier_with_padding_mask_compiles_in_one_graph():
+    import torch._dynamo
+    model = tiny_classifier()
+    idx, lengths = torch.randint(0, 100, (3, 10)), torch.tensor([4, 10, 7])
+    units = model.gpt.sample_units(torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda a, n, u: model(a, n, units=u))(idx, lengths, units)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

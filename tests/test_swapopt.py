@@ -78,3 +78,24 @@ def test_init_pos_swapopt_cli_and_training_from_it(tmp_path):
     run_script([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="s", max_iters=3, position_dir=str(out))])
     assert read_log(tmp_path / "s")[-1]["event"] == "end"
+
+
+def test_swapopt_from_a_trained_checkpoint(tmp_path):
+    data = write_pattern_data(tmp_path / "data")
+    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+                *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="r", max_iters=10)])
+    common = [PYTHON, "init_pos.py", "config/init_pos.yaml", "layout=swapopt", "n_layer=2", "n_embed=36", "n_head=2",
+              "vocab_size=64", "radius=2", "n_neighborhoods=5", "local_steps=20", f"data={data / 'train.bin'}",
+              "n_tokens=512", "block_size=32"]
+    run_script(common + [f"out={tmp_path / 'fresh'}"])
+    run_script(common + [f"out={tmp_path / 'trained'}", f"init_from={tmp_path / 'r'}"])
+    meta = json.loads((tmp_path / "trained" / "meta.json").read_text())
+    assert meta["activations_from"] == f"checkpoint {tmp_path / 'r' / 'ckpt-0000010.pt'}"
+    fresh, trained = (json.loads((tmp_path / name / "swapopt_summary.json").read_text())["sites"]
+                      for name in ("fresh", "trained"))
+    # same starting layout, other activations: the starting losses differ
+    assert all(abs(a["grid_loss_before"] - b["grid_loss_before"]) > 1e-6 for a, b in zip(fresh, trained))
+    check_layout(np.load(tmp_path / "trained" / "positions.npy"), 4, 36)
+    wrong = run_script(common + [f"out={tmp_path / 'wrong'}", f"init_from={tmp_path / 'r'}", "n_layer=3"], check=False)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().endswith("has n_layer=2, n_embed=36; the position set asks for n_layer=3, n_embed=36")

@@ -8,7 +8,9 @@
 
 Writes into out_dir/<task>/ (default finetuned/<task>/): `ckpt-best.pt` (the model at its best
 validation loss), `log.jsonl`, `metrics.json` (the best model's metrics on the full validation
-set(s)) and `predictions-<split>.jsonl` (its prediction for every validation example).
+set(s)) and `predictions-<split>.jsonl` (its prediction for every validation example). While it
+runs, `ckpt-last.pt` holds the state after the latest evaluation; SIGTERM/SIGINT save it and exit,
+and `init_from=resume` continues bit-exactly (it is deleted when the run ends normally).
 
 Design decisions
 - The model is the pretrained GPT (positions, alpha, radius and architecture from its checkpoint;
@@ -21,6 +23,8 @@ Design decisions
   alike; a pair longer than `max_length` is cut longest-first, from the end of each part.
 - The loss is the task loss (cross-entropy, or mean squared error for STS-B) plus
   `alpha_scale x alpha x SL` summed over sites, SL the same sampled spatial loss as in pretraining.
+- Each epoch's shuffle comes from its own seed (seed + epoch), so the batches of any step follow
+  from its number alone and a resumed run needs no data-loader state.
 - Evaluation runs on the whole validation split(s), sharded over ranks and gathered. Early stopping
   watches the task loss on the first validation split (matched, for MNLI); `patience`
   evaluations without a new best end the run.
@@ -45,7 +49,7 @@ from common import (EOT_TOKEN, Dist, SystemConfig, UserError, cleanup_distribute
                     gpt2_encoding, load_checkpoint, load_config, one_of, print0, require, setup_distributed)
 from model import GPT, GPTConfig, SequenceClassifier
 from train import (JsonLog, Optimization, StopSignal, gather_objects, learning_rate_at, params_digest,
-                   resolve_dtype, save_run_checkpoint)
+                   resolve_dtype, save_run_checkpoint, set_rng_state)
 
 
 # ----------------------------------------------------------------------------- tasks and metrics
@@ -144,6 +148,8 @@ class FinetuneConfig(SystemConfig):
     """Tokens per example; longer examples are cut (pairs longest-first). At most the model's block_size."""
     max_train_examples: int = 0
     """Use only the first this many training examples (0: all); validation always uses every example."""
+    init_from: str = "pretrained"
+    """'pretrained' starts from `ckpt`; 'resume' continues a stopped run from out_dir/<task>/ckpt-last.pt."""
     # ---- output
     out_dir: str = "finetuned"
     """Results go to out_dir/<task>/."""
@@ -196,6 +202,7 @@ class FinetuneConfig(SystemConfig):
     def __post_init__(self):
         require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder made by train.py")
         one_of(self.task, "task", GLUE_TASKS)
+        one_of(self.init_from, "init_from", ("pretrained", "resume"))
         for key in ("max_length", "batch_size", "gradient_accumulation_steps", "max_epochs", "patience",
                     "log_interval"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
@@ -382,6 +389,10 @@ def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int) -> SequenceClas
     return SequenceClassifier(gpt, n_outputs, cfg.dropout)
 
 
+RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
+               "dropout", "alpha_scale", "seed")  # a resumed run must see the same data, order and model
+
+
 def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     spec = GLUE_TASKS[cfg.task]
     if cfg.gradient_accumulation_steps % d.world_size:
@@ -390,16 +401,31 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     accum_steps = cfg.gradient_accumulation_steps // d.world_size
     dtype = resolve_dtype(cfg.dtype, d.device)
     task_dir = cfg.task_dir()
+    last_file = task_dir / "ckpt-last.pt"
 
     # Everything that can refuse the run is checked before anything is written.
-    earlier = [p.name for p in (task_dir / "ckpt-best.pt", task_dir / "metrics.json") if p.exists()]
-    if earlier and not cfg.overwrite:
-        raise UserError(f"{task_dir} already holds {', '.join(earlier)}; pass overwrite=true to replace it, "
-                        f"or another out_dir")
-    ckpt_file = find_checkpoint(cfg.ckpt)
-    ckpt = load_checkpoint(ckpt_file)
-    if "head" in ckpt:
-        print0(f"note: {ckpt_file} is itself finetuned; its head is dropped and a new one trained")
+    if cfg.init_from == "resume":
+        if not last_file.is_file():
+            raise UserError(f"init_from=resume but {task_dir} holds no ckpt-last.pt (a run that ended "
+                            f"normally leaves none)")
+        ckpt = load_checkpoint(last_file)
+        saved = ckpt["config"]
+        diff = [f"{k}={saved.get(k)!r} before vs {getattr(cfg, k)!r} now" for k in RESUME_KEYS
+                if saved.get(k) != getattr(cfg, k)]
+        if diff:
+            raise UserError(f"cannot resume {last_file} with other settings: {'; '.join(diff)}")
+        ckpt_file, pretrained = last_file, ckpt["pretrained"]
+    else:
+        earlier = [p.name for p in (task_dir / "ckpt-best.pt", task_dir / "metrics.json", last_file) if p.exists()]
+        if earlier and not cfg.overwrite:
+            hint = "init_from=resume to continue it, " if last_file.exists() else ""
+            raise UserError(f"{task_dir} already holds {', '.join(earlier)}; pass {hint}overwrite=true to replace "
+                            f"it, or another out_dir")
+        ckpt_file = find_checkpoint(cfg.ckpt)
+        ckpt = load_checkpoint(ckpt_file)
+        if "head" in ckpt:
+            print0(f"note: {ckpt_file} is itself finetuned; its head is dropped and a new one trained")
+        pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"]}
     block_size, vocab_size = ckpt["model_config"]["block_size"], ckpt["model_config"]["vocab_size"]
     if cfg.max_length > block_size:
         raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}")
@@ -420,15 +446,28 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
                         f"{per_step} (batch_size x gradient_accumulation_steps)")
 
     torch.manual_seed(cfg.seed)  # identical head on every rank
-    raw_model = build_model(ckpt, cfg, spec.n_outputs).to(d.device)
-    pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"]}
-    del ckpt
+    if cfg.init_from == "resume":
+        raw_model = SequenceClassifier(GPT(GPTConfig(**ckpt["model_config"])), spec.n_outputs, cfg.dropout)
+        raw_model.gpt.load_state_dict(ckpt["model"])
+        raw_model.head.load_state_dict(ckpt["head"])
+    else:
+        raw_model = build_model(ckpt, cfg, spec.n_outputs)
+    raw_model.to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
-    generators = {
-        "order": torch.Generator().manual_seed(cfg.seed),  # the same on every rank: ranks take disjoint slices
-        "nbhd": torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * (d.rank + 1)),
-    }
+    generators = {"nbhd": torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * (d.rank + 1))}
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
+    iter_num, evals_since_best, wandb_id = 0, 0, None
+    best = {"loss": float("inf"), "iter": -1, "splits": None}
+    if cfg.init_from == "resume":
+        opt.load_state_dict(ckpt)
+        iter_num, evals_since_best, wandb_id = ckpt["iter_num"], ckpt["evals_since_best"], ckpt.get("wandb_id")
+        best = ckpt["best"]
+        if ckpt["world_size"] == d.world_size:
+            set_rng_state(ckpt["rng"][d.rank], generators, d.device)
+        else:
+            print0(f"warning: {last_file} was written by {ckpt['world_size']} ranks, now {d.world_size}: random "
+                   f"streams are re-seeded, so the run continues but not bit-exactly")
+    del ckpt
     opt.wrap()
     max_iters = steps_per_epoch * cfg.max_epochs
     if cfg.max_iters:
@@ -437,22 +476,40 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
 
     task_dir.mkdir(parents=True, exist_ok=True)
     log = JsonLog(task_dir / "log.jsonl", d.is_main)
-    print0(f"finetuning {ckpt_file} on {cfg.task}: {len(train_set):,} training examples "
+    print0(f"finetuning {pretrained['path']} on {cfg.task}: {len(train_set):,} training examples "
            f"({train_set.truncated} cut to {cfg.max_length} tokens), "
-           + ", ".join(f"{len(v):,} {s}" for s, v in val_sets.items()))
+           + ", ".join(f"{len(v):,} {s}" for s, v in val_sets.items())
+           + (f"; resumed at step {iter_num}" if cfg.init_from == "resume" else ""))
     print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {steps_per_epoch} steps per epoch of "
            f"{per_step} examples, at most {max_iters} steps; spatial weight alpha = {raw_model.gpt.config.alpha:g}; "
            f"results in {task_dir}")
-    log.write(event="start", world_size=d.world_size, config=asdict(cfg), pretrained=pretrained,
-              n_train=len(train_set), n_val={s: len(v) for s, v in val_sets.items()})
+    log.write(event="start" if cfg.init_from == "pretrained" else "resume", iter=iter_num, world_size=d.world_size,
+              config=asdict(cfg), pretrained=pretrained, n_train=len(train_set),
+              n_val={s: len(v) for s, v in val_sets.items()})
     wandb_run = None
     if cfg.wandb_log and d.is_main:
         import wandb
-        wandb_run = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(task_dir),
-                               name=cfg.wandb_run_name or f"{cfg.task}-{ckpt_file.parent.name}")
+        wandb_run = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(task_dir), id=wandb_id,
+                               resume="allow", name=cfg.wandb_run_name or f"{cfg.task}-{Path(pretrained['path']).parent.name}")
+        wandb_id = wandb_run.id
 
-    best = {"loss": float("inf"), "iter": -1, "splits": None, "preds": None}
-    evals_since_best = 0
+    def model_payload(it: int) -> dict:
+        return {
+            "format": "topolm-ckpt-v1",
+            "model": raw_model.gpt.state_dict(),
+            "model_config": asdict(raw_model.gpt.config),
+            "head": raw_model.head.state_dict(),
+            "task": {"name": cfg.task, "n_outputs": spec.n_outputs, "text_columns": list(spec.text_columns)},
+            "config": asdict(cfg),
+            "pretrained": pretrained,
+            "iter_num": it,
+        }
+
+    def save_last(it: int) -> None:
+        """Everything a resumed run needs: weights, optimizer, best so far, patience, random streams."""
+        save_run_checkpoint(last_file, {**model_payload(it), **opt.state_dict(), "best": best,
+                                        "evals_since_best": evals_since_best, "wandb_id": wandb_id},
+                            generators, d)
 
     def run_eval(it: int) -> None:
         nonlocal evals_since_best
@@ -469,42 +526,38 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         if wandb_run:
             wandb_run.log({f"{s}/{k}": v for s, m in splits.items() for k, v in m.items()}, step=it)
         if improved:
-            best.update(loss=watched, iter=it, splits=splits, preds={s: r["pred"] for s, r in results.items()})
-            save_run_checkpoint(task_dir / "ckpt-best.pt", {
-                "format": "topolm-ckpt-v1",
-                "model": raw_model.gpt.state_dict(),
-                "model_config": asdict(raw_model.gpt.config),
-                "head": raw_model.head.state_dict(),
-                "task": {"name": cfg.task, "n_outputs": spec.n_outputs, "text_columns": list(spec.text_columns)},
-                "config": asdict(cfg),
-                "pretrained": pretrained,
-                "iter_num": it,
-                "best_val_loss": watched,
-            }, generators, d)
+            best.update(loss=watched, iter=it, splits=splits)
+            save_run_checkpoint(task_dir / "ckpt-best.pt", {**model_payload(it), "best_val_loss": watched},
+                                generators, d)
+            if d.is_main:
+                write_predictions(task_dir, {s: r["pred"] for s, r in results.items()}, val_sets)
+
+    epoch_order = {}
+
+    def step_batches(it: int):
+        """This rank's micro-batches for optimizer step `it`: each epoch is its own seeded shuffle
+        (drop-last), so any step's batches follow from its number alone, also after a resume."""
+        epoch, step = divmod(it, steps_per_epoch)
+        if epoch not in epoch_order:
+            epoch_order.clear()
+            g = torch.Generator().manual_seed(cfg.seed + 7919 * epoch)
+            epoch_order[epoch] = torch.randperm(len(train_set), generator=g).numpy()
+        chunk = epoch_order[epoch][step * per_step:(step + 1) * per_step]
+        return iter([chunk[(m * d.world_size + d.rank) * cfg.batch_size:][:cfg.batch_size] for m in range(accum_steps)])
 
     def micro_step(model):
-        index = next(batch_index)
-        idx, lengths, labels = collate(train_set, index, d.device)
+        idx, lengths, labels = collate(train_set, next(batch_index), d.device)
         outputs, per_site = model(idx, lengths, units=raw_model.gpt.sample_units(generators["nbhd"]))
         losses = raw_model.gpt.combine_losses(task_loss(outputs, labels), per_site)
         return losses.total, torch.stack([losses.task, losses.spatial])
 
-    def batches():
-        """This rank's micro-batches, epoch after epoch (each epoch a fresh shuffle, drop-last)."""
-        while True:
-            perm = torch.randperm(len(train_set), generator=generators["order"]).numpy()
-            for step in range(steps_per_epoch):
-                chunk = perm[step * per_step:(step + 1) * per_step]
-                for m in range(accum_steps):
-                    yield chunk[(m * d.world_size + d.rank) * cfg.batch_size:][:cfg.batch_size]
-
-    batch_index = batches()
     stop = StopSignal()
     reason = "max_iters" if max_iters < steps_per_epoch * cfg.max_epochs else "max_epochs"
-    iter_num, t0 = 0, time.time()
+    t0 = time.time()
     try:
-        while iter_num < max_iters:
+        while iter_num < max_iters and not (best["iter"] >= 0 and evals_since_best >= cfg.patience):
             lr = learning_rate_at(iter_num, cfg)
+            batch_index = step_batches(iter_num)
             stats, grad_norm, skipped, stop_now = opt.step(iter_num, lr, accum_steps, micro_step,
                                                            ["task", "spatial"], stop.requested)
             iter_num += 1
@@ -515,21 +568,25 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
                        f"{stats[0] + stats[1]:.4f} (task {stats[0]:.4f}, spatial {stats[1]:.4f}), {dt * 1000:.0f} ms/iter")
                 log.write(event="train", iter=iter_num - 1, task=stats[0], spatial=stats[1], lr=lr,
                           grad_norm=grad_norm, skipped=skipped, dt=dt)
-            if stop_now:
-                reason = "stopped by signal"
-                break
-            if iter_num % eval_interval == 0 or iter_num == max_iters:
+            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
+            if eval_due:
                 run_eval(iter_num)
-                if evals_since_best >= cfg.patience:
-                    reason = "early stopping"
-                    break
+            if eval_due or stop_now:
+                save_last(iter_num)
+            if stop_now:
+                print0(f"stop requested: saved {last_file} at step {iter_num}; continue with init_from=resume")
+                log.write(event="stopped", iter=iter_num)
+                return
+        if evals_since_best >= cfg.patience and best["iter"] >= 0:
+            reason = "early stopping"
         if best["splits"] is None:
             run_eval(iter_num)
         digests = gather_objects(params_digest(raw_model), d)
         if d.ddp and len(set(digests)) != 1:
             raise UserError("ranks ended with different weights")
         if d.is_main:
-            write_results(task_dir, cfg, best, val_sets, iter_num, steps_per_epoch, reason, pretrained)
+            write_metrics(task_dir, cfg, best, iter_num, steps_per_epoch, reason, pretrained)
+            last_file.unlink(missing_ok=True)  # the run is complete: nothing left to resume
         log.write(event="end", iter=iter_num, reason=reason, best_iter=best["iter"], param_sha256=digests)
         print0(f"{reason} after {iter_num} steps; best at step {best['iter']}: "
                f"{cfg.task} score {task_score(cfg.task, best['splits']):.4f}; wrote {task_dir / 'metrics.json'}")
@@ -539,13 +596,16 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
             wandb_run.finish()
 
 
-def write_results(task_dir: Path, cfg: FinetuneConfig, best: dict, val_sets: dict, iters: int,
-                  steps_per_epoch: int, reason: str, pretrained: dict) -> None:
-    for split, preds in best["preds"].items():
+def write_predictions(task_dir: Path, preds: dict[str, np.ndarray], val_sets: dict) -> None:
+    for split, pred in preds.items():
         labels = val_sets[split].labels
         lines = "".join(json.dumps({"index": i, "prediction": p, "label": lab}) + "\n"
-                        for i, (p, lab) in enumerate(zip(preds.tolist(), labels.tolist())))
+                        for i, (p, lab) in enumerate(zip(pred.tolist(), labels.tolist())))
         _atomic_text(task_dir / f"predictions-{split}.jsonl", lines)
+
+
+def write_metrics(task_dir: Path, cfg: FinetuneConfig, best: dict, iters: int, steps_per_epoch: int, reason: str,
+                  pretrained: dict) -> None:
     metrics = {
         "task": cfg.task,
         "score": task_score(cfg.task, best["splits"]),

@@ -55,3 +55,19 @@ def read_log(run_dir: Path) -> list[dict]:
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return write_pattern_data(tmp_path / "data")
+
+
+def start_and_wait_for_log(args: list[str], log_path: Path, text: str, timeout: float = 120) -> subprocess.Popen:
+    """Start a script in the background and return once its log.jsonl contains `text`."""
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not (log_path.exists() and text in log_path.read_text()):
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"{log_path} never showed {text!r}:\n{out[-2000:]}\n{err[-2000:]}")
+        time.sleep(0.02)
+    return proc

@@ -1,10 +1,7 @@
 """finetune.py: metrics against independent values, padding invariance, end-to-end GLUE-format runs."""
 import json
 import math
-import os
 import signal
-import subprocess
-import time
 
 import numpy as np
 import pandas as pd
@@ -13,7 +10,7 @@ import torch
 
 import finetune
 from common import UserError
-from conftest import PYTHON, REPO, overrides, read_log, run_script, write_pattern_data
+from conftest import PYTHON, overrides, read_log, run_script, start_and_wait_for_log, write_pattern_data
 from finetune import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import GatheredCentredGram, neighborhood_loss, random_layout
@@ -319,23 +316,33 @@ def test_checkpoint_without_gpt2_vocabulary_is_refused(tmp_path, glue_dir):
     assert proc.stderr.strip().endswith("has vocab_size=64; GLUE text needs the GPT-2 vocabulary (at least 50257)")
 
 
-def test_sigterm_writes_results_of_the_best_evaluation_and_exits_0(pretrained, glue_dir, tmp_path):
-    args = [PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, tmp_path, task="sst2", max_epochs=500,
-                                                   eval_interval=5, patience=1000, log_interval=1)]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log_path = tmp_path / "sst2" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if log_path.exists() and any(json.loads(x)["event"] == "eval" for x in log_path.read_text().splitlines()):
-            break
-        time.sleep(0.2)
+def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, tmp_path):
+    common = dict(task="sst2", max_iters=24, eval_interval=4, patience=100, log_interval=1, max_train_examples=200)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, whole, **common)])
+    proc = start_and_wait_for_log([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)],
+                                  cut / "sst2" / "log.jsonl", '"iter": 5,')
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    metrics = json.loads((tmp_path / "sst2" / "metrics.json").read_text())
-    assert metrics["stop_reason"] == "stopped by signal" and metrics["best_iter"] >= 5
-    assert (tmp_path / "sst2" / "ckpt-best.pt").is_file()
+    stopped = [r for r in read_log(cut / "sst2") if r["event"] == "stopped"]
+    assert len(stopped) == 1 and 5 < stopped[0]["iter"] < 24
+    assert (cut / "sst2" / "ckpt-last.pt").is_file() and not (cut / "sst2" / "metrics.json").exists()
+    refused = run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)], check=False)
+    assert refused.returncode == 2 and "pass init_from=resume to continue it" in refused.stderr
+    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, init_from="resume", **common)])
+    assert not (cut / "sst2" / "ckpt-last.pt").exists()  # a finished run leaves nothing to resume
+
+    def train_losses(folder):
+        return {r["iter"]: (r["task"], r["spatial"]) for r in read_log(folder / "sst2") if r["event"] == "train"}
+    assert train_losses(whole) == train_losses(cut) and len(train_losses(cut)) == 24
+    a = json.loads((whole / "sst2" / "metrics.json").read_text())
+    b = json.loads((cut / "sst2" / "metrics.json").read_text())
+    assert a["splits"] == b["splits"] and a["best_iter"] == b["best_iter"]
+    wa = torch.load(whole / "sst2" / "ckpt-best.pt", weights_only=True)
+    wb = torch.load(cut / "sst2" / "ckpt-best.pt", weights_only=True)
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert all(torch.equal(wa["head"][k], wb["head"][k]) for k in wa["head"])
 
 
 def test_classifier_with_padding_mask_compiles_in_one_graph():

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from conftest import PYTHON, REPO, overrides, read_log, run_script
+from conftest import PYTHON, REPO, overrides, read_log, run_script, start_and_wait_for_log
 
 
 def train_args(data, out, **kw):
@@ -142,14 +142,8 @@ def test_ddp_two_ranks_train_and_agree(tiny_data, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_args(tiny_data, tmp_path, run_name="t", max_iters=100000, save_interval=100000),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log_path = tmp_path / "t" / "log.jsonl"
-    deadline = time.time() + 120
-    while not (log_path.exists() and '"event": "train"' in log_path.read_text()):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = start_and_wait_for_log(train_args(tiny_data, tmp_path, run_name="t", max_iters=100000, save_interval=100000),
+                                  tmp_path / "t" / "log.jsonl", '"event": "train"')
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -176,14 +170,8 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly
     common = dict(max_iters=30, save_interval=1000, eval_interval=1000, dropout=0.1, backend="gloo",
                   gradient_accumulation_steps=2)
     run_script([*launcher, *train_args(tiny_data, tmp_path, run_name="whole", **common)[1:]])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*launcher, *train_args(tiny_data, tmp_path, run_name="t", **common)[1:]],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log_path = tmp_path / "t" / "log.jsonl"
-    deadline = time.time() + 120
-    while not (log_path.exists() and '"iter": 3,' in log_path.read_text()):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.02)
+    proc = start_and_wait_for_log([*launcher, *train_args(tiny_data, tmp_path, run_name="t", **common)[1:]],
+                                  tmp_path / "t" / "log.jsonl", '"iter": 3,')
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     stopped = [r for r in read_log(tmp_path / "t") if r["event"] == "stopped"]

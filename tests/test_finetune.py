@@ -317,7 +317,7 @@ def test_checkpoint_without_gpt2_vocabulary_is_refused(tmp_path, glue_dir):
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, tmp_path):
-    common = dict(task="sst2", max_iters=24, eval_interval=4, patience=100, log_interval=1, max_train_examples=200)
+    common = dict(task="sst2", max_iters=60, eval_interval=6, patience=100, log_interval=1, max_train_examples=200)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, whole, **common)])
     proc = start_and_wait_for_log([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)],
@@ -326,7 +326,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     stopped = [r for r in read_log(cut / "sst2") if r["event"] == "stopped"]
-    assert len(stopped) == 1 and 5 < stopped[0]["iter"] < 24
+    assert len(stopped) == 1 and 5 < stopped[0]["iter"] < 60
     assert (cut / "sst2" / "ckpt-last.pt").is_file() and not (cut / "sst2" / "metrics.json").exists()
     refused = run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)], check=False)
     assert refused.returncode == 2 and "pass init_from=resume to continue it" in refused.stderr
@@ -335,7 +335,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, 
 
     def train_losses(folder):
         return {r["iter"]: (r["task"], r["spatial"]) for r in read_log(folder / "sst2") if r["event"] == "train"}
-    assert train_losses(whole) == train_losses(cut) and len(train_losses(cut)) == 24
+    assert train_losses(whole) == train_losses(cut) and len(train_losses(cut)) == 60
     a = json.loads((whole / "sst2" / "metrics.json").read_text())
     b = json.loads((cut / "sst2" / "metrics.json").read_text())
     assert a["splits"] == b["splits"] and a["best_iter"] == b["best_iter"]

@@ -381,12 +381,18 @@ def main(argv: list[str]) -> None:
         cleanup_distributed(d)
 
 
-def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int) -> SequenceClassifier:
-    model_config = {**ckpt["model_config"], "dropout": cfg.dropout}
-    model_config["alpha"] = model_config["alpha"] * cfg.alpha_scale
+def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -> SequenceClassifier:
+    """The classifier from a pretrained checkpoint (dropout and alpha set for finetuning, a new head),
+    or from a finetuning run's ckpt-last.pt (whose config already has them, and its head)."""
+    model_config = dict(ckpt["model_config"])
+    if not resume:
+        model_config.update(dropout=cfg.dropout, alpha=model_config["alpha"] * cfg.alpha_scale)
     gpt = GPT(GPTConfig(**model_config))
     gpt.load_state_dict(ckpt["model"])  # weights and unit positions
-    return SequenceClassifier(gpt, n_outputs, cfg.dropout)
+    model = SequenceClassifier(gpt, n_outputs, cfg.dropout)
+    if resume:
+        model.head.load_state_dict(ckpt["head"])
+    return model
 
 
 RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
@@ -446,13 +452,7 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
                         f"{per_step} (batch_size x gradient_accumulation_steps)")
 
     torch.manual_seed(cfg.seed)  # identical head on every rank
-    if cfg.init_from == "resume":
-        raw_model = SequenceClassifier(GPT(GPTConfig(**ckpt["model_config"])), spec.n_outputs, cfg.dropout)
-        raw_model.gpt.load_state_dict(ckpt["model"])
-        raw_model.head.load_state_dict(ckpt["head"])
-    else:
-        raw_model = build_model(ckpt, cfg, spec.n_outputs)
-    raw_model.to(d.device)
+    raw_model = build_model(ckpt, cfg, spec.n_outputs, resume=cfg.init_from == "resume").to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {"nbhd": torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * (d.rank + 1))}
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank

@@ -15,9 +15,9 @@ own cell order. Two facts follow, and the spatial loss is built on them:
 Spatial loss of one neighborhood (SPEC section 3), with r the Pearson correlations of the
 members' activations over the samples and D_ij = 1 / (1 + d_ij):
     SL = 0.5 * (1 - Pearson(lower_triangle(r), lower_triangle(D)))
-All sampled neighborhoods of all sites are evaluated at once in batched tensor operations:
-one gather, one batched Gram product, no Python loop over neighborhoods, no boolean masks,
-nothing that waits on the device.
+Each site's sampled neighborhoods are evaluated together in batched tensor operations (one
+gather and one batched Gram product per site, then one loss over all sites' Gram matrices): no
+Python loop over neighborhoods, no boolean masks, nothing that waits on the device.
 """
 from __future__ import annotations
 
@@ -206,7 +206,8 @@ def neighborhood_loss(acts: torch.Tensor, target: torch.Tensor, rows: torch.Tens
 
     Plain autograd, for reference and for small inputs; training uses `CorticalSheet.site_gram`.
     """
-    xc = acts.float() - acts.float().mean(dim=-2, keepdim=True)
+    x = acts.float()
+    xc = x - x.mean(dim=-2, keepdim=True)
     return gram_loss(xc.transpose(-1, -2) @ xc, target, rows, cols)
 
 

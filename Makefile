@@ -11,6 +11,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-hf.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
@@ -18,7 +22,7 @@ demo: install
 	$(PY) train.py train_shakespeare.yaml run_name=$(RUN)
 	$(PY) sample.py ckpt=out/$(RUN) start="ROMEO:" num_samples=2 max_new_tokens=120
 
-test: install
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
 
 clean-venv:

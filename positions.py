@@ -151,6 +151,8 @@ def distance_target(radius: int) -> np.ndarray:
     d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
     rows, cols = np.tril_indices(len(xy), k=-1)
     target = 1.0 / (1.0 + d[rows, cols])
+    if len(target) == 0:  # radius 1: one-unit neighborhoods have no pairs
+        return target
     target -= target.mean()
     return target / np.linalg.norm(target)
 

@@ -28,6 +28,15 @@ def write_pattern_data(folder: Path, vocab: int = 64, n_train: int = 40_000, n_v
     return folder
 
 
+def numpy_spatial_loss(acts: np.ndarray, coords: np.ndarray) -> float:
+    """SPEC section 3, written from the formula: acts (N, m), coords (m, 2) of those m units."""
+    r = np.corrcoef(acts, rowvar=False)
+    d = np.sqrt(((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1))
+    D = 1.0 / (1.0 + d)
+    i, j = np.tril_indices(len(coords), k=-1)
+    return 0.5 * (1.0 - np.corrcoef(r[i, j], D[i, j])[0, 1])
+
+
 TINY = dict(n_layer=2, n_head=2, n_embed=36, block_size=32, batch_size=4, vocab_size=64, radius=2,
             neighborhoods_per_batch=3, alpha=1.0, dropout=0.0, eval_iters=2, eval_interval=10, log_interval=1,
             save_interval=10, learning_rate=3e-3, warmup_iters=2, lr_decay_iters=40, min_lr=3e-4, max_iters=20,
@@ -46,6 +55,23 @@ def run_script(args: list[str], cwd: Path = REPO, env: dict | None = None, timeo
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def torchrun_launcher(nproc: int) -> list[str]:
+    """torchrun on this machine with `nproc` ranks; the script and its arguments follow."""
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def torchrun(nproc: int, script: str, args: list[str]) -> list[str]:
+    """The command line of `script` under torchrun with `nproc` ranks (backend=gloo on CPU)."""
+    return [*torchrun_launcher(nproc), script, *args]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint through the project's single loader (format checked, older formats migrated)."""
+    from checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -11,7 +11,9 @@ import torch
 import finetune
 import glue
 from common import UserError
-from conftest import PYTHON, overrides, read_log, run_script, start_and_wait_for_log, write_pattern_data
+from checkpoint import build_classifier
+from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_script, start_and_wait_for_log, torchrun,
+                      write_pattern_data)
 from glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import GatheredCentredGram, neighborhood_loss, random_layout
@@ -215,11 +217,9 @@ def test_sentiment_task_learns_stops_early_and_reports_right_metrics(pretrained,
     assert [p["label"] for p in preds] == gold
     assert metrics["splits"]["validation"]["accuracy"] == pytest.approx(
         np.mean([p["prediction"] == g for p, g in zip(preds, gold)]))
-    ckpt = torch.load(task_dir / "ckpt-best.pt", map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(task_dir / "ckpt-best.pt")
     assert ckpt["iter_num"] == metrics["best_iter"] and ckpt["task"]["name"] == "sst2"
-    model = SequenceClassifier(GPT(GPTConfig(**ckpt["model_config"])), 2, 0.0)
-    model.gpt.load_state_dict(ckpt["model"])
-    model.head.load_state_dict(ckpt["head"])
+    model = build_classifier(ckpt)
     val = glue.tokenize(glue.load_glue("sst2", str(glue_dir))["validation"], "sst2", 16)
     idx, lengths, _ = finetune.collate(val, np.arange(len(val)), "cpu")
     with torch.no_grad():
@@ -264,9 +264,9 @@ def test_mnli_two_validation_splits_and_stsb_regression_from_tsv(pretrained, glu
 
 
 def test_ddp_two_ranks_evaluate_the_whole_validation_set(pretrained, glue_dir, tmp_path):
-    run_script([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
-                *finetune_args(pretrained, glue_dir, tmp_path, task="sst2", max_iters=6, eval_interval=3,
-                               batch_size=8, gradient_accumulation_steps=2, backend="gloo")])
+    run_script(torchrun(2, "finetune.py", finetune_args(pretrained, glue_dir, tmp_path, task="sst2", max_iters=6,
+                                                         eval_interval=3, batch_size=8, gradient_accumulation_steps=2,
+                                                         backend="gloo")))
     log = read_log(tmp_path / "sst2")
     assert log[0]["world_size"] == 2
     end = [r for r in log if r["event"] == "end"][0]
@@ -340,8 +340,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, 
     a = json.loads((whole / "sst2" / "metrics.json").read_text())
     b = json.loads((cut / "sst2" / "metrics.json").read_text())
     assert a["splits"] == b["splits"] and a["best_iter"] == b["best_iter"]
-    wa = torch.load(whole / "sst2" / "ckpt-best.pt", weights_only=True)
-    wb = torch.load(cut / "sst2" / "ckpt-best.pt", weights_only=True)
+    wa = read_checkpoint(whole / "sst2" / "ckpt-best.pt")
+    wb = read_checkpoint(cut / "sst2" / "ckpt-best.pt")
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
     assert all(torch.equal(wa["head"][k], wb["head"][k]) for k in wa["head"])
 

@@ -3,17 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import numpy_spatial_loss
 from positions import (CorticalSheet, block_cells, centres, check_layout, distance_target, identity_layout,
                        load_positions, neighborhood_loss, neighborhood_units, random_layout, save_positions)
-
-
-def numpy_spatial_loss(acts: np.ndarray, coords: np.ndarray) -> float:
-    """SPEC section 3, written from the formula: acts (N, m), coords (m, 2) of those m units."""
-    r = np.corrcoef(acts, rowvar=False)
-    d = np.sqrt(((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1))
-    D = 1.0 / (1.0 + d)
-    i, j = np.tril_indices(len(coords), k=-1)
-    return 0.5 * (1.0 - np.corrcoef(r[i, j], D[i, j])[0, 1])
 
 
 @pytest.mark.parametrize("side,radius,n_centres", [(28, 5, 400), (28, 10, 100), (12, 3, 64), (6, 2, 16), (5, 3, 1)])

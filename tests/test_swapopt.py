@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, overrides, read_log, run_script, write_pattern_data
+from conftest import PYTHON, numpy_spatial_loss, overrides, read_log, run_script, write_pattern_data
 from positions import (centres, check_layout, grid_losses, random_layout, swap_optimize, unit_correlations)
-from test_positions import numpy_spatial_loss
 
 
 def structured_acts(n_sites, n_embed, n=400, seed=0):

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from conftest import PYTHON, REPO, overrides, read_log, run_script, start_and_wait_for_log
+from conftest import (PYTHON, REPO, overrides, read_checkpoint, read_log, run_script, start_and_wait_for_log, torchrun,
+                      torchrun_launcher)
 
 
 def train_args(data, out, **kw):
@@ -14,8 +15,7 @@ def train_args(data, out, **kw):
 
 
 def final_weights(run_dir, it):
-    ckpt = torch.load(run_dir / f"ckpt-{it:07d}.pt", map_location="cpu", weights_only=True)
-    return ckpt
+    return read_checkpoint(run_dir / f"ckpt-{it:07d}.pt")
 
 
 def last_per_iter(log, event="train"):
@@ -124,14 +124,13 @@ def test_exact_resume_after_sigkill(tiny_data, tmp_path):
 
 
 def test_exact_resume_after_sigkill_ddp(tiny_data, tmp_path):
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = torchrun_launcher(2)
     _exact_resume(tiny_data, tmp_path, launcher, dict(backend="gloo", gradient_accumulation_steps=2))
 
 
 def test_ddp_two_ranks_train_and_agree(tiny_data, tmp_path):
-    proc = run_script([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                       "train_shakespeare.yaml", *overrides(dataset=str(tiny_data), out_dir=str(tmp_path), run_name="d",
-                                                            max_iters=20, backend="gloo", gradient_accumulation_steps=4)])
+    proc = run_script(torchrun(2, "train.py", ["train_shakespeare.yaml", *overrides(dataset=str(tiny_data), out_dir=str(tmp_path), run_name="d",
+                                                            max_iters=20, backend="gloo", gradient_accumulation_steps=4)]))
     log = read_log(tmp_path / "d")
     assert log[0]["world_size"] == 2
     end = [r for r in log if r["event"] == "end"][0]
@@ -166,7 +165,7 @@ def test_keep_last_prunes_old_checkpoints_and_ignores_partial_files(tiny_data, t
 def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(tiny_data, tmp_path):
     """Schedulers signal the launcher: torchrun passes SIGTERM on to its workers, whose stop flags are
     all-reduced, so both ranks stop after the same step and the checkpoint resumes bit-exactly."""
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = torchrun_launcher(2)
     common = dict(max_iters=60, save_interval=1000, eval_interval=1000, dropout=0.1, backend="gloo",
                   gradient_accumulation_steps=2)
     run_script([*launcher, *train_args(tiny_data, tmp_path, run_name="whole", **common)[1:]])

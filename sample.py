@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import EOT_TOKEN, UserError, check_seed, cli_main, gpt2_encoding, load_config, require
+from common import EOT_TOKEN, UserError, check_seed, cli_main, gpt2_encoding, load_config, read_text, require
 
 
 @dataclass
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
         prompt_file = Path(start[5:])
         if not prompt_file.is_file():
             raise UserError(f"prompt file not found: {prompt_file}")
-        start = prompt_file.read_text(encoding="utf-8")
+        start = read_text(prompt_file)
     ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
     x = torch.tensor([ids], dtype=torch.long, device=cfg.device)
     g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)

@@ -287,6 +287,15 @@ def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
     return Dist(rank, local_rank, world_size, device, True)
 
 
+def run_distributed(cfg, job: Callable[[Any, Dist], None]) -> None:
+    """Set up distributed from `cfg.device`/`cfg.backend`, run `job(cfg, dist)`, always tear down."""
+    d = setup_distributed(cfg.device, cfg.backend)
+    try:
+        job(cfg, d)
+    finally:
+        cleanup_distributed(d)
+
+
 def cleanup_distributed(d: Dist) -> None:
     import torch.distributed as dist
 

@@ -45,8 +45,8 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload, require_gpt2_tokenizer)
-from common import (EOT_TOKEN, Dist, LoopConfig, UserError, atomic_write, cleanup_distributed, cli_main, load_config,
-                    print0, remove_partial_writes, require, setup_distributed)
+from common import (EOT_TOKEN, Dist, LoopConfig, UserError, atomic_write, cli_main, load_config,
+                    print0, run_distributed, remove_partial_writes, require)
 from glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
 from training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, gather_objects, learning_rate_at,
@@ -184,12 +184,7 @@ def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig,
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str]) -> None:
-    cfg: FinetuneConfig = load_config(FinetuneConfig, argv, default_file="finetune_glue.yaml")
-    d = setup_distributed(cfg.device, cfg.backend)
-    try:
-        finetune(cfg, d)
-    finally:
-        cleanup_distributed(d)
+    run_distributed(load_config(FinetuneConfig, argv, default_file="finetune_glue.yaml"), finetune)
 
 
 def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -> SequenceClassifier:

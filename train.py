@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, make_payload, tokenizer_for
-from common import (DATA_DIR, POSITIONS_DIR, Dist, LoopConfig, UserError, cleanup_distributed, cli_main, load_config,
-                    open_tokens, print0, remove_partial_writes, require, resolve_path, setup_distributed,
+from common import (DATA_DIR, POSITIONS_DIR, Dist, LoopConfig, UserError, cli_main, load_config,
+                    open_tokens, print0, run_distributed, remove_partial_writes, require, resolve_path,
                     tokens_meta)
 from model import ARCH_KEYS, GPT, GPTConfig
 from positions import load_positions, random_layout
@@ -160,12 +160,7 @@ def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfi
 
 
 def main(argv: list[str]) -> None:
-    cfg: TrainConfig = load_config(TrainConfig, argv, default_file="train_shakespeare.yaml")
-    d = setup_distributed(cfg.device, cfg.backend)
-    try:
-        train(cfg, d)
-    finally:
-        cleanup_distributed(d)
+    run_distributed(load_config(TrainConfig, argv, default_file="train_shakespeare.yaml"), train)
 
 
 def train(cfg: TrainConfig, d: Dist) -> None:

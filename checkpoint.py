@@ -33,7 +33,7 @@ import torch
 
 from common import EOT_TOKEN, UserError, atomic_write
 from model import GPT, GPTConfig, SequenceClassifier
-from positions import is_permutation
+from positions import NOT_A_PERMUTATION, is_permutation
 
 FORMAT = "topolm-ckpt-v2"
 GPT2_TOKENIZER = {"name": "gpt2", "n_vocab": EOT_TOKEN + 1}
@@ -190,3 +190,10 @@ def require_gpt2_tokenizer(ckpt: dict, path: Path | str, what: str = "text") -> 
         vocab = ckpt["model_config"]["vocab_size"]
         raise UserError(f"{path} is a model of token ids without the GPT-2 tokenizer: it has vocab_size={vocab}; "
                         f"{what} needs the GPT-2 vocabulary (at least {EOT_TOKEN + 1})")
+
+
+def require_permutation_layout(ckpt: dict, path: Path | str, what: str, hint: str = "") -> None:
+    """Refuse a model whose unit positions are not a permutation of the grid before `what` (something
+    that computes the spatial loss) starts; such layouts come only from imported research checkpoints."""
+    if not ckpt["layout"]["permutation"]:
+        raise UserError(f"{path}: {what} needs the spatial loss, but {NOT_A_PERMUTATION}{hint}")

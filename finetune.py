@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload, require_gpt2_tokenizer)
+from checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload, require_gpt2_tokenizer,
+                        require_permutation_layout)
 from common import (EOT_TOKEN, Dist, LoopConfig, UserError, atomic_write, cli_main, load_config,
                     print0, run_distributed, remove_partial_writes, require)
 from glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
@@ -235,6 +236,9 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     if cfg.max_length > block_size:
         raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}")
     require_gpt2_tokenizer(ckpt, ckpt_file, "GLUE text")
+    if cfg.alpha_scale > 0 and ckpt["model_config"]["alpha"] > 0:
+        require_permutation_layout(ckpt, ckpt_file, f"finetuning with alpha_scale={cfg.alpha_scale:g}",
+                                   "; pass alpha_scale=0 to finetune without it")
     raw = load_glue(cfg.task, cfg.data_dir)
     source = str(Path(cfg.data_dir) / cfg.task) if cfg.data_dir else f"nyu-mll/glue/{cfg.task}"
     train_set = tokenize(raw["train"], cfg.task, cfg.max_length, cfg.max_train_examples, f"{source}/train")

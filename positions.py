@@ -3,6 +3,10 @@
 Every spatial site (the output of one attention or MLP sublayer) has `n_embed = side * side`
 units. A layout gives each unit integer coordinates (x, y); every grid cell holds exactly one
 unit, so a layout is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
+Layouts imported from the research code may break that rule (its pre-optimization left shared
+and empty cells, SPEC section 7). A model keeps such a layout exactly, for sampling and analysis,
+but everything below that needs one unit per cell (sampling neighborhoods, hence the spatial
+loss, and swap pre-optimization) refuses it with `NOT_A_PERMUTATION`.
 
 A neighborhood is the square (sup-norm) block of cells with max(|x - cx|, |y - cy|) < radius
 around a centre whose whole block fits on the grid, i.e. (2r-1)^2 cells. Because each cell holds
@@ -76,14 +80,25 @@ def random_layout(n_sites: int, n_embed: int, seed: int) -> np.ndarray:
     return np.stack([cells // side, cells % side], axis=-1).astype(np.int64)
 
 
-def check_layout(coords: np.ndarray, n_sites: int, n_embed: int) -> None:
-    """Refuse anything that is not one permutation of the grid per site."""
+NOT_A_PERMUTATION = ("the unit positions are not a permutation of the grid (some cells hold several units, "
+                     "as in the research code's pre-optimized sets): neighborhoods are defined by one unit per "
+                     "cell, so the spatial loss and swap pre-optimization cannot use them; sampling, finetuning "
+                     "without the spatial loss (alpha 0) and the analysis can")
+
+
+def check_layout(coords: np.ndarray, n_sites: int, n_embed: int, permutation: bool = True) -> None:
+    """Refuse coordinates of the wrong shape, off the grid or not integers; with `permutation`,
+    also anything that is not one permutation of the grid per site."""
     side = grid_side(n_embed)
     coords = np.asarray(coords)
     if coords.shape != (n_sites, n_embed, 2):
         raise ValueError(f"positions have shape {coords.shape}; this model needs {(n_sites, n_embed, 2)}")
+    if not np.issubdtype(coords.dtype, np.integer) and not np.array_equal(coords, np.round(coords)):
+        raise ValueError("positions are not integer grid cells")
     if coords.min() < 0 or coords.max() >= side:
         raise ValueError(f"positions fall outside the {side}x{side} grid")
+    if not permutation:
+        return
     cells = coords[..., 0] * side + coords[..., 1]
     for s in range(n_sites):
         if len(np.unique(cells[s])) != n_embed:
@@ -136,7 +151,11 @@ def block_cells(side: int, radius: int) -> np.ndarray:
 
 
 def neighborhood_units(coords: np.ndarray, side: int, radius: int) -> np.ndarray:
-    """Units in every neighborhood of every site, (sites, centres, members), from the coordinates."""
+    """Units in every neighborhood of every site, (sites, centres, members), from the coordinates.
+
+    Raises ValueError (`NOT_A_PERMUTATION`) unless every site's layout is a permutation."""
+    if not is_permutation(coords, side * side):
+        raise ValueError(NOT_A_PERMUTATION)
     inverse = cell_to_unit(coords, side)
     return inverse[:, block_cells(side, radius)]
 
@@ -228,6 +247,8 @@ class CorticalSheet(nn.Module):
 
     `unit_coords` is the only persistent buffer, so positions travel inside the model's
     checkpoint; everything else is derived from it and rebuilt whenever it is loaded.
+    Coordinates that are not a permutation of the grid (imported research layouts) are kept
+    as they are; `permutation` is then False and `sample_units` refuses them.
     """
 
     def __init__(self, n_sites: int, n_embed: int, radius: int, coords: np.ndarray | None = None):
@@ -238,7 +259,8 @@ class CorticalSheet(nn.Module):
         self.members = (2 * radius - 1) ** 2
         if coords is None:
             coords = identity_layout(n_sites, n_embed)  # placeholder until real positions are set
-        check_layout(coords, n_sites, n_embed)
+        check_layout(coords, n_sites, n_embed, permutation=False)
+        self.permutation = True
         self.register_buffer("unit_coords", torch.as_tensor(np.asarray(coords), dtype=torch.long))
         self.register_buffer("block_cells", torch.as_tensor(block_cells(self.side, radius)), persistent=False)
         rows, cols = np.tril_indices(self.members, k=-1)
@@ -251,13 +273,17 @@ class CorticalSheet(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute neighborhood membership from the coordinates."""
+        """Recompute neighborhood membership from the coordinates (none without a permutation)."""
         coords = self.unit_coords.cpu().numpy()
         try:
-            check_layout(coords, self.n_sites, self.n_embed)
+            check_layout(coords, self.n_sites, self.n_embed, permutation=False)
         except ValueError as e:
             raise ValueError(f"invalid unit positions: {e}") from e
-        self.cell_to_unit.copy_(torch.as_tensor(cell_to_unit(coords, self.side)))
+        self.permutation = is_permutation(coords, self.n_embed)
+        if self.permutation:
+            self.cell_to_unit.copy_(torch.as_tensor(cell_to_unit(coords, self.side)))
+        else:  # a cell may hold several units or none: no unit per cell to look up
+            self.cell_to_unit.fill_(-1)
 
     @torch.no_grad()
     def set_positions(self, coords: np.ndarray) -> None:
@@ -266,7 +292,11 @@ class CorticalSheet(nn.Module):
         self.refresh()
 
     def sample_units(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Units of k distinct random neighborhoods per site, (sites, k * members)."""
+        """Units of k distinct random neighborhoods per site, (sites, k * members).
+
+        Raises ValueError (`NOT_A_PERMUTATION`) for a layout that is not a permutation."""
+        if not self.permutation:
+            raise ValueError(NOT_A_PERMUTATION)
         device = self.cell_to_unit.device
         scores = torch.rand(self.n_sites, self.n_centres, generator=generator, device=device)
         chosen = scores.argsort(dim=-1)[:, :k]
@@ -380,6 +410,8 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
 
     n_sites, n_embed, _ = coords.shape
     side = grid_side(n_embed)
+    if not is_permutation(coords, n_embed):
+        raise ValueError(NOT_A_PERMUTATION)
     cells = block_cells(side, radius)
     n_centres, m = cells.shape
     if not visit_all and not 1 <= n_neighborhoods <= n_centres:

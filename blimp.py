@@ -1,0 +1,67 @@
+"""Score a checkpoint on BLiMP: accuracy per paradigm, per phenomenon and overall.
+
+    python blimp.py ckpt=out/<run>                                  # all 67 paradigms from the Hub (nyu-mll/blimp)
+    python blimp.py ckpt=out/<run> paradigms=anaphor_gender_agreement,wh_island
+    python blimp.py ckpt=out/<run> data_dir=path/to/blimp/data      # offline: <paradigm>.jsonl files
+
+Each sentence is scored as its total log-probability given a leading <|endoftext|>; a pair is
+correct when the grammatical sentence scores higher (scoring.py). Prints a table and writes the
+results as JSON (`out`, default `<checkpoint>.blimp.json` beside the checkpoint).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_model, require_gpt2_tokenizer
+from common import UserError, atomic_write, cli_main, gpt2_encoding, load_config, require
+from scoring import blimp_table, load_blimp_hub, load_blimp_local, score_blimp
+
+
+@dataclass
+class BlimpConfig:
+    ckpt: str = ""
+    """Checkpoint file, or run folder whose newest checkpoint is used."""
+    data_dir: str = ""
+    """Folder of <paradigm>.jsonl files (BLiMP's fields); empty loads nyu-mll/blimp through datasets."""
+    paradigms: str = ""
+    """Comma-separated paradigm names; empty scores all of them."""
+    out: str = ""
+    """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint."""
+    save_pairs: bool = False
+    """Also write each pair's log-probabilities (lp_good, lp_bad) into the JSON."""
+    batch_size: int = 64
+    """Sentences per forward pass."""
+    device: str = "cpu"
+    """'cpu', 'cuda' or 'cuda:N'."""
+
+    def __post_init__(self):
+        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        require(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device must be cpu, cuda or cuda:N; got '{self.device}'")
+
+
+def main(argv: list[str]) -> None:
+    cfg: BlimpConfig = load_config(BlimpConfig, argv)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device} but no CUDA device is available")
+    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
+    require_gpt2_tokenizer(ckpt, path, "BLiMP")
+    pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
+    results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, cfg.device)
+    lp_good, lp_bad = results.pop("lp_good"), results.pop("lp_bad")
+    print(blimp_table(results))
+    out = Path(cfg.out) if cfg.out else path.with_name(path.name + ".blimp.json")
+    record = {"checkpoint": str(path), "data": cfg.data_dir or "nyu-mll/blimp", "config": asdict(cfg), **results}
+    if cfg.save_pairs:
+        record["pairs"] = {"paradigm": pairs.paradigm, "lp_good": lp_good.tolist(), "lp_bad": lp_bad.tolist()}
+    atomic_write(out, json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    cli_main(main)

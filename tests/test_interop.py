@@ -1,0 +1,341 @@
+"""Hugging Face export (exact logits and tokenizer through transformers offline), BLiMP scoring (local
+files; the same pairs through the export), and unit ablation at the sites."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ablate
+import blimp
+import export_hf
+from checkpoint import load_model, make_payload, save_checkpoint
+from common import EOT_TOKEN, UserError, gpt2_encoding
+from conftest import PYTHON, overrides, run_script
+from interop import export_hf as export_model, load_hf_sheet
+from model import GPT, GPTConfig
+from positions import random_layout
+from scoring import (encode_sentences, gpt_logits, load_blimp_local, sequence_logprobs, top_units,
+                     validation_loss, zeroed_units)
+
+transformers = pytest.importorskip("transformers")
+
+NOUNS = {"dog": "dogs", "cat": "cats"}
+VERBS = {"runs": "run", "sleeps": "sleep"}
+UNSEEN = {"runs": "flies", "sleeps": "swims", "run": "fly", "sleep": "swim"}
+
+
+def grammar_corpus(folder, seed=0):
+    """'The dog runs.' / 'The dogs run.' ... one sentence per document, each followed by <|endoftext|>."""
+    rng = np.random.default_rng(seed)
+    enc = gpt2_encoding()
+
+    def stream(n):
+        out = []
+        while len(out) < n:
+            noun, verb = str(rng.choice(list(NOUNS))), str(rng.choice(list(VERBS)))
+            if rng.random() < 0.5:
+                noun, verb = NOUNS[noun], VERBS[verb]
+            out += enc.encode_ordinary(f"The {noun} {verb}.") + [EOT_TOKEN]
+        return np.array(out[:n], dtype=np.uint16)
+    folder.mkdir(parents=True)
+    stream(20_000).tofile(folder / "train.bin")
+    stream(2_000).tofile(folder / "val.bin")
+    return folder
+
+
+def write_pairs(folder):
+    """Minimal pairs whose answer is obvious after a few steps on the corpus: a verb never seen vs a
+    seen one, and a word order never seen vs the corpus's."""
+    folder.mkdir(parents=True)
+    known, order = [], []
+    for noun, verb in itertools.product(list(NOUNS) + list(NOUNS.values()), VERBS):
+        if noun in NOUNS.values():
+            verb = VERBS[verb]
+        known.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"The {noun} {UNSEEN[verb]}.",
+                      "UID": "known_verb", "linguistics_term": "lexicon", "field": "semantics"})
+        order.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"{noun.capitalize()} the {verb}.",
+                      "UID": "word_order", "linguistics_term": "word_order", "field": "syntax"})
+    for name, rows in (("known_verb", known), ("word_order", order)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grammar(tmp_path_factory):
+    """A tiny TopoLM with GPT-2's vocabulary trained by train.py on the grammar corpus, its BLiMP-format
+    pairs, and its Hugging Face export."""
+    root = tmp_path_factory.mktemp("grammar")
+    data = grammar_corpus(root / "data")
+    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+                *overrides(dataset=str(data), out_dir=str(root), run_name="run", vocab_size=50304, block_size=16,
+                           batch_size=8, learning_rate=1e-2, max_iters=12, warmup_iters=2, lr_decay_iters=12,
+                           min_lr=1e-3, eval_interval=12, save_interval=12, eval_iters=1)])
+    export_hf.main([f"ckpt={root / 'run'}", f"out={root / 'hf'}"])
+    return {"root": root, "run": root / "run", "data": data, "pairs": write_pairs(root / "blimp"), "hf": root / "hf"}
+
+
+def hf_model(folder):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True).eval()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_exported_model_gives_our_logits_through_transformers(grammar):
+    ours, _, _ = load_model(grammar["run"])
+    hf = hf_model(grammar["hf"])
+    ids = torch.randint(0, 50304, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(ids).logits - gpt_logits(ours)(ids)).abs().max().item()
+    assert diff < 1e-5
+    config = json.loads((grammar["hf"] / "config.json").read_text())
+    assert config["activation_function"] == "gelu" and config["layer_norm_epsilon"] == 1e-5
+    assert (config["n_positions"], config["vocab_size"], config["n_embd"], config["tie_word_embeddings"]) == \
+        (16, 50304, 36, True)
+    from safetensors import safe_open
+    with safe_open(str(grammar["hf"] / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "lm_head.weight" not in keys  # tied to transformer.wte.weight
+        assert f.get_tensor("transformer.h.0.mlp.c_fc.bias").abs().max() == 0  # bias=False exports zeros
+        torch.testing.assert_close(f.get_tensor("transformer.h.1.attn.c_attn.weight"),
+                                   ours.transformer.h[1].attn.c_attn.weight.detach().t(), rtol=0, atol=0)
+
+
+def test_exported_tokenizer_encodes_like_ours(grammar):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(grammar["hf"]), local_files_only=True)
+    enc = gpt2_encoding()
+    texts = ["The dog runs.", "Hello world!  Two  spaces, tabs\tand\nnew lines\n\n", "naïve café, 1234567 ünïcödé 😀",
+             " leading space and trailing ", "it's we'll they're", "x" * 300, "a<|endoftext|>b"]
+    for text in texts:
+        assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all"), text
+    assert tok.eos_token_id == EOT_TOKEN and tok.model_max_length == 16
+    assert "local_files_only" not in json.loads((grammar["hf"] / "tokenizer_config.json").read_text())
+
+
+@pytest.mark.parametrize("with_resid,bias", [(False, False), (True, True)])
+def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, with_resid, bias):
+    """topolm.json says where each site is in the Hugging Face model: hooks there give our activations."""
+    if (with_resid, bias) == (False, False):
+        ours, _, _ = load_model(grammar["run"])
+        folder = grammar["hf"]
+    else:  # a model with biases and sites after the residual add, built here (token ids only: no tokenizer)
+        torch.manual_seed(1)
+        ours = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=100, radius=2,
+                             neighborhoods_per_batch=3, with_resid=with_resid, bias=bias), random_layout(4, 36, 3))
+        for p in ours.parameters():  # non-zero biases and gains
+            p.data.add_(0.1 * torch.randn_like(p))
+        ours.eval()
+        payload = make_payload(ours, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="test")
+        folder = tmp_path / "hf"
+        files = export_model(ours, payload, folder, "test")
+        assert "tokenizer.json" not in files and "positions.npy" in files
+    coords, meta = load_hf_sheet(folder)
+    np.testing.assert_array_equal(coords, ours.sheet.unit_coords.numpy())
+    assert meta["sites"] == ours.site_names and meta["with_resid"] == with_resid
+    hf = hf_model(folder)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    got, handles = {}, []
+    for i, block in enumerate(hf.transformer.h):
+        if with_resid:
+            handles.append(block.ln_2.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(f"layer.{i}.attn", a[0])))
+            handles.append(block.register_forward_hook(
+                lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.mlp", out[0] if isinstance(out, tuple) else out)))
+            assert meta["site_hook_points"][f"layer.{i}.attn"].startswith(f"input of transformer.h.{i}.ln_2")
+        else:
+            handles.append(block.attn.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.attn", out[0])))
+            handles.append(block.mlp.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.mlp", out)))
+            assert meta["site_hook_points"][f"layer.{i}.mlp"].startswith(f"output of transformer.h.{i}.mlp")
+    with torch.no_grad():
+        hf(ids)
+    expected = ours.site_activations(ids)
+    for name in ours.site_names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert (hf(ids).logits - gpt_logits(ours)(ids)).abs().max().item() < 1e-5
+
+
+def test_export_refuses_to_overwrite(grammar):
+    with pytest.raises(UserError, match="already exists; pass overwrite=true"):
+        export_hf.main([f"ckpt={grammar['run']}", f"out={grammar['hf']}"])
+
+
+# ----------------------------------------------------------------------------- BLiMP
+
+
+def test_blimp_on_local_files_and_the_same_pairs_through_the_export(grammar, tmp_path, capsys):
+    out = tmp_path / "blimp.json"
+    blimp.main([f"ckpt={grammar['run']}", f"data_dir={grammar['pairs']}", f"out={out}", "save_pairs=true",
+                "batch_size=5"])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["paradigms"]["known_verb"] == {"accuracy": 1.0, "n": 8, "phenomenon": "lexicon", "field": "semantics"}
+    assert result["paradigms"]["word_order"]["accuracy"] == 1.0 and result["phenomena"]["word_order"]["n"] == 8
+    assert result["overall"]["accuracy"] == 1.0 and result["overall"]["n"] == 16
+    assert "mean over paradigms" in printed and "known_verb" in printed
+
+    # the same pairs scored independently through transformers: its tokenizer, its model, the EOT prefix
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(grammar["hf"]), local_files_only=True)
+    hf = hf_model(grammar["hf"])
+    rows = [json.loads(line) for name in ("known_verb", "word_order")
+            for line in (grammar["pairs"] / f"{name}.jsonl").read_text().splitlines()]
+
+    def hf_logprob(sentence):
+        ids = torch.tensor([[tok.eos_token_id] + tok(sentence)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+        return float(logp.gather(-1, ids[0, 1:, None]).sum())
+    good = np.array([hf_logprob(r["sentence_good"]) for r in rows])
+    bad = np.array([hf_logprob(r["sentence_bad"]) for r in rows])
+    np.testing.assert_allclose(result["pairs"]["lp_good"], good, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(result["pairs"]["lp_bad"], bad, atol=1e-4, rtol=0)
+    assert ((good > bad) == (np.array(result["pairs"]["lp_good"]) > np.array(result["pairs"]["lp_bad"]))).all()
+
+
+def test_batched_scoring_excludes_padding_and_matches_plain_sums():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=60, radius=2,
+                          neighborhoods_per_batch=3)).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 60, (n,), generator=g).tolist() for n in (2, 9, 5, 16, 3, 7)]
+    batched = sequence_logprobs(gpt_logits(model), seqs, batch_size=4)
+    with torch.no_grad():
+        for s, value in zip(seqs, batched):
+            logits = gpt_logits(model)(torch.tensor([s]))[0]
+            plain = sum(float(torch.log_softmax(logits[t - 1].double(), -1)[s[t]]) for t in range(1, len(s)))
+            assert value == pytest.approx(plain, abs=1e-5)
+    calls = []
+    sequence_logprobs(lambda idx: calls.append(idx.shape) or gpt_logits(model)(idx), seqs, batch_size=4)
+    assert calls == [(4, 16), (2, 3)]  # one forward pass per batch, longest first
+    with pytest.raises(UserError, match="exceeds the model's block_size=16"):
+        sequence_logprobs(gpt_logits(model), [[1] * 17], 4, max_len=16)
+
+
+def test_blimp_refuses_bad_inputs(grammar, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "p.jsonl").write_bytes(b'{"sentence_good": "caf\xe9", "sentence_bad": "x"}\n')
+    with pytest.raises(UserError, match=r"p.jsonl line 1, byte 23: not valid UTF-8"):
+        load_blimp_local(bad)
+    (bad / "p.jsonl").write_text('{"sentence_good": "a"}\n')
+    with pytest.raises(UserError, match="pair 1: no text field 'sentence_bad'"):
+        load_blimp_local(bad)
+    with pytest.raises(UserError, match="unknown BLiMP paradigm\\(s\\) wh_island"):
+        load_blimp_local(grammar["pairs"], "known_verb,wh_island")
+    assert load_blimp_local(grammar["pairs"], "word_order").paradigm == ["word_order"] * 8
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=64, radius=2,
+                          neighborhoods_per_batch=3))
+    save_checkpoint(make_payload(small, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="t"),
+                    tmp_path / "ids.pt")
+    proc = run_script([PYTHON, "blimp.py", f"ckpt={tmp_path / 'ids.pt'}", f"data_dir={grammar['pairs']}"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("has vocab_size=64; BLiMP needs the GPT-2 vocabulary (at least 50257)")
+
+
+# ----------------------------------------------------------------------------- ablation
+
+
+def small_model(with_resid=False):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=60, radius=2,
+                          neighborhoods_per_batch=3, with_resid=with_resid), random_layout(4, 36, 2)).eval()
+    for p in model.parameters():  # larger weights than the init, so every unit is far from zero
+        p.data.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def test_zeroed_units_are_exactly_the_chosen_ones():
+    model = small_model()
+    ids = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    intact = model.site_activations(ids)
+    chosen = {"layer.0.attn": [3, 0, 35], "layer.0.mlp": [], "layer.1.mlp": list(range(10))}
+    with zeroed_units(model, chosen):
+        ablated = model.site_activations(ids)  # its hooks run after the zeroing hooks: they see the site's value
+    for name in model.site_names:
+        zero = (ablated[name] == 0).all(dim=(0, 1)).nonzero().flatten().tolist()
+        assert zero == sorted(chosen.get(name, [])), name
+    keep = [u for u in range(36) if u not in chosen["layer.0.attn"]]
+    torch.testing.assert_close(ablated["layer.0.attn"][..., keep], intact["layer.0.attn"][..., keep], rtol=0, atol=0)
+    assert not torch.equal(ablated["layer.1.attn"], intact["layer.1.attn"])  # the effect propagates
+    after = model.site_activations(ids)  # hooks removed on exit
+    assert all(torch.equal(after[n], intact[n]) for n in model.site_names)
+    with pytest.raises(ValueError, match="unknown site"):
+        with zeroed_units(model, {"layer.7.mlp": [1]}):
+            pass
+
+
+def manual_logits(model, ids, removed):
+    """The forward pass written out, leaving the output of the sublayer `removed` = (layer, kind) out."""
+    x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(ids.size(1)))
+    for i, block in enumerate(model.transformer.h):
+        a = block.attn(block.ln_1(x))
+        x = x if removed == (i, "attn") else x + a
+        m = block.mlp(block.ln_2(x))
+        x = x if removed == (i, "mlp") else x + m
+    return model.lm_head(model.transformer.ln_f(x))
+
+
+def test_zeroing_a_whole_site_removes_that_sublayer():
+    model = small_model(with_resid=False)
+    ids = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        intact = gpt_logits(model)(ids)
+        torch.testing.assert_close(manual_logits(model, ids, None), intact, rtol=0, atol=1e-6)
+        for name in model.site_names:
+            layer, kind = name.split(".")[1:]
+            with zeroed_units(model, {name: list(range(36))}):
+                ablated = gpt_logits(model)(ids)
+            torch.testing.assert_close(ablated, manual_logits(model, ids, (int(layer), kind)), rtol=0, atol=1e-6)
+            assert (ablated - intact).abs().max() > 1e-3
+
+
+def test_top_units_rank_by_t():
+    t = np.array([[0.5, 3.0, np.nan, 3.0, -1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    np.testing.assert_array_equal(top_units(t, 3), [[1, 3, 0], [4, 3, 2]])
+    np.testing.assert_array_equal(top_units(t, 5)[0, -1], 2)  # NaN last
+
+
+def test_ablate_selective_against_random_units(grammar, tmp_path):
+    model, _, _ = load_model(grammar["run"])
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(4, 36))
+    units = tmp_path / "units.npz"
+    np.savez(units, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t,
+             selective_localizer=t > 1.0)
+    out = tmp_path / "ablation.json"
+    ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}",
+                 f"dataset={grammar['data']}", "val_batches=2", "val_batch_size=4", f"out={out}", "seed=3"])
+    r = json.loads(out.read_text())
+    expected_top = top_units(t, 6)
+    assert r["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
+    assert r["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()
+    draws = r["random"]["draws"]
+    assert len(draws) == 5 and len({json.dumps(d["units"]) for d in draws}) == 5
+    assert all(len(set(u)) == 6 for d in draws for u in d["units"].values())
+    assert r["random"]["blimp"]["values"] == [d["blimp"] for d in draws]
+    assert r["random"]["val_loss"]["mean"] == pytest.approx(np.mean([d["val_loss"] for d in draws]))
+    assert r["random"]["val_loss"]["std"] == pytest.approx(np.std([d["val_loss"] for d in draws], ddof=1))
+    # the intact condition is blimp.py's score, and the validation loss of the same windows
+    assert r["intact"]["blimp"] == 1.0
+    tokens = np.fromfile(grammar["data"] / "val.bin", dtype=np.uint16)
+    assert r["intact"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
+    # the selective condition is the model with exactly those units zeroed
+    with zeroed_units(model, r["selective"]["units"]):
+        assert r["selective"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
+    assert r["selective"]["val_loss"] != pytest.approx(r["intact"]["val_loss"])
+
+    np.savez(units, site_names=np.array(model.site_names), coords=np.roll(model.sheet.unit_coords.numpy(), 1, 1),
+             t_localizer=t)
+    with pytest.raises(UserError, match="measured on a model with other unit positions"):
+        ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}"])
+    with pytest.raises(UserError, match="draws=2 must be >= 5"):
+        ablate.main([f"ckpt={grammar['run']}", f"units={units}", "draws=2"])
+
+
+def test_encode_sentences_prefixes_eot():
+    assert encode_sentences(["The dog runs."], gpt2_encoding()) == [[EOT_TOKEN] + gpt2_encoding().encode("The dog runs.")]

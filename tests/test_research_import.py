@@ -1,0 +1,229 @@
+"""import_research.py: the research code's checkpoint fixture converted, checked against its own logits and
+coordinates; the restricted unpickler; non-permutation layouts kept, refused by the spatial loss only."""
+import json
+import os
+import pickle
+import pickletools
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import import_research
+import sample
+from checkpoint import build_gpt, load_checkpoint, load_model
+from common import UserError
+from conftest import PYTHON, REPO, run_script
+from interop import load_pickle, load_torch_zip, read_research_checkpoint
+from positions import neighborhood_units, site_names, swap_optimize
+
+# shared/ beside the checkout (/work/main, /work/wt/<name>) or inside it
+FIXTURE = next((base / "shared" / "fixtures" / "research-ckpt" for base in (REPO, REPO.parent, REPO.parent.parent)
+                if (base / "shared" / "fixtures" / "research-ckpt").is_dir()), REPO / "shared")
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="research checkpoint fixture not found")
+LAYOUTS = {"perm": "positions-preresid", "nonperm": "positions-preresid-nonperm"}
+
+
+def fixture_coords(folder: Path) -> np.ndarray:
+    """The coordinates in the fixture's pickles, read without unpickling: the first tensor of each
+    LayerPositions is `coordinates`, stored as torch's legacy format inside a BINBYTES payload, whose
+    last 36 x 2 float32 values follow their element count (int64)."""
+    out = []
+    for name in site_names(2):
+        data = (folder / f"{name}.pkl").read_bytes()
+        payload = next(arg for op, arg, _ in pickletools.genops(data) if op.name in ("BINBYTES", "SHORT_BINBYTES"))
+        n = 36 * 2
+        assert struct.unpack("<q", payload[-4 * n - 8:-4 * n])[0] == n
+        out.append(np.frombuffer(payload[-4 * n:], dtype="<f4").reshape(36, 2))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imported")
+    paths = {}
+    for key, folder in LAYOUTS.items():
+        paths[key] = root / f"{key}.pt"
+        import_research.main([f"ckpt={FIXTURE / 'ckpt-preresid.pt'}", f"positions={FIXTURE / folder}",
+                              f"out={paths[key]}"])
+    return paths
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model.lm_head(model.encode(ids, spatial=False)[0])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_imported_model_reproduces_the_research_logits_and_coordinates(imported, layout):
+    model, ckpt, _ = load_model(imported[layout])
+    ids = torch.from_numpy(np.load(FIXTURE / "input_ids-preresid.npy"))
+    expected = torch.from_numpy(np.load(FIXTURE / "logits-preresid.npy"))
+    assert (full_logits(model, ids)[:, -4:] - expected).abs().max().item() < 1e-5
+    coords = ckpt["model"]["sheet.unit_coords"].numpy()
+    np.testing.assert_array_equal(coords, fixture_coords(FIXTURE / LAYOUTS[layout]))
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embed, c.block_size, c.vocab_size, c.bias) == (2, 2, 36, 32, 50304, False)
+    assert (c.with_resid, c.alpha, c.radius, c.neighborhoods_per_batch, c.accum) == (False, 2.5, 2, 3, "mean")
+    assert ckpt["kind"] == "imported" and ckpt["tokenizer"]["name"] == "gpt2" and ckpt["iter_num"] == 5
+    assert ckpt["research"]["best_val_loss"] == pytest.approx(9.0)
+    assert ckpt["research"]["config"]["gradient_accumulation_steps"] == "5 * 4"  # an expression stays text
+    distinct = [len(np.unique(site, axis=0)) for site in coords]
+    if layout == "perm":
+        assert ckpt["layout"]["permutation"] and distinct == [36] * 4
+    else:
+        assert not ckpt["layout"]["permutation"] and distinct == [33] * 4 and not model.sheet.permutation
+
+
+def test_non_permutation_layout_refused_for_the_spatial_loss_only(imported, tmp_path, capsys):
+    ids = torch.from_numpy(np.load(FIXTURE / "input_ids-preresid.npy"))
+    targets = torch.roll(ids, -1, 1)
+    ok = build_gpt(load_checkpoint(imported["perm"]))
+    _, losses = ok(ids, targets, generator=torch.Generator().manual_seed(0))
+    assert 0 < losses.spatial.item() < 2.5 * 4  # alpha 2.5, four sites, SL in [0, 1]
+    bad = build_gpt(load_checkpoint(imported["nonperm"]))
+    with pytest.raises(ValueError, match="not a permutation of the grid"):
+        bad(ids, targets)
+    with pytest.raises(ValueError, match="not a permutation"):
+        swap_optimize(bad.sheet.unit_coords.numpy(), np.eye(36)[None].repeat(4, 0), 2, 1, 1, False, 0)
+    with pytest.raises(ValueError, match="not a permutation"):
+        neighborhood_units(bad.sheet.unit_coords.numpy(), 6, 2)
+    # analysis: every site's activations, and the positions exactly as imported
+    acts = bad.site_activations(ids)
+    assert list(acts) == bad.site_names and all(a.shape == (2, 32, 36) for a in acts.values())
+
+    # sampling
+    sample.main([f"ckpt={imported['nonperm']}", "start=The", "num_samples=1", "max_new_tokens=4"])
+    assert f"# samples from {imported['nonperm']}" in capsys.readouterr().out
+
+    # finetuning: refused with the spatial loss on (nothing written), fine without it
+    glue = tmp_path / "glue" / "sst2"
+    glue.mkdir(parents=True)
+    rows = [{"sentence": f"{w} film number {i}", "label": int(w == "good")} for i, w in
+            enumerate(["good", "bad"] * 24)]
+    for split, part in (("train", rows[:32]), ("validation", rows[32:])):
+        (glue / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    args = [f"ckpt={imported['nonperm']}", "task=sst2", f"data_dir={tmp_path / 'glue'}", f"out_dir={tmp_path / 'ft'}",
+            "max_length=16", "batch_size=8", "max_iters=2", "device=cpu", "dtype=float32", "log_interval=1"]
+    with pytest.raises(UserError, match="finetuning with alpha_scale=1 needs the spatial loss, but the unit "
+                                        "positions are not a permutation.*pass alpha_scale=0"):
+        finetune.main(["finetune_glue.yaml", *args])
+    assert not (tmp_path / "ft").exists()
+    finetune.main(["finetune_glue.yaml", *args, "alpha_scale=0"])
+    metrics = json.loads((tmp_path / "ft" / "sst2" / "metrics.json").read_text())
+    assert metrics["iters"] == 2 and metrics["splits"]["validation"]["spatial"] == 0.0
+    tuned = load_checkpoint(tmp_path / "ft" / "sst2" / "ckpt-best.pt")
+    assert not tuned["layout"]["permutation"]
+    assert torch.equal(tuned["model"]["sheet.unit_coords"], load_checkpoint(imported["nonperm"])["model"]["sheet.unit_coords"])
+
+
+def test_export_of_an_imported_model_carries_its_layout(imported, tmp_path):
+    pytest.importorskip("transformers")
+    import export_hf
+    from transformers import GPT2LMHeadModel
+
+    export_hf.main([f"ckpt={imported['nonperm']}", f"out={tmp_path / 'hf'}"])
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    ids = torch.from_numpy(np.load(FIXTURE / "input_ids-preresid.npy"))
+    with torch.no_grad():
+        logits = hf(ids).logits[:, -4:]
+    assert (logits - torch.from_numpy(np.load(FIXTURE / "logits-preresid.npy"))).abs().max().item() < 1e-5
+    np.testing.assert_array_equal(np.load(tmp_path / "hf" / "positions.npy"),
+                                  fixture_coords(FIXTURE / LAYOUTS["nonperm"]))
+    meta = json.loads((tmp_path / "hf" / "topolm.json").read_text())
+    assert meta["layout"]["permutation"] is False and meta["with_resid"] is False
+
+
+# ----------------------------------------------------------------------------- the restricted unpickler
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"coordinates": Evil(marker)}))
+    with pytest.raises(UserError, match=r"refused to load (posix|nt)\.system"):
+        load_pickle(tmp_path / "evil.pkl")
+    torch.save({"model": {}, "model_args": {"n_layer": Evil(marker)}}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match=r"refused to load (posix|nt)\.system"):
+        load_torch_zip(tmp_path / "evil.pt")
+    (tmp_path / "eval.pkl").write_bytes(pickle.dumps(eval))
+    with pytest.raises(UserError, match="refused to load builtins.eval"):
+        load_pickle(tmp_path / "eval.pkl")
+    assert not marker.exists()
+
+
+def synthetic_research_checkpoint(path, research, drop=(), **changes):
+    """A checkpoint in the research format with other model_args, written by torch.save with a real
+    OmegaConf config (the reader must turn omegaconf's current pickles into plain data as well)."""
+    from omegaconf import OmegaConf
+
+    args = {k: v for k, v in {**research["model_args"], **changes}.items() if k not in drop}
+    config = OmegaConf.create({"radius": changes.get("config_radius", 2), "neighborhoods_per_batch": 3,
+                               "out_dir": "'out/'", "nested": {"n_layer": 2}})
+    torch.save({"model": research["model"], "optimizer": {}, "model_args": args, "iter_num": 7,
+                "best_val_loss": torch.tensor(3.5), "config": config}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def research():
+    return read_research_checkpoint(FIXTURE / "ckpt-preresid.pt")
+
+
+def test_older_checkpoint_without_with_resid_takes_sites_after_the_residual_add(research, tmp_path):
+    path = synthetic_research_checkpoint(tmp_path / "old.pt", research, drop=("with_resid",))
+    import_research.main([f"ckpt={path}", f"positions={FIXTURE / LAYOUTS['perm']}", f"out={tmp_path / 'ours.pt'}"])
+    model, ckpt, _ = load_model(tmp_path / "ours.pt")
+    assert model.config.with_resid is True and ckpt["research"]["with_resid_in_model_args"] is False
+    assert ckpt["research"]["config"] == {"radius": 2, "neighborhoods_per_batch": 3, "out_dir": "'out/'",
+                                          "nested": {"n_layer": 2}}
+    ids = torch.from_numpy(np.load(FIXTURE / "input_ids-preresid.npy"))
+    expected = torch.from_numpy(np.load(FIXTURE / "logits-preresid.npy"))
+    assert (full_logits(model, ids)[:, -4:] - expected).abs().max().item() < 1e-5  # sites do not change logits
+    acts = model.site_activations(ids)
+    x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(32))
+    block = model.transformer.h[0]
+    torch.testing.assert_close(acts["layer.0.attn"], (x + block.attn(block.ln_1(x))).detach())
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(head_loss=True), "model_args head_loss=True; this trainer has no head_loss"),
+    (dict(attn_proj=True), "model_args attn_proj=True; this trainer has no attn_proj"),
+    (dict(activation_decay=0.1), "activation_decay=0.1; this trainer has no activation decay.*ignore_activation_decay"),
+    (dict(config_radius=3), "gives radius=2 but the checkpoint's config says radius=3"),
+    (dict(n_embed=49), "coordinates of shape \\(36, 2\\); the checkpoint needs \\(49, 2\\)"),
+])
+def test_what_cannot_be_converted_is_refused(research, tmp_path, changes, match):
+    path = synthetic_research_checkpoint(tmp_path / "r.pt", research, **changes)
+    with pytest.raises(UserError, match=match):
+        import_research.main([f"ckpt={path}", f"positions={FIXTURE / LAYOUTS['perm']}", f"out={tmp_path / 'o.pt'}"])
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_activation_decay_can_be_ignored_for_analysis(research, tmp_path):
+    path = synthetic_research_checkpoint(tmp_path / "r.pt", research, activation_decay=0.1)
+    import_research.main([f"ckpt={path}", f"positions={FIXTURE / LAYOUTS['perm']}", f"out={tmp_path / 'o.pt'}",
+                          "ignore_activation_decay=true"])
+    assert load_checkpoint(tmp_path / "o.pt")["research"]["model_args"]["activation_decay"] == 0.1
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    proc = run_script([PYTHON, "import_research.py", f"ckpt={FIXTURE / 'ckpt-preresid.pt'}",
+                       f"positions={tmp_path / 'nowhere'}", f"out={tmp_path / 'o.pt'}"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: positions folder not found: {tmp_path / 'nowhere'}"]
+    with pytest.raises(UserError, match="is not a torch.save zip file"):
+        import_research.main([f"ckpt={FIXTURE / 'README.md'}", f"positions={FIXTURE / LAYOUTS['perm']}",
+                              f"out={tmp_path / 'o.pt'}"])
+    # our own loader says where research checkpoints go
+    with pytest.raises(UserError, match="convert it with import_research.py"):
+        load_checkpoint(FIXTURE / "ckpt-preresid.pt")

@@ -24,7 +24,8 @@ import train
 import training
 from checkpoint import GPT2_TOKENIZER, build_gpt, make_payload, save_checkpoint
 from common import SEED_MAX, Dist, UserError, load_config, read_text
-from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_script, torchrun, write_pattern_data)
+from conftest import (PYTHON, one_error_line, overrides, read_checkpoint, read_log, run_script, torchrun,
+                      write_pattern_data)
 from glue_summary import SummaryConfig
 from model import GPT, GPTConfig
 
@@ -80,16 +81,6 @@ def finetune_argv(ckpt, data_dir, out, **kw):
     base = dict(ckpt=ckpt, data_dir=data_dir, out_dir=out, task="sst2", max_length=16, batch_size=8,
                 learning_rate=1e-3, max_iters=2, eval_interval=2, device="cpu", dtype="float32", log_interval=1)
     return ["finetune_glue.yaml", *[f"{k}={v}" for k, v in {**base, **kw}.items()]]
-
-
-def one_error_line(proc, *fragments):
-    """The script was refused the documented way: exit 2, one `error:` line, no traceback."""
-    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- 1. every numeric key's domain

@@ -341,15 +341,20 @@ class Optimization:
         checked = [sums[name] for name in checks]
         finite = torch.cat([torch.isfinite(v) for v in checked]
                            + [torch.isfinite(grad_norm.reshape(1).to(checked[0].device))]).float()
+        grad_label = "gradient norm"
         if self.dtype == "float16":
-            finite[-1] = 1.0  # the scaler handles overflowing fp16 gradients itself (and says so below)
+            # The scaler handles overflowing fp16 gradients itself (skip, lower the scale; said below). Once
+            # its scale is below 1 the gradients are non-finite unscaled too: a real fault, checked as such.
+            if self.scaler.get_scale() >= 1.0:
+                finite[-1] = 1.0
+            grad_label = f"gradient norm (at fp16 loss scale {self.scaler.get_scale():g})"
         flags = torch.cat([finite, torch.tensor([float(stop_requested)], device=finite.device)])
         if self.d.ddp:
             flags[:-1] = -flags[:-1]  # MIN over finite flags, MAX over the stop flag, in one MAX
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags[:-1] = -flags[:-1]
         flags = flags.tolist()
-        bad = [label for label, ok in zip(labels + ["gradient norm"], flags[:-1]) if ok < 1]
+        bad = [label for label, ok in zip(labels + [grad_label], flags[:-1]) if ok < 1]
         if bad and self.cfg.nonfinite == "stop":
             raise UserError(f"non-finite loss at iteration {it}: {', '.join(bad)}; the last good "
                             f"checkpoint is kept (set nonfinite=skip to skip such steps)")

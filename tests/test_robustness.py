@@ -312,6 +312,18 @@ def test_fp16_overflowed_step_is_logged_as_skipped_and_changes_no_weight(data, t
     assert [adam_steps(ckpts[i]) for i in (1, 2, 3, 4)] == [{float(sum(not s for s in skipped[:i]))} for i in (1, 2, 3, 4)]
 
 
+def test_fp16_gradients_that_overflow_at_any_scale_stop_the_run(data, tmp_path, monkeypatch):
+    original = train.GPT.combine_losses
+    monkeypatch.setattr(train.GPT, "combine_losses", lambda self, task, per_site: (
+        lambda losses: losses._replace(total=InfGradient.apply(losses.total)))(original(self, task, per_site)))
+    # 65536 = 2**16 halves to 0.5 after 17 skipped steps: below 1 the scale cannot be the cause
+    with pytest.raises(UserError, match=r"non-finite loss at iteration 17: gradient norm \(at fp16 loss scale 0.5\)"):
+        train.main(train_argv(data, tmp_path, dtype="float16", max_iters=30, save_interval=100))
+    steps = [r for r in read_log(tmp_path / "r") if r["event"] == "train"]
+    assert [r["loss_scale"] for r in steps] == [2.0 ** (16 - i) for i in range(17)]
+    assert all(r["skipped"] for r in steps)
+
+
 # ----------------------------------------------------------------------------- 8. leftovers of interrupted writes
 
 

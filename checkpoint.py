@@ -188,7 +188,8 @@ def require_gpt2_tokenizer(ckpt: dict, path: Path | str, what: str = "text") -> 
     tok = ckpt.get("tokenizer")
     if not tok or tok.get("name") != "gpt2":
         vocab = ckpt["model_config"]["vocab_size"]
-        raise UserError(f"{path} is a model of token ids without the GPT-2 tokenizer: it has vocab_size={vocab}; "
+        raise UserError(f"{path} is a model of token ids without the GPT-2 tokenizer (use a checkpoint trained on "
+                        f"GPT-2 token ids with vocab_size >= {EOT_TOKEN + 1}): it has vocab_size={vocab}; "
                         f"{what} needs the GPT-2 vocabulary (at least {EOT_TOKEN + 1})")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -100,7 +101,8 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
         if config_file:
             path = resolve_path(config_file, CONFIG_DIR, ".yaml")
             if not path.is_file():
-                raise UserError(f"config file not found: {path}")
+                presets = ", ".join(sorted(q.name for q in CONFIG_DIR.glob("*.yaml")))
+                raise UserError(f"config file not found: {path} (presets in {CONFIG_DIR.name}/: {presets})")
             try:
                 preset = OmegaConf.load(path)
             except Exception as e:  # YAML syntax errors carry several lines
@@ -137,6 +139,11 @@ def require(condition: bool, message: str) -> None:
     """Validation helper for `__post_init__`: a failed check becomes a one-line error."""
     if not condition:
         raise ValueError(message)
+
+
+def require_finite(value: float, key: str) -> None:
+    """Refuse nan and +-inf for a float key (a comparison alone lets inf through)."""
+    require(math.isfinite(value), f"{key}={value} must be a finite number")
 
 
 def one_of(value: str, key: str, allowed: Iterable[str]) -> None:
@@ -212,6 +219,8 @@ class OptimizerConfig(Checked):
 
     def __post_init__(self):
         super().__post_init__()
+        for key in ("learning_rate", "weight_decay", "min_lr"):
+            require_finite(getattr(self, key), key)
         require(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         for key in ("weight_decay", "grad_clip", "min_lr", "warmup_iters", "lr_decay_iters"):
             require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
@@ -270,7 +279,7 @@ def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} but no CUDA device is available")
+        raise UserError(f"device={device} but no CUDA device is available; use device=cpu")
     if not ddp:
         return Dist(0, 0, 1, device, False)
     rank = int(os.environ["RANK"])
@@ -390,11 +399,13 @@ def open_tokens(path: Path, block_size: int, vocab_size: int) -> np.memmap:
         raise UserError(f"{path} is not a uint16 token file (odd size {size} bytes)")
     n = size // 2
     if n < block_size + 1:
-        raise UserError(f"{path} holds {n} tokens; block_size={block_size} needs at least {block_size + 1}")
+        raise UserError(f"{path} holds {n} tokens; block_size={block_size} needs at least {block_size + 1}: lower "
+                        f"block_size or prepare more data")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     max_id = _max_token_id(path, data)
     if max_id >= vocab_size:
-        raise UserError(f"{path} holds token id {max_id} >= vocab_size={vocab_size}")
+        raise UserError(f"{path} holds token id {max_id} >= vocab_size={vocab_size}; set vocab_size >= {max_id + 1} "
+                        f"(or prepare the data with the model's tokenizer)")
     return data
 
 

@@ -47,11 +47,12 @@ from torch.nn import functional as F
 from checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload, require_gpt2_tokenizer,
                         require_permutation_layout)
 from common import (EOT_TOKEN, Dist, LoopConfig, UserError, atomic_write, cli_main, load_config,
-                    print0, run_distributed, remove_partial_writes, require)
+                    print0, run_distributed, remove_partial_writes, require, require_finite)
 from glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
-from training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, gather_objects, learning_rate_at,
-                      params_digest, resolve_dtype, restore_streams, save_run_checkpoint, start_wandb, stream_seed)
+from training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, check_wandb, gather_objects,
+                      learning_rate_at, params_digest, resolve_dtype, restore_streams, save_run_checkpoint, start_wandb,
+                      stream_seed)
 
 
 # ----------------------------------------------------------------------------- config
@@ -125,6 +126,9 @@ class FinetuneConfig(LoopConfig):
         for key in ("max_train_examples", "max_iters", "eval_interval", "alpha_scale"):
             require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
         require(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        require_finite(self.alpha_scale, "alpha_scale")
+        require(not (self.overwrite and self.init_from == "resume"),
+                "init_from=resume continues the earlier run but overwrite=true would replace it; pass only one")
 
     def task_dir(self) -> Path:
         return Path(self.out_dir) / self.task
@@ -213,13 +217,14 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     if cfg.init_from == "resume":
         if not last_file.is_file():
             raise UserError(f"init_from=resume but {task_dir} holds no ckpt-last.pt (a run that ended "
-                            f"normally leaves none)")
+                            f"normally leaves none); use init_from=pretrained to start a run")
         ckpt = load_checkpoint(last_file)
         saved = ckpt["config"]
         diff = [f"{k}={saved.get(k)!r} before vs {getattr(cfg, k)!r} now" for k in RESUME_KEYS
                 if saved.get(k) != getattr(cfg, k)]
         if diff:
-            raise UserError(f"cannot resume {last_file} with other settings: {'; '.join(diff)}")
+            raise UserError(f"cannot resume {last_file} with other settings: {'; '.join(diff)}; set them as before "
+                            f"(or start anew with init_from=pretrained overwrite=true)")
         ckpt_file, pretrained = last_file, ckpt["pretrained"]
     else:
         earlier = sorted(p.name for pattern in OUTPUTS[:3] for p in task_dir.glob(pattern))
@@ -234,11 +239,13 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"]}
     block_size = ckpt["model_config"]["block_size"]
     if cfg.max_length > block_size:
-        raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}")
+        raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}; set "
+                        f"max_length <= {block_size}")
     require_gpt2_tokenizer(ckpt, ckpt_file, "GLUE text")
     if cfg.alpha_scale > 0 and ckpt["model_config"]["alpha"] > 0:
         require_permutation_layout(ckpt, ckpt_file, f"finetuning with alpha_scale={cfg.alpha_scale:g}",
                                    "; pass alpha_scale=0 to finetune without it")
+    check_wandb(cfg)
     raw = load_glue(cfg.task, cfg.data_dir)
     source = str(Path(cfg.data_dir) / cfg.task) if cfg.data_dir else f"nyu-mll/glue/{cfg.task}"
     train_set = tokenize(raw["train"], cfg.task, cfg.max_length, cfg.max_train_examples, f"{source}/train")
@@ -250,7 +257,9 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     steps_per_epoch = len(train_set) // per_step
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {len(train_set)} examples; one optimizer step needs "
-                        f"{per_step} (batch_size x gradient_accumulation_steps)")
+                        f"{per_step} (batch_size x gradient_accumulation_steps): lower batch_size or "
+                        f"gradient_accumulation_steps" + (" or raise max_train_examples" if cfg.max_train_examples
+                                                          else ""))
 
     torch.manual_seed(cfg.seed)  # identical head on every rank
     raw_model = build_model(ckpt, cfg, spec.n_outputs, resume=cfg.init_from == "resume").to(d.device)

@@ -132,27 +132,39 @@ def _tsv_is_quoted(lines: list[str]) -> bool:
     return False
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at line feeds only: str.splitlines would also split inside a sentence holding
+    U+2028, U+0085 or a form feed, which JSON and TSV keep as text."""
+    return text.split("\n")
+
+
 def _read_tsv(path: Path, columns: list[str], task: str) -> dict[str, list[str]]:
     text = read_text(path)
-    lines = text.splitlines()
-    quoting = csv.QUOTE_MINIMAL if _tsv_is_quoted(lines) else csv.QUOTE_NONE
-    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting))
-    if not rows:
-        raise UserError(f"{path} is empty (expected a header line with {', '.join(columns)})")
-    header, body = rows[0], [r for r in rows[1:] if r]
-    _require_columns(f"{path.parent} {path.stem}", header, columns, task)
-    out = {c: [] for c in columns}
-    for n, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise UserError(f"{path} line {n}: {len(row)} fields where the header has {len(header)}")
-        for c in columns:
-            out[c].append(row[header.index(c)])
+    quoting = csv.QUOTE_MINIMAL if _tsv_is_quoted(_lines(text)) else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting, strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise UserError(f"{path} is empty (expected a header line with {', '.join(columns)})")
+        _require_columns(f"{path.parent} {path.stem}", header, columns, task)
+        where = [header.index(c) for c in columns]
+        out = {c: [] for c in columns}
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise UserError(f"{path} line {reader.line_num}: {len(row)} fields where the header has "
+                                f"{len(header)}")
+            for c, i in zip(columns, where):
+                out[c].append(row[i])
+    except csv.Error as e:
+        raise UserError(f"{path} line {reader.line_num}: {e}") from e
     return out
 
 
 def _read_jsonl(path: Path, columns: list[str], task: str) -> dict[str, list]:
     out = {c: [] for c in columns}
-    for n, line in enumerate(read_text(path).splitlines(), start=1):
+    for n, line in enumerate(_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         try:

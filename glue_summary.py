@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import UserError, cli_main, load_config
+from common import UserError, atomic_write, cli_main, load_config, read_text, require
 from glue import GLUE_TASKS, task_score
 
 
@@ -24,6 +24,9 @@ class SummaryConfig:
     json: str = ""
     """Also write the table as JSON to this file."""
 
+    def __post_init__(self):
+        require(bool(self.dir), "dir= is empty; name the folder that holds <task>/metrics.json")
+
 
 def collect(folder: Path) -> dict[str, dict]:
     found = {}
@@ -31,7 +34,7 @@ def collect(folder: Path) -> dict[str, dict]:
         path = folder / task / "metrics.json"
         if path.is_file():
             try:
-                found[task] = json.loads(path.read_text())
+                found[task] = json.loads(read_text(path))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} is not valid JSON: {e}") from e
     return found
@@ -56,6 +59,8 @@ def main(argv: list[str]) -> None:
     folder = Path(cfg.dir)
     if not folder.is_dir():
         raise UserError(f"folder not found: {folder}")
+    if cfg.json and Path(cfg.json).is_dir():
+        raise UserError(f"json={cfg.json} is a folder; name a file to write the table to")
     rows, average, n = summarize(folder)
     if not rows:
         raise UserError(f"no <task>/metrics.json in {folder}; run finetune.py first")
@@ -66,8 +71,8 @@ def main(argv: list[str]) -> None:
     if average is not None:
         print(f"{'avg':<6} {average:>7.4f}  (mean over {n} task(s), WNLI excluded)")
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"rows": rows, "average_excluding_wnli": average,
-                                              "tasks_in_average": n}, indent=2) + "\n")
+        atomic_write(Path(cfg.json), json.dumps({"rows": rows, "average_excluding_wnli": average,
+                                                 "tasks_in_average": n}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ class InitPosConfig(SheetShape):
         super().__post_init__()
         check_seed(self.seed)
         side = grid_side(self.n_embed)
+        # Each key's own domain is checked whatever the layout; what depends on the grid, for swapopt only.
+        for key in ("radius", "n_neighborhoods", "local_steps", "n_tokens", "block_size"):
+            require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        require(self.layout == "swapopt" or not self.init_from,
+                f"init_from={self.init_from} is used by layout=swapopt only; with layout={self.layout} it would be "
+                f"ignored: set layout=swapopt or init_from=''")
         if self.layout == "swapopt":
             n_centres = check_radius(side, self.radius)
             require(self.radius >= 2, f"radius={self.radius} gives one-unit neighborhoods: nothing to swap")
@@ -98,10 +104,12 @@ def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str]:
         model = GPT(mc)
         source = "randomly initialised model"
     if cfg.block_size > mc.block_size:
-        raise UserError(f"block_size={cfg.block_size} exceeds the model's block_size={mc.block_size}")
+        raise UserError(f"block_size={cfg.block_size} exceeds the model's block_size={mc.block_size}; set "
+                        f"block_size <= {mc.block_size}")
     tokens = open_tokens(resolve_path(cfg.data, REPO), cfg.block_size, mc.vocab_size)
     if len(tokens) < cfg.n_tokens:
-        raise UserError(f"{cfg.data} holds {len(tokens)} tokens; n_tokens={cfg.n_tokens} asks for more")
+        raise UserError(f"{cfg.data} holds {len(tokens)} tokens; n_tokens={cfg.n_tokens} asks for more: set "
+                        f"n_tokens <= {len(tokens)}")
     n_seq = cfg.n_tokens // cfg.block_size
     ids = torch.from_numpy(tokens[:n_seq * cfg.block_size].astype(np.int64)).view(n_seq, cfg.block_size)
     model.eval()
@@ -118,7 +126,7 @@ def main(argv: list[str]) -> None:
     cfg: InitPosConfig = load_config(InitPosConfig, argv, default_file="init_pos.yaml")
     out = cfg.out_dir()
     if (out / "positions.npy").exists() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a position set; pass overwrite=True to replace it")
+        raise UserError(f"{out} already holds a position set; pass overwrite=True to replace it, or another out")
     remove_partial_writes(out)
     n_sites = 2 * cfg.n_layer
     meta = {"layout": cfg.layout, "seed": cfg.seed}

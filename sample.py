@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import EOT_TOKEN, UserError, check_seed, cli_main, gpt2_encoding, load_config, read_text, require
+from common import (EOT_TOKEN, UserError, check_seed, cli_main, gpt2_encoding, load_config, read_text, require,
+                    require_finite)
 
 
 @dataclass
@@ -27,17 +28,19 @@ class SampleConfig:
     max_new_tokens: int = 200
     """Tokens generated per sample."""
     temperature: float = 0.8
-    """Softmax temperature: < 1 sharper, > 1 more random."""
+    """Softmax temperature, > 0: < 1 sharper, > 1 more random."""
     top_k: int = 200
     """Sample among the k most likely tokens; 0 keeps all."""
     seed: int = 1337
-    """Seed of the sampling generator."""
+    """Seed of the sampling generator, in [0, 2**32 - 1]."""
     device: str = "cpu"
     """'cpu', 'cuda' or 'cuda:N'."""
 
     def __post_init__(self):
         require(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
         require(self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
+        require_finite(self.temperature, "temperature")
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0")
         check_seed(self.seed)
@@ -48,16 +51,16 @@ class SampleConfig:
 def main(argv: list[str]) -> None:
     cfg: SampleConfig = load_config(SampleConfig, argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no CUDA device is available")
-    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
-    require_gpt2_tokenizer(ckpt, path, "sampling from a text prompt")
-    enc = gpt2_encoding()
+        raise UserError(f"device={cfg.device} but no CUDA device is available; use device=cpu")
     start = cfg.start
-    if start.startswith("FILE:"):
+    if start.startswith("FILE:"):  # read before the model loads: a bad file is refused at once
         prompt_file = Path(start[5:])
         if not prompt_file.is_file():
             raise UserError(f"prompt file not found: {prompt_file}")
         start = read_text(prompt_file)
+    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
+    require_gpt2_tokenizer(ckpt, path, "sampling from a text prompt")
+    enc = gpt2_encoding()
     ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
     x = torch.tensor([ids], dtype=torch.long, device=cfg.device)
     g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)

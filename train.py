@@ -30,8 +30,8 @@ from common import (DATA_DIR, POSITIONS_DIR, Dist, LoopConfig, UserError, cli_ma
 from model import ARCH_KEYS, GPT, GPTConfig
 from positions import load_positions, random_layout
 from training import (JsonLog, Optimization, StopSignal, autocast_context, gather_objects, learning_rate_at,
-                      params_digest, peak_flops, resolve_dtype, restore_streams, save_run_checkpoint, start_wandb,
-                      stream_seed, accumulation_per_rank)
+                      params_digest, peak_flops, resolve_dtype, restore_streams, save_run_checkpoint, check_wandb,
+                      start_wandb, stream_seed, accumulation_per_rank)
 
 
 @dataclass
@@ -129,7 +129,8 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
     wanted = asdict(cfg.model_config())
     diff = [f"{k}={saved.get(k)} in checkpoint vs {wanted[k]} now" for k in ARCH_KEYS if saved.get(k) != wanted[k]]
     if diff:
-        raise UserError(f"checkpoint {path} was made for another architecture: {'; '.join(diff)}")
+        raise UserError(f"checkpoint {path} was made for another architecture: {'; '.join(diff)}; set these keys "
+                        f"as in the checkpoint, or start a new run with another run_name")
 
 
 def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfig, d: Dist, ctx) -> dict:
@@ -171,11 +172,12 @@ def train(cfg: TrainConfig, d: Dist) -> None:
     batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
 
     # Everything that can refuse the run is checked before anything is written.
-    ckpt = None
+    ckpt = ckpt_file = None
     if cfg.init_from == "resume":
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
-            raise UserError(f"init_from=resume but {run_dir} holds no checkpoint")
+            raise UserError(f"init_from=resume but {run_dir} holds no checkpoint; use init_from=scratch to start "
+                            f"the run (or name the run folder with out_dir/run_name)")
         ckpt_file = ckpts[-1]
         ckpt = load_checkpoint(ckpt_file)
         check_resume_config(ckpt, cfg, ckpt_file)
@@ -186,6 +188,10 @@ def train(cfg: TrainConfig, d: Dist) -> None:
             raise UserError(f"{run_dir} already holds checkpoints; use init_from=resume to continue it "
                             f"or another run_name/out_dir for a new run")
     tokenizer = tokenizer_for(cfg.vocab_size, tokens_meta(data_dir).get("tokenizer", "gpt2"))
+    check_wandb(cfg)
+    if cfg.eval_only and ckpt is None:
+        print0("warning: eval_only=true with init_from=scratch evaluates a freshly initialised model; use "
+               "init_from=resume to evaluate the run's newest checkpoint")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = GPT(cfg.model_config(), coords).to(d.device)
@@ -205,10 +211,13 @@ def train(cfg: TrainConfig, d: Dist) -> None:
     start_iter = iter_num
     model = opt.wrap()
 
+    fresh = ckpt_file is None  # a new run: a log left by an earlier run without checkpoints is replaced
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(run_dir)
-    log = JsonLog(run_dir / "log.jsonl", d.is_main)
+        if fresh and (run_dir / "log.jsonl").exists():
+            print0(f"note: {run_dir / 'log.jsonl'} of an earlier run that saved no checkpoint is replaced")
+    log = JsonLog(run_dir / "log.jsonl", d.is_main, fresh=fresh)
     tokens_per_iter = accum_steps * d.world_size * cfg.batch_size * cfg.block_size
     print0(f"run folder: {run_dir}")
     print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {raw_model.get_num_params() / 1e6:.2f}M parameters, "

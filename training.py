@@ -209,21 +209,55 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def check_wandb(cfg) -> None:
+    """Refuse wandb_log=true without the wandb package, before anything is written."""
+    if cfg.wandb_log:
+        try:
+            import wandb  # noqa: F401  (start_wandb uses it on rank 0)
+        except ImportError as e:
+            raise UserError(f"wandb_log=true but wandb cannot be imported ({e}); pip install wandb "
+                            f"(see requirements.txt) or set wandb_log=false") from e
+
+
+def _keep_wandb_in(folder: Path) -> None:
+    """Offline, wandb's own service logs go to its cache folder (~/.cache/wandb by default): keep them
+    in the run folder instead, unless the user chose a place."""
+    os.environ.setdefault("WANDB_CACHE_DIR", str(folder / "cache"))
+
+
 def start_wandb(cfg, run_dir: Path, name: str, run_id: str | None):
     """A wandb run for `cfg` (None when cfg.wandb_log is off); rank 0 only.
 
     Without credentials (and without WANDB_MODE set) it logs offline into `run_dir/wandb` with a
-    one-line notice, so a preset with wandb_log=true never needs the network or an account."""
+    one-line notice, so a preset with wandb_log=true never needs the network or an account; an
+    online start that fails (no network: after wandb's init_timeout, WANDB_INIT_TIMEOUT) falls back
+    to offline the same way. Offline, everything wandb writes stays under `run_dir/wandb`."""
     if not cfg.wandb_log:
         return None
     import wandb
 
+    folder = Path(run_dir) / "wandb"
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not wandb_logged_in():
         mode = "offline"
-        print0(f"wandb: no login found; logging offline into {run_dir / 'wandb'} (upload later with `wandb sync`)")
-    return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), id=run_id,
-                      resume="allow", dir=str(run_dir), mode=mode)
+        print0(f"wandb: no login found; logging offline into {folder} (upload later with `wandb sync`)")
+    if mode in ("offline", "dryrun", "disabled"):
+        _keep_wandb_in(folder)
+
+    def init(mode):
+        return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), id=run_id,
+                          resume="allow", dir=str(run_dir), mode=mode)
+
+    if mode in ("offline", "dryrun", "disabled"):
+        return init(mode)
+    try:
+        return init(mode)
+    except Exception as e:  # wandb raises its own CommError/UsageError/timeouts; the run must go on
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print0(f"wandb: cannot start an online run ({reason}); logging offline into {folder} "
+               f"(upload later with `wandb sync`)")
+        _keep_wandb_in(folder)
+        return init("offline")
 
 
 # ----------------------------------------------------------------------------- the optimizer step
@@ -307,15 +341,20 @@ class Optimization:
         checked = [sums[name] for name in checks]
         finite = torch.cat([torch.isfinite(v) for v in checked]
                            + [torch.isfinite(grad_norm.reshape(1).to(checked[0].device))]).float()
+        grad_label = "gradient norm"
         if self.dtype == "float16":
-            finite[-1] = 1.0  # the scaler handles overflowing fp16 gradients itself (and says so below)
+            # The scaler handles overflowing fp16 gradients itself (skip, lower the scale; said below). Once
+            # its scale is below 1 the gradients are non-finite unscaled too: a real fault, checked as such.
+            if self.scaler.get_scale() >= 1.0:
+                finite[-1] = 1.0
+            grad_label = f"gradient norm (at fp16 loss scale {self.scaler.get_scale():g})"
         flags = torch.cat([finite, torch.tensor([float(stop_requested)], device=finite.device)])
         if self.d.ddp:
             flags[:-1] = -flags[:-1]  # MIN over finite flags, MAX over the stop flag, in one MAX
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags[:-1] = -flags[:-1]
         flags = flags.tolist()
-        bad = [label for label, ok in zip(labels + ["gradient norm"], flags[:-1]) if ok < 1]
+        bad = [label for label, ok in zip(labels + [grad_label], flags[:-1]) if ok < 1]
         if bad and self.cfg.nonfinite == "stop":
             raise UserError(f"non-finite loss at iteration {it}: {', '.join(bad)}; the last good "
                             f"checkpoint is kept (set nonfinite=skip to skip such steps)")

@@ -57,6 +57,16 @@ def run_script(args: list[str], cwd: Path = REPO, env: dict | None = None, timeo
     return proc
 
 
+def one_error_line(proc, *fragments):
+    """The script was refused the documented way: exit 2, one `error:` line, no traceback."""
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
 def torchrun_launcher(nproc: int) -> list[str]:
     """torchrun on this machine with `nproc` ranks; the script and its arguments follow."""
     return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

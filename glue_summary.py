@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import UserError, cli_main, load_config
-from finetune import GLUE_TASKS, task_score
+from glue import GLUE_TASKS, task_score
 
 
 @dataclass

@@ -12,35 +12,38 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import (POSITIONS_DIR, REPO, UserError, cli_main, find_checkpoint, load_checkpoint, load_config, one_of,
-                    open_tokens, require, resolve_path)
-from positions import (LAYOUTS, check_radius, grid_losses, grid_side, identity_layout, random_layout, save_positions,
+from checkpoint import build_gpt, find_checkpoint, load_checkpoint
+from common import (POSITIONS_DIR, REPO, UserError, atomic_write, check_seed, cli_main, load_config, open_tokens,
+                    remove_partial_writes, require, resolve_path)
+from model import GPT, GPTConfig, SheetShape
+from positions import (check_radius, grid_losses, grid_side, identity_layout, random_layout, save_positions,
                        site_names, swap_optimize, unit_correlations)
 
 
 @dataclass
-class InitPosConfig:
-    layout: str = "random"
+class InitPosConfig(SheetShape):
+    """init_pos.py's keys. The model's shape (n_layer, n_head, n_embed, vocab_size, with_resid) comes
+    from model.SheetShape. `radius` and `block_size` are this script's own: the swap search's
+    neighborhood radius (not the training radius) and the length of the activation passes (not the
+    model's context length)."""
+    layout: Literal["random", "identity", "swapopt"] = "random"
     """'random' (independent seeded permutation per site), 'identity', or 'swapopt'."""
-    n_layer: int = 12
-    """Transformer blocks of the model the set is for (two sites each)."""
-    n_embed: int = 784
-    """Units per site; a perfect square."""
     seed: int = 0
-    """Seed of the layout (and of the swap search)."""
+    """Seed of the layout (and of the swap search and the random model), in [0, 2**32 - 1]."""
     out: str = ""
     """Output folder; a bare name means gpt2-positions/<name>; empty derives <layout>-L<n_layer>-E<n_embed>."""
     overwrite: bool = False
     """Replace an existing position set in `out`."""
     # ---- swapopt
     radius: int = 10
-    """Neighborhood radius of the swap search."""
+    """Neighborhood radius of the swap search (not the training radius)."""
     n_neighborhoods: int = 50
     """Random distinct neighborhoods visited per site."""
     local_steps: int = 50
@@ -54,17 +57,11 @@ class InitPosConfig:
     n_tokens: int = 16384
     """Tokens fed through the model to collect activations."""
     block_size: int = 128
-    """Sequence length of those forward passes."""
-    n_head: int = 16
-    """Heads of the randomly initialised model."""
-    vocab_size: int = 50304
-    """Vocabulary of the randomly initialised model."""
-    with_resid: bool = False
-    """Site activation as in training: sublayer output (False) or residual stream after it (True)."""
+    """Sequence length of those forward passes (not the model's context length; at most it)."""
 
     def __post_init__(self):
-        one_of(self.layout, "layout", LAYOUTS)
-        require(self.n_layer >= 1, f"n_layer={self.n_layer} must be >= 1")
+        super().__post_init__()
+        check_seed(self.seed)
         side = grid_side(self.n_embed)
         if self.layout == "swapopt":
             n_centres = check_radius(side, self.radius)
@@ -76,28 +73,28 @@ class InitPosConfig:
             require(self.block_size >= 1 and self.n_tokens >= self.block_size,
                     f"n_tokens={self.n_tokens} must be >= block_size={self.block_size}")
 
+    def check_heads(self) -> None:
+        if self.layout == "swapopt" and not self.init_from:  # only the randomly initialised model has heads here
+            super().check_heads()
+
     def out_dir(self) -> Path:
         return resolve_path(self.out or f"{self.layout}-L{self.n_layer}-E{self.n_embed}", POSITIONS_DIR)
 
 
 def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str]:
     """Site activations (sites, N, C) of the model on the pre-optimization corpus."""
-    from model import GPT, GPTConfig
-
     if cfg.init_from:
         path = find_checkpoint(cfg.init_from)
-        ckpt = load_checkpoint(path)
-        mc = GPTConfig(**ckpt["model_config"])
+        model = build_gpt(load_checkpoint(path))
+        mc = model.config
         if (mc.n_layer, mc.n_embed) != (cfg.n_layer, cfg.n_embed):
             raise UserError(f"checkpoint {path} has n_layer={mc.n_layer}, n_embed={mc.n_embed}; "
                             f"the position set asks for n_layer={cfg.n_layer}, n_embed={cfg.n_embed}")
-        model = GPT(mc)
-        model.load_state_dict(ckpt["model"])
         source = f"checkpoint {path}"
     else:
         torch.manual_seed(cfg.seed)
-        mc = GPTConfig(n_layer=cfg.n_layer, n_embed=cfg.n_embed, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
-                       block_size=cfg.block_size, with_resid=cfg.with_resid, radius=1, neighborhoods_per_batch=1)
+        shape = {f.name: getattr(cfg, f.name) for f in fields(SheetShape)}
+        mc = GPTConfig(**shape, block_size=cfg.block_size, radius=1, neighborhoods_per_batch=1, alpha=0.0)
         model = GPT(mc)
         source = "randomly initialised model"
     if cfg.block_size > mc.block_size:
@@ -122,6 +119,7 @@ def main(argv: list[str]) -> None:
     out = cfg.out_dir()
     if (out / "positions.npy").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds a position set; pass overwrite=True to replace it")
+    remove_partial_writes(out)
     n_sites = 2 * cfg.n_layer
     meta = {"layout": cfg.layout, "seed": cfg.seed}
     if cfg.layout == "identity":
@@ -156,7 +154,7 @@ def main(argv: list[str]) -> None:
                     visit_all=cfg.visit_all, activations_from=source)
     save_positions(out, coords, meta)
     if summary is not None:
-        (out / "swapopt_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / "swapopt_summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"wrote {cfg.layout} positions for {n_sites} sites of {cfg.n_embed} units to {out}")
 
 

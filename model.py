@@ -17,53 +17,74 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from common import Checked, require
 from positions import CorticalSheet, check_radius, grid_side, site_names
 
 
 @dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+class SheetShape(Checked):
+    """The keys that fix a model's shape and its sheets (shared by GPTConfig and init_pos.py)."""
     n_layer: int = 12
+    """Transformer blocks (two spatial sites each)."""
     n_head: int = 16
-    n_embed: int = 784  # a perfect square: units sit on a 28 x 28 grid
-    dropout: float = 0.0
-    bias: bool = False
-    radius: int = 5
-    neighborhoods_per_batch: int = 5
-    alpha: float = 2.5
-    accum: str = "mean"
+    """Attention heads; must divide n_embed."""
+    n_embed: int = 784
+    """Hidden units per site; a perfect square, since units sit on a side x side grid (28 x 28 for 784)."""
+    vocab_size: int = 50304
+    """Vocabulary size; GPT-2's 50257 padded to a multiple of 64."""
     with_resid: bool = False
+    """Site activation: False = sublayer output before the residual add (the paper); True = residual stream after it."""
 
     def __post_init__(self):
-        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "neighborhoods_per_batch"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
-        side = grid_side(self.n_embed)
-        if self.n_embed % self.n_head:
-            raise ValueError(f"n_embed={self.n_embed} is not divisible by n_head={self.n_head}")
-        n_centres = check_radius(side, self.radius)
-        if self.neighborhoods_per_batch > n_centres:
-            raise ValueError(
-                f"neighborhoods_per_batch={self.neighborhoods_per_batch} exceeds the {n_centres} "
-                f"neighborhoods of radius {self.radius} on a {side}x{side} grid"
-            )
-        if self.alpha < 0:
-            raise ValueError(f"alpha={self.alpha} must be >= 0")
-        if self.accum not in ("mean", "max"):
-            raise ValueError(f"accum must be 'mean' or 'max'; got '{self.accum}'")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        super().__post_init__()
+        for key in ("n_layer", "n_head", "n_embed", "vocab_size"):
+            require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        grid_side(self.n_embed)
+        self.check_heads()
+
+    def check_heads(self) -> None:
+        require(self.n_embed % self.n_head == 0, f"n_embed={self.n_embed} is not divisible by n_head={self.n_head}")
 
     @property
     def n_sites(self) -> int:
         return 2 * self.n_layer
+
+
+@dataclass
+class GPTConfig(SheetShape):
+    """The model: GPT-2's shape plus the spatial loss (SPEC sections 1-3)."""
+    block_size: int = 1024
+    """Context length in tokens."""
+    dropout: float = 0.0
+    """Dropout probability, in [0, 1) (0.0 for pretraining)."""
+    bias: bool = False
+    """Biases in Linear and LayerNorm layers."""
+    radius: int = 5
+    """Neighborhood radius: a neighborhood is a (2r-1) x (2r-1) block of the grid."""
+    neighborhoods_per_batch: int = 5
+    """Neighborhoods sampled per site on every forward pass."""
+    alpha: float = 2.5
+    """Weight of each site's spatial loss; 0 trains the non-topographic control."""
+    accum: Literal["mean", "max"] = "mean"
+    """How a site combines its neighborhoods' losses: 'mean' or 'max'."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("block_size", "neighborhoods_per_batch"):
+            require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        n_centres = check_radius(grid_side(self.n_embed), self.radius)
+        require(self.neighborhoods_per_batch <= n_centres,
+                f"neighborhoods_per_batch={self.neighborhoods_per_batch} exceeds the {n_centres} neighborhoods "
+                f"of radius {self.radius} on a {grid_side(self.n_embed)}x{grid_side(self.n_embed)} grid")
+        require(self.alpha >= 0 and math.isfinite(self.alpha), f"alpha={self.alpha} must be a finite number >= 0")
+        require(self.accum in ("mean", "max"), f"accum must be 'mean' or 'max'; got '{self.accum}'")
+        require(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
 
 
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias")
@@ -97,14 +118,15 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embed, self.dropout = config.n_head, config.n_embed, config.dropout
 
     def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embed, dim=2)
+        B, T, C = x.size()  # batch, sequence length, n_embed
+        q, k, v = self.c_attn(x).split(self.n_embed, dim=2)  # each (B, T, C)
+        # (B, nh, T, hs): heads become a batch dimension; hs = C / nh (49 at the paper's width)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):

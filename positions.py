@@ -90,6 +90,16 @@ def check_layout(coords: np.ndarray, n_sites: int, n_embed: int) -> None:
             raise ValueError(f"positions of site {s} are not a permutation of the grid (cells repeat)")
 
 
+def is_permutation(coords: np.ndarray, n_embed: int) -> bool:
+    """Whether every site's coordinates (sites, n_embed, 2) put one unit on each cell of the grid."""
+    side = grid_side(n_embed)
+    coords = np.asarray(coords)
+    if coords.shape[-2:] != (n_embed, 2) or coords.min() < 0 or coords.max() >= side:
+        return False
+    cells = np.sort(cells_of(coords.reshape(-1, n_embed, 2), side), axis=-1)
+    return bool((cells == np.arange(n_embed)).all())
+
+
 def cells_of(coords: np.ndarray, side: int) -> np.ndarray:
     return coords[..., 0] * side + coords[..., 1]
 
@@ -283,18 +293,16 @@ class CorticalSheet(nn.Module):
 # ----------------------------------------------------------------------------- position-set files
 
 def save_positions(folder: str | Path, coords: np.ndarray, meta: dict) -> Path:
-    """Write `positions.npy` (int16, sites x units x 2) and readable `meta.json`."""
+    """Write `positions.npy` (int16, sites x units x 2) and readable `meta.json`, each atomically."""
+    from common import atomic_write
+
     folder = Path(folder)
     n_sites, n_embed, _ = coords.shape
     check_layout(coords, n_sites, n_embed)
-    folder.mkdir(parents=True, exist_ok=True)
     info = {"format": POSITIONS_FORMAT, "side": grid_side(n_embed), "n_embed": n_embed,
             "n_layer": n_sites // 2, "sites": site_names(n_sites // 2), **meta}
-    tmp = folder / "positions.npy.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, coords.astype(np.int16), allow_pickle=False)
-    tmp.replace(folder / "positions.npy")
-    (folder / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write(folder / "positions.npy", lambda f: np.save(f, coords.astype(np.int16), allow_pickle=False))
+    atomic_write(folder / "meta.json", json.dumps(info, indent=2) + "\n")
     return folder
 
 

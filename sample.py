@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from common import (EOT_TOKEN, UserError, cli_main, find_checkpoint, gpt2_encoding, load_checkpoint, load_config,
-                    require)
-from model import GPT, GPTConfig
+from checkpoint import load_model, require_gpt2_tokenizer
+from common import EOT_TOKEN, UserError, check_seed, cli_main, gpt2_encoding, load_config, require
 
 
 @dataclass
@@ -41,21 +40,17 @@ class SampleConfig:
         require(self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0")
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0")
-
-
-def load_model(ckpt_arg: str, device: str) -> tuple[GPT, Path]:
-    path = find_checkpoint(ckpt_arg)
-    ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), path
+        check_seed(self.seed)
+        require(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device must be cpu, cuda or cuda:N; got '{self.device}'")
 
 
 def main(argv: list[str]) -> None:
     cfg: SampleConfig = load_config(SampleConfig, argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA device is available")
-    model, path = load_model(cfg.ckpt, cfg.device)
+    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
+    require_gpt2_tokenizer(ckpt, path, "sampling from a text prompt")
     enc = gpt2_encoding()
     start = cfg.start
     if start.startswith("FILE:"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+import training
 from common import Dist, UserError, load_config
 from conftest import PYTHON, overrides, run_script, write_pattern_data
 from positions import random_layout, save_positions
@@ -99,7 +100,7 @@ def test_accumulation_must_split_over_ranks(tiny_data, tmp_path):
 def test_bf16_refused_without_support(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(UserError, match="no bf16 support"):
-        train.resolve_dtype("bfloat16", "cuda")
+        training.resolve_dtype("bfloat16", "cuda")
 
 
 def _nan_at(monkeypatch, call_index, component):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import finetune
+import glue
 from common import UserError
 from conftest import PYTHON, overrides, read_log, run_script, start_and_wait_for_log, write_pattern_data
-from finetune import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
+from glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import GatheredCentredGram, neighborhood_loss, random_layout
 
@@ -63,13 +64,13 @@ def test_metrics_against_independent_formulas():
 
 
 def test_pair_joining_and_truncation():
-    eot = finetune.EOT_TOKEN
-    assert finetune.join_pair([1, 2], [3], 10) == ([1, 2, eot, 3], False)
-    ids, cut = finetune.join_pair(list(range(20)), [100, 101], 9)  # short b is kept whole
+    eot = glue.EOT_TOKEN
+    assert glue.join_pair([1, 2], [3], 10) == ([1, 2, eot, 3], False)
+    ids, cut = glue.join_pair(list(range(20)), [100, 101], 9)  # short b is kept whole
     assert ids == [0, 1, 2, 3, 4, 5, eot, 100, 101] and cut
-    ids, cut = finetune.join_pair(list(range(20)), list(range(100, 120)), 9)  # both long: halves
+    ids, cut = glue.join_pair(list(range(20)), list(range(100, 120)), 9)  # both long: halves
     assert ids == [0, 1, 2, 3, eot, 100, 101, 102, 103] and len(ids) == 9
-    assert finetune.join_pair(list(range(5)), None, 3) == ([0, 1, 2], True)
+    assert glue.join_pair(list(range(5)), None, 3) == ([0, 1, 2], True)
 
 
 # ----------------------------------------------------------------------------- padding
@@ -219,7 +220,7 @@ def test_sentiment_task_learns_stops_early_and_reports_right_metrics(pretrained,
     model = SequenceClassifier(GPT(GPTConfig(**ckpt["model_config"])), 2, 0.0)
     model.gpt.load_state_dict(ckpt["model"])
     model.head.load_state_dict(ckpt["head"])
-    val = finetune.tokenize(finetune.load_glue("sst2", str(glue_dir))["validation"], "sst2", 16)
+    val = glue.tokenize(glue.load_glue("sst2", str(glue_dir))["validation"], "sst2", 16)
     idx, lengths, _ = finetune.collate(val, np.arange(len(val)), "cpu")
     with torch.no_grad():
         outputs, _ = model.eval()(idx, lengths, spatial=False)

@@ -1,0 +1,192 @@
+"""The checkpoint format: the one place that writes, reads, migrates and builds models from checkpoints.
+
+A checkpoint is a `torch.save`d dict of tensors and plain Python values, so it loads with
+`torch.load(..., weights_only=True)`; no class of ours is ever pickled. It is written under a
+temporary name and renamed into place (`common.atomic_write`), so a reader never sees a partial one.
+
+Format `topolm-ckpt-v2` (the current one):
+
+| key | what |
+|---|---|
+| `format` | `"topolm-ckpt-v2"` |
+| `kind` | `"pretrain"` (train.py), `"finetune"` (finetune.py) or `"imported"` (converted from elsewhere) |
+| `model` | the un-compiled, un-wrapped GPT's `state_dict`; the unit positions are its buffer `sheet.unit_coords` |
+| `model_config` | `dataclasses.asdict(GPTConfig)` |
+| `tokenizer` | `{"name": "gpt2", "n_vocab": 50257}` when token ids are GPT-2 BPE ids, else `None` (ids only: no text) |
+| `layout` | `{"permutation": bool, "source": str}`: whether every site's coordinates are a permutation of the grid (the spatial loss needs one), and where they came from |
+| `config` | the writing script's config (a dict) |
+| `iter_num` | optimizer steps taken |
+| `head`, `task`, `pretrained` | finetuned checkpoints only: the classifier head's `state_dict`, the task, the source checkpoint |
+| others | resume state owned by the writing script (optimizer, scaler, rng, best so far, ...) |
+
+Older formats are migrated on load (`_MIGRATIONS`): `topolm-ckpt-v1` (train.py and finetune.py of
+before the tokenizer and layout fields) gains `kind`, `tokenizer` and `layout`. To grow the format,
+bump `FORMAT`, add the old tag with a migration function, and every reader keeps working.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+
+from common import EOT_TOKEN, UserError, atomic_write
+from model import GPT, GPTConfig, SequenceClassifier
+from positions import is_permutation
+
+FORMAT = "topolm-ckpt-v2"
+GPT2_TOKENIZER = {"name": "gpt2", "n_vocab": EOT_TOKEN + 1}
+KINDS = ("pretrain", "finetune", "imported")
+
+# ----------------------------------------------------------------------------- files of a run
+
+CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: Path, iter_num: int) -> Path:
+    """`run_dir/ckpt-<iter, 7 digits>.pt`: the name train.py gives the checkpoint after `iter_num` steps."""
+    return Path(run_dir) / f"ckpt-{iter_num:07d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files never match)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path_or_run: str | Path) -> Path:
+    """A checkpoint file, the newest complete checkpoint of a run folder, or a finetuned folder's best.
+
+    Raises UserError when there is none."""
+    p = Path(path_or_run)
+    if p.is_dir():
+        ckpts = list_checkpoints(p)
+        if not ckpts and (p / "ckpt-best.pt").is_file():  # a finetune.py output folder
+            return p / "ckpt-best.pt"
+        if not ckpts:
+            raise UserError(f"no checkpoint (ckpt-*.pt) in {p}")
+        return ckpts[-1]
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    return p
+
+
+# ----------------------------------------------------------------------------- writing
+
+def tokenizer_for(vocab_size: int, dataset_tokenizer: str | None = "gpt2") -> dict | None:
+    """The `tokenizer` field for a model of `vocab_size` trained on ids of `dataset_tokenizer`.
+
+    GPT-2 text needs every id up to 50256 (`<|endoftext|>`); a smaller model holds ids only."""
+    if dataset_tokenizer == "gpt2" and vocab_size > EOT_TOKEN:
+        return dict(GPT2_TOKENIZER)
+    return None
+
+
+def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer: dict | None,
+                 layout_source: str, **extra) -> dict:
+    """The checkpoint dict for `gpt` (un-compiled and un-wrapped); `extra` holds the writer's own fields."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    coords = gpt.sheet.unit_coords.cpu().numpy()
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "model": gpt.state_dict(),
+        "model_config": dataclasses.asdict(gpt.config),
+        "tokenizer": tokenizer,
+        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed)), "source": layout_source},
+        "config": config,
+        "iter_num": iter_num,
+        **extra,
+    }
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """Write a checkpoint atomically (temporary name, fsync, rename)."""
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"payload format {payload.get('format')!r} is not {FORMAT}; build it with make_payload")
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _from_v1(ckpt: dict) -> dict:
+    """v1 had no kind, tokenizer or layout: its models were trained on GPT-2 ids (or on ids only,
+    below GPT-2's vocabulary) with permutation layouts written by init_pos.py or drawn at random."""
+    mc = ckpt["model_config"]
+    coords = ckpt["model"]["sheet.unit_coords"].numpy()
+    ckpt["kind"] = "finetune" if "head" in ckpt else "pretrain"
+    ckpt["tokenizer"] = tokenizer_for(mc["vocab_size"])
+    ckpt["layout"] = {"permutation": bool(is_permutation(coords, mc["n_embed"])), "source": "topolm-ckpt-v1"}
+    ckpt["format"] = FORMAT
+    return ckpt
+
+
+_MIGRATIONS = {"topolm-ckpt-v1": _from_v1}
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint of any supported format, migrated to the current one.
+
+    Raises UserError for a missing file, a file torch cannot read safely, or a foreign/unknown format."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]} (a checkpoint of the "
+                        f"research code? convert it with import_research.py)") from e
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt in _MIGRATIONS:
+        ckpt = _MIGRATIONS[fmt](ckpt)
+    elif fmt != FORMAT:
+        known = ", ".join([FORMAT, *_MIGRATIONS])
+        raise UserError(f"{path} is not a checkpoint of this code (format {fmt!r}; readable: {known})")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_gpt(ckpt: dict, **config_overrides) -> GPT:
+    """The GPT of a checkpoint (weights and unit positions), with `config_overrides` (e.g. dropout,
+    alpha) applied to its GPTConfig. Returned on the CPU in training mode."""
+    gpt = GPT(GPTConfig(**{**ckpt["model_config"], **config_overrides}))
+    gpt.load_state_dict(ckpt["model"])
+    return gpt
+
+
+def build_classifier(ckpt: dict, n_outputs: int | None = None, head_dropout: float = 0.0,
+                     **config_overrides) -> SequenceClassifier:
+    """A sequence classifier: a finetuned checkpoint's own head, or a new head of `n_outputs` on a
+    pretrained GPT. Raises UserError when neither is possible."""
+    if "head" in ckpt:
+        n_outputs = ckpt["task"]["n_outputs"]
+    elif n_outputs is None:
+        raise UserError("this checkpoint has no classifier head; finetune it first")
+    model = SequenceClassifier(build_gpt(ckpt, **config_overrides), n_outputs, head_dropout)
+    if "head" in ckpt:
+        model.head.load_state_dict(ckpt["head"])
+    return model
+
+
+def load_model(path_or_run: str | Path, device: str = "cpu") -> tuple[GPT, dict, Path]:
+    """(GPT in eval mode on `device`, the checkpoint dict, the file) for a checkpoint file or run folder.
+
+    For a finetuned checkpoint this is its backbone. Raises UserError as `find_checkpoint`/`load_checkpoint`."""
+    path = find_checkpoint(path_or_run)
+    ckpt = load_checkpoint(path)
+    return build_gpt(ckpt).to(device).eval(), ckpt, path
+
+
+def require_gpt2_tokenizer(ckpt: dict, path: Path | str, what: str = "text") -> None:
+    """Refuse a model whose token ids are not GPT-2's before any text is encoded for it."""
+    tok = ckpt.get("tokenizer")
+    if not tok or tok.get("name") != "gpt2":
+        vocab = ckpt["model_config"]["vocab_size"]
+        raise UserError(f"{path} is a model of token ids without the GPT-2 tokenizer: it has vocab_size={vocab}; "
+                        f"{what} needs the GPT-2 vocabulary (at least {EOT_TOKEN + 1})")

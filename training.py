@@ -1,0 +1,335 @@
+"""The pieces of a training loop that train.py and finetune.py share (torch side).
+
+Each script keeps its own readable loop; this module holds what both loops call: the optimizer
+step with DDP / autocast / fp16 grad scaler / torch.compile and the non-finite check
+(`Optimization`), the learning-rate schedule, the random streams and their state, SIGTERM
+handling, the JSON log, rank digests, the run-checkpoint writer and the GPU peak-FLOPs table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checkpoint import save_checkpoint
+from common import Dist, UserError, print0
+from model import configure_adamw
+
+# ----------------------------------------------------------------------------- precision and devices
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on a GPU with bf16, float16 on other GPUs, float32 on CPU; refuses bf16 on a GPU without it."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype=bfloat16 but the GPU {device} has no bf16 support; use dtype=float16")
+    return dtype
+
+
+def autocast_context(device: str, dtype: str):
+    if dtype == "float32":
+        return nullcontext()
+    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast(device_type=torch.device(device).type, dtype=ptdtype)
+
+
+# Dense bf16 peak (SPEC section 11). Looked up most specific name first: "L40S" must not match "L4",
+# nor "H100 PCIe" the SXM figure.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+    ("4090", 165e12),
+)
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """The dense bf16 peak of a GPU from its `torch.cuda.get_device_name`, None where unknown."""
+    matches = [(len(key), value) for key, value in PEAK_BF16_FLOPS if key in name]
+    return max(matches)[1] if matches else None
+
+
+def peak_flops(device: str) -> float | None:
+    """The device's dense bf16 peak, for MFU; None where unknown (CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+# ----------------------------------------------------------------------------- schedule and random streams
+
+def learning_rate_at(it: int, cfg) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule).
+
+    `cfg` has learning_rate, decay_lr, warmup_iters, lr_decay_iters and min_lr (common.OptimizerConfig)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+STREAMS = {"batch": 1, "nbhd": 2, "dropout": 3}
+
+
+def stream_seed(seed: int, stream: str, rank: int, iteration: int = 0) -> int:
+    """Seed of one training stream of one rank, started at `iteration`.
+
+    A run that must re-seed (resumed on another number of ranks) starts its streams at the
+    iteration it resumes from, so it never replays the batches and neighborhoods of the first
+    steps in order. numpy's SeedSequence mixes the four numbers into independent 63-bit seeds."""
+    return int(np.random.SeedSequence([seed, STREAMS[stream], rank, iteration]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def rng_state(generators: dict[str, torch.Generator], device: str) -> dict:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    for name, g in generators.items():
+        state[name] = g.get_state().cpu()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator], device: str) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if device.startswith("cuda") and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+    for name, g in generators.items():
+        g.set_state(state[name])
+
+
+def restore_streams(ckpt: dict, generators: dict[str, torch.Generator], d: Dist, seed: int, what: str) -> None:
+    """Continue every random stream from a checkpoint written by the same number of ranks; otherwise
+    re-seed them from (seed, rank, iteration) and say so."""
+    if ckpt.get("world_size") == d.world_size:
+        set_rng_state(ckpt["rng"][d.rank], generators, d.device)
+        return
+    it = ckpt["iter_num"]
+    for name, g in generators.items():
+        g.manual_seed(stream_seed(seed, name, d.rank, it))
+    torch.manual_seed(stream_seed(seed, "dropout", d.rank, it))
+    print0(f"warning: {what} was written by {ckpt.get('world_size')} ranks, now {d.world_size}: random streams are "
+           f"re-seeded from the seed, rank and iteration {it}, so the run continues with new data but not bit-exactly")
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def gather_objects(obj, d: Dist) -> list:
+    if not d.ddp:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state_dict: equal on every rank after a correct DDP run."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_run_checkpoint(path: Path, payload: dict, generators: dict[str, torch.Generator], d: Dist) -> None:
+    """Write a checkpoint with every rank's random streams (a collective: all ranks call it; rank 0 writes)."""
+    rng = gather_objects(rng_state(generators, d.device), d)
+    if d.is_main:
+        save_checkpoint({**payload, "rng": rng, "world_size": d.world_size}, path)
+
+
+def accumulation_per_rank(total: int, d: Dist) -> int:
+    """Micro-steps per rank for `total` micro-batches per optimizer step over all ranks (gradient_accumulation_steps)."""
+    if total % d.world_size:
+        fix = total + d.world_size - total % d.world_size
+        raise UserError(f"gradient_accumulation_steps={total} is not divisible by the {d.world_size} ranks; set "
+                        f"gradient_accumulation_steps={fix} (a multiple of {d.world_size}) or run on fewer ranks")
+    return total // d.world_size
+
+
+# ----------------------------------------------------------------------------- log and signals
+
+class JsonLog:
+    """log.jsonl in a run folder, written by rank 0 only: appended on resume, never truncated;
+    `fresh=True` (a new run, or an overwrite) starts it empty."""
+
+    def __init__(self, path: Path, enabled: bool, fresh: bool = False):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and fresh:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the next iteration boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has credentials here (an API key in the environment or in ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def start_wandb(cfg, run_dir: Path, name: str, run_id: str | None):
+    """A wandb run for `cfg` (None when cfg.wandb_log is off); rank 0 only.
+
+    Without credentials (and without WANDB_MODE set) it logs offline into `run_dir/wandb` with a
+    one-line notice, so a preset with wandb_log=true never needs the network or an account."""
+    if not cfg.wandb_log:
+        return None
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not wandb_logged_in():
+        mode = "offline"
+        print0(f"wandb: no login found; logging offline into {run_dir / 'wandb'} (upload later with `wandb sync`)")
+    return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), id=run_id,
+                      resume="allow", dir=str(run_dir), mode=mode)
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+
+class StepResult(NamedTuple):
+    """What one optimizer step did."""
+    stats: dict[str, float | list[float]]  # each logged statistic, averaged over the micro-batches
+    grad_norm: float  # before clipping (inf or nan when non-finite)
+    skipped: bool  # the optimizer did not update the weights (non-finite values, or the fp16 scaler's overflow)
+    loss_scale: float | None  # the fp16 grad scaler's scale used for this step; None without the scaler
+    stop: bool  # some rank asked to stop: checkpoint and exit after this step
+
+
+MicroStep = Callable[[torch.nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Optimization:
+    """The optimizer step that train.py and finetune.py share.
+
+    Owns AdamW, the fp16 grad scaler, autocast, torch.compile and the DDP wrapper. `step` runs the
+    micro-batches of one optimizer step (gradients synchronised on the last one only), unscales,
+    clips, and then does one small collective that tells every rank which checked statistic (if
+    any) went non-finite and whether any rank was asked to stop, so that all ranks take the same
+    branch. `cfg` has the optimizer keys (common.OptimizerConfig), `compile` and `nonfinite`.
+    """
+
+    def __init__(self, raw_model: torch.nn.Module, cfg, d: Dist, dtype: str):
+        self.raw_model, self.cfg, self.d, self.dtype = raw_model, cfg, d, dtype
+        device_type = torch.device(d.device).type
+        self.ctx = autocast_context(d.device, dtype)
+        self.optimizer = configure_adamw(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+        self.model = raw_model
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def wrap(self) -> torch.nn.Module:
+        """Compile and/or wrap in DDP (after any state is loaded into the raw model)."""
+        if self.cfg.compile:
+            print0("compiling the model...")
+            self.model = torch.compile(self.model)
+        if self.d.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            device_ids = [self.d.local_rank] if self.d.device.startswith("cuda") else None
+            self.model = DDP(self.model, device_ids=device_ids)
+        return self.model
+
+    def step(self, it: int, lr: float, accum_steps: int, micro_step: MicroStep, checks: dict[str, str | list[str]],
+             stop_requested: bool) -> StepResult:
+        """One optimizer step at learning rate `lr`.
+
+        `micro_step(model)` runs one micro-batch forward (under autocast) and returns (loss to
+        minimise, named statistics: scalar or 1-D tensors). `checks` names the statistics to check
+        for non-finite values, with the label(s) an error names (a list: one label per element)."""
+        sums: dict[str, torch.Tensor] = {}
+        scalar: dict[str, bool] = {}
+        for micro in range(accum_steps):
+            sync = nullcontext() if (not self.d.ddp or micro == accum_steps - 1) else self.model.no_sync()
+            with sync:
+                with self.ctx:
+                    loss, stats = micro_step(self.model)
+                self.scaler.scale(loss / accum_steps).backward()
+            for name, value in stats.items():
+                scalar[name] = value.dim() == 0
+                value = value.detach().float().reshape(-1)
+                sums[name] = value if name not in sums else sums[name] + value
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+
+        labels = [label for name in checks for label in
+                  (checks[name] if isinstance(checks[name], list) else [checks[name]])]
+        checked = [sums[name] for name in checks]
+        finite = torch.cat([torch.isfinite(v) for v in checked]
+                           + [torch.isfinite(grad_norm.reshape(1).to(checked[0].device))]).float()
+        if self.dtype == "float16":
+            finite[-1] = 1.0  # the scaler handles overflowing fp16 gradients itself (and says so below)
+        flags = torch.cat([finite, torch.tensor([float(stop_requested)], device=finite.device)])
+        if self.d.ddp:
+            flags[:-1] = -flags[:-1]  # MIN over finite flags, MAX over the stop flag, in one MAX
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags[:-1] = -flags[:-1]
+        flags = flags.tolist()
+        bad = [label for label, ok in zip(labels + ["gradient norm"], flags[:-1]) if ok < 1]
+        if bad and self.cfg.nonfinite == "stop":
+            raise UserError(f"non-finite loss at iteration {it}: {', '.join(bad)}; the last good "
+                            f"checkpoint is kept (set nonfinite=skip to skip such steps)")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if bad:
+            print0(f"iteration {it}: non-finite {', '.join(bad)}; optimizer step skipped")
+        else:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # The scaler skips the update itself when the scaled gradients overflowed; it then lowers its scale.
+        skipped = bool(bad) or (scale is not None and self.scaler.get_scale() < scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        means = {name: (v / accum_steps).tolist() for name, v in sums.items()}
+        stats = {name: v[0] if scalar[name] else v for name, v in means.items()}
+        return StepResult(stats, float(grad_norm), skipped, scale, flags[-1] > 0)

@@ -203,9 +203,9 @@ class SheetCells:
         """Per-cell mean of unit values: (..., n_units) -> (..., n_cells). unit_cell overrides the layout's."""
         unit_cell = self.unit_cell if unit_cell is None else unit_cell
         values = np.asarray(values, np.float64)
-        onehot = np.zeros((len(unit_cell), len(self.cell_xy)))
-        onehot[np.arange(len(unit_cell)), unit_cell] = 1.0
-        return values @ onehot / self.counts
+        flat = values.reshape(-1, values.shape[-1])
+        sums = np.stack([np.bincount(unit_cell, weights=v, minlength=len(self.cell_xy)) for v in flat])
+        return (sums / self.counts).reshape(*values.shape[:-1], len(self.cell_xy))
 
 
 def queen_weights(cell_xy: np.ndarray) -> scipy.sparse.csr_matrix:
@@ -362,7 +362,7 @@ class CorrelationAccumulator:
         x = x - self.shift
         self.n += x.shape[1]
         self.sum += x.sum(axis=1)
-        self.gram += np.einsum("snu,snv->suv", x, x)
+        self.gram += x.transpose(0, 2, 1) @ x
 
     def correlations(self) -> np.ndarray:
         mean = self.sum / self.n

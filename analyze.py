@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +28,10 @@ import numpy as np
 import torch
 
 from analysis import CONDITIONS, CONTRASTS, Stimuli, heldout_windows, measure_model, summarize
-from common import (DATA_DIR, REPO, UserError, cli_main, find_checkpoint, gpt2_encoding, load_checkpoint, load_config,
-                    require, resolve_path)
-from model import GPT, GPTConfig
+from checkpoint import load_model, require_gpt2_tokenizer
+from common import (DATA_DIR, REPO, UserError, atomic_write, check_seed, cli_main, gpt2_encoding, load_config, require,
+                    resolve_path)
+from model import GPT
 from stimuli import read_localizer, read_pos
 
 CONTRAST_LABELS = {"localizer": ("sentences - nonword lists", "S - N"), "verb_noun": ("verbs - nouns", "verbs - nouns")}
@@ -73,25 +73,12 @@ class AnalyzeConfig:
         require(self.null_shuffles >= 2, f"null_shuffles={self.null_shuffles} must be >= 2")
         require(self.heldout_tokens >= 16, f"heldout_tokens={self.heldout_tokens} must be >= 16")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        check_seed(self.seed)
+        require(self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+                f"device must be cpu, cuda, cuda:N or mps; got '{self.device}'")
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def _load_model(path_or_run: str, device: str) -> tuple[GPT, dict, Path]:
-    """Stand-in for checkpoint.load_model until it lands: (eval-mode GPT, checkpoint dict, file)."""
-    path = find_checkpoint(path_or_run)
-    ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt, path
-
-
-def _require_gpt2_tokenizer(ckpt: dict, path: Path) -> None:
-    """Stand-in for checkpoint.require_gpt2_tokenizer."""
-    vocab = ckpt["model_config"]["vocab_size"]
-    if vocab <= 50256:
-        raise UserError(f"{path} holds a model of vocab_size={vocab}; the stimuli need GPT-2's vocabulary")
-
 
 def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str]]) -> tuple[np.ndarray, str]:
     """The held-out token ids and a description of where they came from."""
@@ -109,7 +96,7 @@ def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str
     if dataset:
         val = resolve_path(str(dataset), DATA_DIR) / "val.bin"
         if val.is_file() and val.stat().st_size >= 64:
-            return np.fromfile(val, dtype=np.uint16), str(val)
+            return np.memmap(val, dtype=np.uint16, mode="r"), str(val)
     text = " ".join(localizer["S"])
     return np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)"
 
@@ -137,8 +124,8 @@ class Loaded:
 
 
 def load(cfg: AnalyzeConfig, label: str, arg: str, stim: Stimuli, localizer) -> Loaded:
-    model, ckpt, path = _load_model(arg, cfg.device)
-    _require_gpt2_tokenizer(ckpt, path)
+    model, ckpt, path = load_model(arg, cfg.device)
+    require_gpt2_tokenizer(ckpt, path, "the analysis's stimuli")
     if stim.longest + 1 > model.config.block_size:
         raise UserError(f"{path}: the longest stimulus has {stim.longest} tokens (+1 prefix), more than "
                         f"block_size={model.config.block_size}")
@@ -153,23 +140,10 @@ def load(cfg: AnalyzeConfig, label: str, arg: str, stim: Stimuli, localizer) -> 
 
 # ----------------------------------------------------------------------------- output files
 
-def _atomic_write(path: Path, write) -> None:
-    """Stand-in for common.atomic_write: `write(f)` into a temporary file, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
     plt.close(fig)
     return path
 
@@ -250,7 +224,7 @@ def plot_maps(results: list[tuple[Loaded, dict]], contrast: str, q: float) -> "o
             ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  I={m[f'moran_{contrast}'][s]:.2f}", fontsize=7,
                          pad=2)
             if layer % cols == 0:
-                ax.set_ylabel(f"{loaded.name}\n{'attn' if kind == 0 else 'mlp'}" if kind == 0 else "mlp", fontsize=7)
+                ax.set_ylabel(f"{loaded.name}\nattn" if kind == 0 else "mlp", fontsize=7)
         for layer in range(n_layer, wraps * cols):
             for kind in range(2):
                 axes[(k * wraps + layer // cols) * 2 + kind, layer % cols].axis("off")
@@ -397,6 +371,8 @@ def main(argv: list[str]) -> None:
         raise UserError("ckpt is required: ckpt=out/<run> (a run folder or a checkpoint file)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA device is available")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but no MPS device is available")
     folder = Path(cfg.stimuli) if Path(cfg.stimuli).is_absolute() else REPO / cfg.stimuli
     try:
         localizer, pos_rows = read_localizer(folder), read_pos(folder)
@@ -437,7 +413,7 @@ def main(argv: list[str]) -> None:
                                  "heldout": {"source": loaded.heldout_source, "tokens": int(m["heldout_samples"])},
                                  **summarize(m)}
         npz = out / ("units.npz" if loaded.label == "model" else "compare_units.npz")
-        _atomic_write(npz, lambda f, m=m: np.savez_compressed(f, **m))
+        atomic_write(npz, lambda f, m=m: np.savez_compressed(f, **m))
         written.append(npz)
     for contrast in CONTRASTS:
         written.append(save_figure(plot_maps(results, contrast, cfg.q), out / f"{contrast}_maps.png"))
@@ -449,7 +425,7 @@ def main(argv: list[str]) -> None:
     written.append(save_figure(plot_morans(results), out / "morans_i.png"))
     written.append(save_figure(plot_correlation(results), out / "correlation_vs_distance.png"))
     written.append(save_figure(plot_profile(results), out / "response_profile.png"))
-    _atomic_write(out / "summary.json", lambda f: f.write((json.dumps(_json_safe(summary), indent=2) + "\n").encode()))
+    atomic_write(out / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
 
     for loaded, _ in results:
         print_table(loaded, summary[loaded.label])

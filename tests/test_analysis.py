@@ -253,12 +253,14 @@ def test_morans_i_on_maps_with_known_answers():
     assert abs(null.mean() - (-1 / (side * side - 1))) < 0.01 and null.std() < 0.06
     stripes = np.where(x % 2 == 0, 1.0, -1.0)  # rows alternate: 2 same-sign and 6 opposite neighbours inside
     i_stripes = analysis.morans_i(stripes, coords, permutations=0).i
-    assert -0.5 < i_stripes < -0.4
+    assert -0.5 < i_stripes < -0.45  # -0.480 on 20 x 20 (-0.5 inside, less negative at the border)
     w = analysis.queen_weights(np.unique(coords, axis=0)).toarray()
     z = stripes - stripes.mean()
     assert i_stripes == pytest.approx(z @ w @ z / (z @ z), abs=1e-12)
-    checker = np.where((x + y) % 2 == 0, 1.0, -1.0)  # edge neighbours opposite, corner neighbours alike
-    assert analysis.morans_i(checker, coords, permutations=0).i > -0.05
+    # a checkerboard: edge neighbours opposite, corner neighbours alike, so inside the grid the lag is 0;
+    # only the border pulls I below 0 (-0.039 on 20 x 20), far from the stripes
+    checker = np.where((x + y) % 2 == 0, 1.0, -1.0)
+    assert -0.05 < analysis.morans_i(checker, coords, permutations=0).i < 0
 
 
 def test_queen_weights_are_row_standardised_with_islands():

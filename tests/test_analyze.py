@@ -70,10 +70,21 @@ def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
     assert again.returncode == 2 and "overwrite" in again.stderr and again.stderr.count("\n") == 1
 
 
-def test_analyze_refuses_a_model_without_gpt2_vocabulary(tiny_data, tmp_path):
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
-                *overrides(dataset=str(tiny_data), out_dir=str(tmp_path), run_name="v64", max_iters=1,
-                           eval_interval=1, save_interval=1, eval_iters=1)])
-    proc = run_script([PYTHON, "analyze.py", f"ckpt={tmp_path / 'v64'}", f"out={tmp_path / 'fig'}"], check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "vocab" in proc.stderr
+def _save_untrained(folder, **config):
+    from checkpoint import make_payload, save_checkpoint, tokenizer_for
+    from model import GPT, GPTConfig
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embed=16, radius=2, neighborhoods_per_batch=2, **config))
+    payload = make_payload(gpt, kind="pretrain", config={}, iter_num=0, tokenizer=tokenizer_for(gpt.config.vocab_size),
+                           layout_source="test")
+    save_checkpoint(payload, folder / "ckpt-0000000.pt")
+    return folder
+
+
+def test_analyze_refuses_models_it_cannot_read_stimuli_with(tmp_path):
+    for name, config, message in (("v64", dict(vocab_size=64, block_size=64), "vocab_size=64"),
+                                  ("short", dict(block_size=32), "block_size=32")):
+        run = _save_untrained(tmp_path / name, **config)
+        proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={tmp_path / 'fig'}"], check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
     assert not (tmp_path / "fig").exists()

@@ -455,7 +455,7 @@ def full_grid_spatial_loss(corr: np.ndarray, coords: np.ndarray, radius: int) ->
 
 # ----------------------------------------------------------------------------- one model, every measure
 
-CORRELATION_NULL_SHUFFLES = 10  # the binned-correlation null averages this many shuffles (it is smooth)
+CORRELATION_NULL_SHUFFLES = 10  # the nulls of the correlation curve and the spatial loss average this many shuffles
 
 
 @dataclass
@@ -497,7 +497,7 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
     moran_<contrast>, moran_p_<contrast>, null_moran_<contrast> (null_shuffles, n_sites),
     profile_mean/profile_sem (n_sites, 4), profile_n_selected (n_sites, 2), corr_centres,
     corr_curve, null_corr_curve (n_sites, n_bins), adjacent_corr, far_corr, null_adjacent_corr,
-    null_far_corr, spatial_loss; heldout_samples (tokens behind the correlations).
+    null_far_corr, spatial_loss, null_spatial_loss; heldout_samples (tokens behind the correlations).
     """
     names = list(model.site_names)
     coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
@@ -530,7 +530,8 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
     per_site: dict[str, list] = {k: [] for k in ("moran_localizer", "moran_p_localizer", "null_moran_localizer",
                                                  "moran_verb_noun", "moran_p_verb_noun", "null_moran_verb_noun",
                                                  "corr_curve", "null_corr_curve", "adjacent_corr", "far_corr",
-                                                 "null_adjacent_corr", "null_far_corr", "spatial_loss")}
+                                                 "null_adjacent_corr", "null_far_corr", "spatial_loss",
+                                                 "null_spatial_loss")}
     edges = distance_bin_edges(coords.reshape(-1, 2))
     centres_ = []
     for s in range(len(names)):
@@ -550,6 +551,8 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
             per_site[f"{key}_corr"].append(curve[key])
             per_site[f"null_{key}_corr"].append(null[key])
         per_site["spatial_loss"].append(full_grid_spatial_loss(corr[s], coords[s], model.config.radius))
+        per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], model.config.radius)
+                                                      for perm in perms[:CORRELATION_NULL_SHUFFLES]]))
     for key, values in per_site.items():
         arr = np.array(values, dtype=np.float64)
         out[key] = arr.T if key.startswith("null_moran") else arr
@@ -583,7 +586,8 @@ def summarize(m: dict) -> dict:
         entry["fraction_verb_selective"] = float(m["selective_verb"][s].mean())
         entry["fraction_noun_selective"] = float(m["selective_noun"][s].mean())
         entry["profile"] = {c: float(v) for c, v in zip(CONDITIONS, m["profile_mean"][s])}
-        for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss"):
+        for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
+                    "null_spatial_loss"):
             entry[key] = float(m[key][s])
         sites[name] = entry
     mean = {}
@@ -592,7 +596,8 @@ def summarize(m: dict) -> dict:
         mean[contrast] = {"morans_i": float(m[f"moran_{contrast}"].mean()), "null_i": float(null_means.mean()),
                           "null_i_95": _band(null_means),
                           "sites_p_below_0.05": int((m[f"moran_p_{contrast}"] < 0.05).sum())}
-    for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss"):
+    for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
+                "null_spatial_loss"):
         mean[key] = float(np.mean(m[key]))
     mean["fraction_selective"] = float(m["selective_localizer"].mean())
     return {"sites": sites, "mean": mean}

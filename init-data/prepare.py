@@ -5,7 +5,10 @@
 
 Sentences keep real English function words and morphology but use invented content words
 ("the brillig tove has gimbled a mome rath"), so that activations reflect syntax more than
-lexical meaning. The grammar is seeded: --regenerate reproduces the shipped sentences.txt.
+lexical meaning. The content words are nonwords from the project's shared generator
+(`stimuli.nonwords`, checked against wordfreq's English list; --regenerate needs wordfreq,
+from requirements-dev.txt). Grammar and vocabulary are seeded: --regenerate reproduces the
+shipped sentences.txt.
 """
 import argparse
 import random
@@ -17,15 +20,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import EOT_TOKEN, gpt2_encoding, write_tokens_meta  # noqa: E402
+from stimuli import nonwords, past, plural  # noqa: E402
 
-NOUNS = ["tove", "rath", "borogove", "wabe", "jubjub", "bandersnatch", "slithe", "frumious", "tulgey", "snark",
-         "blicket", "dax", "wug", "fep", "zorp", "glim", "trandle", "mirk", "plonth", "quib", "vrell", "skarn",
-         "drindle", "flomp", "grendle", "kerf", "lumbet", "nox", "pelch", "sprock"]
-ADJECTIVES = ["brillig", "slithy", "mimsy", "mome", "uffish", "vorpal", "manxome", "beamish", "frabjous", "gleeby",
-              "tropsy", "wendish", "plorky", "sneevy", "quindle", "farny", "blashy", "crunty"]
-VERBS = ["gyre", "gimble", "outgrabe", "burble", "chortle", "galumph", "snicker", "blorf", "crindle", "dwell",
-         "flink", "grop", "hesk", "jarn", "mib", "norgle", "plim", "skree", "tarn", "wimble"]
-ADVERBS = ["frumiously", "uffishly", "mimsily", "vorpally", "blithely", "snarkily", "gleebily", "tropsily"]
+third = plural  # third-person singular: the same -s/-es rule
+
+# The nonce vocabulary: pronounceable nonwords from the project's shared generator
+# (stimuli.nonwords), none of whose inflected forms is an English word (checked with wordfreq).
+# Drawn only when sentences.txt is (re)generated.
+N_NOUNS, N_ADJECTIVES, N_VERBS, N_ADVERBS = 30, 18, 20, 8
+VOCABULARY_SEED = 11
 DETERMINERS = ["the", "a", "every", "some", "this", "that", "no", "each"]
 PREPOSITIONS = ["in", "on", "under", "near", "beside", "through", "with", "behind", "above", "across"]
 SUBJECTS = ["she", "he", "they", "we", "it", "nobody", "everyone"]
@@ -33,35 +36,32 @@ AUXILIARIES = ["will", "can", "should", "might", "must", "could"]
 CONNECTIVES = ["because", "while", "although", "when", "after", "before", "if"]
 
 
-def plural(noun: str) -> str:
-    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+def vocabulary(seed: int = VOCABULARY_SEED) -> dict[str, list[str]]:
+    """Nonce nouns, adjectives, verbs (stems) and adverbs (stem + -ly), from stimuli.nonwords."""
+    stems = nonwords(N_NOUNS + N_ADJECTIVES + N_VERBS + N_ADVERBS, seed=seed)
+    cuts = np.cumsum([N_NOUNS, N_ADJECTIVES, N_VERBS])
+    nouns, adjectives, verbs, adverbs = np.split(np.array(stems), cuts)
+    return {"nouns": nouns.tolist(), "adjectives": adjectives.tolist(), "verbs": verbs.tolist(),
+            "adverbs": [a + "ly" for a in adverbs]}
 
 
-def past(verb: str) -> str:
-    return verb + ("d" if verb.endswith("e") else "ed")
-
-
-def third(verb: str) -> str:
-    return verb + ("es" if verb.endswith(("s", "sh", "ch", "x")) else "s")
-
-
-def noun_phrase(rng: random.Random) -> tuple[str, bool]:
+def noun_phrase(rng: random.Random, vocab: dict) -> tuple[str, bool]:
     """A noun phrase and whether it is plural."""
     many = rng.random() < 0.35
-    noun = plural(rng.choice(NOUNS)) if many else rng.choice(NOUNS)
+    noun = plural(rng.choice(vocab["nouns"])) if many else rng.choice(vocab["nouns"])
     det = rng.choice(["the", "some", "these", "those", "many"]) if many else rng.choice(DETERMINERS)
-    words = [det] + ([rng.choice(ADJECTIVES)] if rng.random() < 0.6 else []) + [noun]
+    words = [det] + ([rng.choice(vocab["adjectives"])] if rng.random() < 0.6 else []) + [noun]
     if rng.random() < 0.2:
-        words += [rng.choice(PREPOSITIONS), "the", rng.choice(NOUNS)]
+        words += [rng.choice(PREPOSITIONS), "the", rng.choice(vocab["nouns"])]
     return " ".join(words), many
 
 
-def clause(rng: random.Random) -> str:
+def clause(rng: random.Random, vocab: dict) -> str:
     if rng.random() < 0.3:
         subject, many = rng.choice(SUBJECTS), None
     else:
-        subject, many = noun_phrase(rng)
-    verb = rng.choice(VERBS)
+        subject, many = noun_phrase(rng, vocab)
+    verb = rng.choice(vocab["verbs"])
     form = rng.random()
     if form < 0.35:
         pred = past(verb)
@@ -76,18 +76,18 @@ def clause(rng: random.Random) -> str:
     tail = ""
     choice = rng.random()
     if choice < 0.45:
-        tail = " " + noun_phrase(rng)[0]
+        tail = " " + noun_phrase(rng, vocab)[0]
     elif choice < 0.7:
-        tail = f" {rng.choice(PREPOSITIONS)} {noun_phrase(rng)[0]}"
+        tail = f" {rng.choice(PREPOSITIONS)} {noun_phrase(rng, vocab)[0]}"
     elif choice < 0.85:
-        tail = " " + rng.choice(ADVERBS)
+        tail = " " + rng.choice(vocab["adverbs"])
     return f"{subject} {pred}{tail}"
 
 
-def sentence(rng: random.Random) -> str:
-    text = clause(rng)
+def sentence(rng: random.Random, vocab: dict) -> str:
+    text = clause(rng, vocab)
     if rng.random() < 0.25:
-        text += f" {rng.choice(CONNECTIVES)} {clause(rng)}"
+        text += f" {rng.choice(CONNECTIVES)} {clause(rng, vocab)}"
     return text[0].upper() + text[1:] + rng.choice([".", ".", ".", "!", "?"] if rng.random() < 0.2 else ["."])
 
 
@@ -99,8 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     text_file = HERE / "sentences.txt"
     if args.regenerate or not text_file.exists():
-        rng = random.Random(args.seed)
-        text_file.write_text("\n".join(sentence(rng) for _ in range(args.sentences)) + "\n")
+        rng, vocab = random.Random(args.seed), vocabulary()
+        tmp = text_file.with_name(text_file.name + ".tmp")
+        tmp.write_text("\n".join(sentence(rng, vocab) for _ in range(args.sentences)) + "\n")
+        tmp.replace(text_file)
     enc = gpt2_encoding()
     ids = []
     for line in text_file.read_text().splitlines():

@@ -1,0 +1,603 @@
+"""Measures of what a trained TopoLM built on its sheets (SPEC section 9); `analyze.py` is the command.
+
+Everything here takes unit coordinates (n_units, 2) as given, so a layout may be any set of
+integer cells: a permutation of the grid (this project's layouts) or one with empty and shared
+cells (imported research layouts). On the sheet, units that share a cell are averaged into one
+value, and empty cells are not part of the map.
+
+- Responses (`site_responses`): an item is run after an `<|endoftext|>` prefix, as documents
+  start in training; a site's response is its activation (as `with_resid` defines it) averaged
+  over the item's own tokens, or over the target word's tokens, never over the prefix or
+  padding. Items are batched right-padded; attention is causal, so no real token attends to
+  the padding after it.
+- Contrasts (`welch_t`, `fdr`): per unit a Welch t-test across items (scipy.stats.ttest_ind,
+  equal_var=False), Benjamini-Hochberg FDR over the units of each site
+  (scipy.stats.false_discovery_control). A unit is selective when its adjusted p <= q and t > 0.
+- Response profile (`response_profile`): units selected on the odd items and measured on the
+  even ones, and the other way round (no item both selects and measures).
+- Moran's I (`morans_i`): queen contiguity (8 neighbours) between occupied cells, row-
+  standardised weights, I = (n / S0) z'Wz / z'z (the definition of PySAL's esda.Moran, against
+  which it is tested), with esda's permutation p-value. The null for a model (`null_morans_i`)
+  is the same map with the units' positions shuffled.
+- Topography (`correlation_by_distance`): Pearson correlation of every pair of units over
+  held-out tokens, averaged in bins of grid distance (TDANN; Margalit et al. 2024); "adjacent"
+  is distance 1 or sqrt(2), "far" is 6 or more. Null: positions shuffled.
+- The full-grid spatial loss (`full_grid_spatial_loss`): the training loss (positions.py) over
+  every neighborhood of a site, on held-out correlations.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse
+import scipy.stats
+import torch
+
+from common import EOT_TOKEN
+from positions import EPS, centres, grid_losses
+
+ADJACENT_MAX = 1.5  # grid distance 1 or sqrt(2)
+FAR_MIN = 6.0
+CONDITIONS = ("S", "W", "J", "N")
+CONTRASTS = ("localizer", "verb_noun")
+
+
+# ----------------------------------------------------------------------------- tokens and responses
+
+def tokenize_items(texts: list[str], encoding, spans: list[tuple[int, int]] | None = None
+                   ) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Token ids of each item and the token range a response is read at.
+
+    spans: optional character ranges (start, end) of a target word per text; the target's tokens
+    include the space before it (GPT-2 attaches it to the word). Without spans the range is the
+    whole item. Token ranges are (first, stop) into the item's ids, before any prefix.
+    Raises ValueError when the target does not fall on token boundaries.
+    """
+    ids, ranges = [], []
+    for k, text in enumerate(texts):
+        full = encoding.encode_ordinary(text)
+        if not full:
+            raise ValueError(f"item {k} is empty")
+        if spans is None:
+            ids.append(full)
+            ranges.append((0, len(full)))
+            continue
+        start, end = spans[k]
+        cut = start - 1 if start > 0 and text[start - 1] == " " else start
+        pre, target = encoding.encode_ordinary(text[:cut]), encoding.encode_ordinary(text[cut:end])
+        if pre + target + encoding.encode_ordinary(text[end:]) != full or not target:
+            raise ValueError(f"the target {text[start:end]!r} of {text!r} does not fall on token boundaries")
+        ids.append(full)
+        ranges.append((len(pre), len(pre) + len(target)))
+    return ids, ranges
+
+
+@torch.no_grad()
+def site_responses(model, ids: list[list[int]], ranges: list[tuple[int, int]], batch_size: int = 32,
+                   progress=None, pad_id: int = EOT_TOKEN) -> np.ndarray:
+    """Per-item responses of every site, (n_sites, n_items, n_embed) float32, sites in model.site_names order.
+
+    Each item is prefixed with `<|endoftext|>` (position 0, never averaged); the response is the
+    mean of the site's activation over positions 1 + ranges[k][0] .. 1 + ranges[k][1] - 1.
+    Items are batched by length, right-padded with `pad_id`. `progress`: a tqdm-like object whose
+    `update(n)` is called per batch. Raises ValueError if an item does not fit the model's block.
+    """
+    n = len(ids)
+    longest = max(len(x) for x in ids) + 1
+    if longest > model.config.block_size:
+        raise ValueError(f"an item of {longest - 1} tokens (+1 prefix) exceeds block_size={model.config.block_size}")
+    device = next(model.parameters()).device
+    names = model.site_names
+    out = np.empty((len(names), n, model.config.n_embed), dtype=np.float32)
+    order = sorted(range(n), key=lambda k: len(ids[k]))
+    for b in range(0, n, batch_size):
+        batch = order[b:b + batch_size]
+        width = 1 + max(len(ids[k]) for k in batch)
+        x = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, 1)
+        for row, k in enumerate(batch):
+            x[row, 0] = EOT_TOKEN
+            x[row, 1:1 + len(ids[k])] = torch.as_tensor(ids[k])
+            first, stop = ranges[k]
+            mask[row, 1 + first:1 + stop] = 1.0
+        x, mask = x.to(device), mask.to(device)
+        acts = model.site_activations(x)
+        for s, name in enumerate(names):
+            a = acts[name].float()
+            mean = torch.where(mask > 0, a, 0.0).sum(1) / mask.sum(1)
+            out[s, batch] = mean.cpu().numpy()
+        if progress is not None:
+            progress.update(len(batch))
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def welch_t(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Welch's t (a - b) and two-sided p per unit: a (n_a, ...), b (n_b, ...) -> two arrays (...).
+
+    scipy.stats.ttest_ind(equal_var=False) along axis 0. A unit constant in both groups (0/0)
+    gets t = 0, p = 1.
+    """
+    with warnings.catch_warnings():  # scipy warns about (near-)constant units; they are handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = scipy.stats.ttest_ind(np.asarray(a, np.float64), np.asarray(b, np.float64), axis=0, equal_var=False)
+    t, p = np.asarray(res.statistic, np.float64), np.asarray(res.pvalue, np.float64)
+    undefined = np.isnan(t)
+    return np.where(undefined, 0.0, t), np.where(undefined | np.isnan(p), 1.0, p)
+
+
+def fdr(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini-Hochberg adjusted p-values along the last axis (the units of one site) and the mask adjusted <= q.
+
+    scipy.stats.false_discovery_control(method='bh'); Benjamini & Hochberg (1995).
+    """
+    adjusted = scipy.stats.false_discovery_control(np.asarray(p, np.float64), axis=-1, method="bh")
+    return adjusted, adjusted <= q
+
+
+def selective(t: np.ndarray, p: np.ndarray, q: float = 0.05) -> np.ndarray:
+    """Units significant after FDR (per site, last axis) with t > 0."""
+    return fdr(p, q)[1] & (t > 0)
+
+
+def response_profile(responses: dict[str, np.ndarray], q: float = 0.05, select=("S", "N")) -> dict:
+    """Cross-validated response of one site's selective units in every condition.
+
+    responses: {condition: (n_items, n_units)}, item k of every condition built from the same
+    sentence. Units are selected (Welch t of select[0] vs select[1], FDR q, t > 0) on the odd
+    items and measured on the even ones, then the other way round; every item is measured once.
+    Returns mean and sem (over items) per condition in `CONDITIONS` order, (4,) each (NaN when
+    no unit was selected), `per_item` (4, n_items) and n_selected (2,) for the two folds.
+    """
+    n_items = len(responses[select[0]])
+    index = np.arange(n_items)
+    per_item = np.full((len(CONDITIONS), n_items), np.nan)
+    n_selected = []
+    for choose, measure in ((index % 2 == 1, index % 2 == 0), (index % 2 == 0, index % 2 == 1)):
+        t, p = welch_t(responses[select[0]][choose], responses[select[1]][choose])
+        units = selective(t, p, q)
+        n_selected.append(int(units.sum()))
+        if units.any():
+            for c, cond in enumerate(CONDITIONS):
+                per_item[c, measure] = responses[cond][measure][:, units].mean(axis=1)
+    counts = np.sum(~np.isnan(per_item), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts > 0, np.nansum(per_item, axis=1) / np.maximum(counts, 1), np.nan)
+        sd = np.sqrt(np.nansum((per_item - mean[:, None]) ** 2, axis=1) / np.maximum(counts - 1, 1))
+    sem = np.where(counts > 1, sd / np.sqrt(np.maximum(counts, 1)), np.nan)
+    return {"mean": mean, "sem": sem, "per_item": per_item, "n_selected": np.array(n_selected)}
+
+
+# ----------------------------------------------------------------------------- the sheet and Moran's I
+
+@dataclass
+class SheetCells:
+    """The occupied cells of one site's layout, and queen-contiguity weights between them.
+
+    cell_xy (n_cells, 2): occupied cells, sorted; unit_cell (n_units,): each unit's cell index;
+    counts (n_cells,): units per cell; weights: (n_cells, n_cells) row-standardised CSR (a cell
+    with no occupied neighbour is an island: a zero row); s0 the sum of the weights.
+    """
+    cell_xy: np.ndarray
+    unit_cell: np.ndarray
+    counts: np.ndarray
+    weights: scipy.sparse.csr_matrix
+    s0: float = field(init=False)
+
+    def __post_init__(self):
+        self.s0 = float(self.weights.sum())
+
+    @classmethod
+    def from_coords(cls, coords: np.ndarray) -> "SheetCells":
+        coords = np.asarray(coords, dtype=np.int64)
+        if coords.ndim != 2 or coords.shape[1] != 2:
+            raise ValueError(f"coords must be (n_units, 2); got {coords.shape}")
+        cell_xy, unit_cell, counts = np.unique(coords, axis=0, return_inverse=True, return_counts=True)
+        return cls(cell_xy, unit_cell.reshape(-1), counts, queen_weights(cell_xy))
+
+    def cell_values(self, values: np.ndarray, unit_cell: np.ndarray | None = None) -> np.ndarray:
+        """Per-cell mean of unit values: (..., n_units) -> (..., n_cells). unit_cell overrides the layout's."""
+        unit_cell = self.unit_cell if unit_cell is None else unit_cell
+        values = np.asarray(values, np.float64)
+        flat = values.reshape(-1, values.shape[-1])
+        sums = np.stack([np.bincount(unit_cell, weights=v, minlength=len(self.cell_xy)) for v in flat])
+        return (sums / self.counts).reshape(*values.shape[:-1], len(self.cell_xy))
+
+
+def queen_weights(cell_xy: np.ndarray) -> scipy.sparse.csr_matrix:
+    """Row-standardised queen contiguity between cells: neighbours share an edge or a corner."""
+    cell_xy = np.asarray(cell_xy, np.int64)
+    n = len(cell_xy)
+    index = {tuple(c): i for i, c in enumerate(cell_xy.tolist())}
+    rows, cols = [], []
+    for i, (x, y) in enumerate(cell_xy.tolist()):
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                j = index.get((x + dx, y + dy))
+                if j is not None and j != i:
+                    rows.append(i)
+                    cols.append(j)
+    w = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    degree = np.asarray(w.sum(axis=1)).reshape(-1)
+    return scipy.sparse.diags(np.where(degree > 0, 1.0 / np.maximum(degree, 1), 0.0)) @ w
+
+
+def _moran(y: np.ndarray, weights: scipy.sparse.csr_matrix, s0: float) -> np.ndarray:
+    """Moran's I of cell maps y (..., n_cells): (n / S0) z'Wz / z'z, z = y - mean(y)."""
+    z = y - y.mean(axis=-1, keepdims=True)
+    lag = (weights @ z.reshape(-1, z.shape[-1]).T).T.reshape(z.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return z.shape[-1] / s0 * (z * lag).sum(-1) / (z * z).sum(-1)
+
+
+@dataclass
+class Moran:
+    i: float
+    p: float  # pseudo p-value from permutations, as esda's p_sim; NaN without permutations
+    expected: float  # -1 / (n - 1)
+    simulated: np.ndarray  # I of every permutation
+
+
+def morans_i(values: np.ndarray, coords: np.ndarray, permutations: int = 999, seed: int = 0,
+             cells: SheetCells | None = None) -> Moran:
+    """Moran's I of one unit map on the sheet (units sharing a cell averaged, empty cells left out).
+
+    values (n_units,), coords (n_units, 2). p is esda's p_sim: the permutations (of the cell
+    values, from np.random.RandomState(seed), as esda draws them after np.random.seed(seed)) at
+    least as extreme as I in its own direction, (larger + 1) / (permutations + 1), where larger
+    is the smaller of the counts at or above I and below it. A constant map gives I = NaN.
+    """
+    cells = cells or SheetCells.from_coords(coords)
+    y = cells.cell_values(values)
+    i = float(_moran(y, cells.weights, cells.s0))
+    sims = np.empty(0)
+    p = math.nan
+    if permutations:
+        rs = np.random.RandomState(seed)
+        z = y - y.mean()
+        sims = _moran(np.stack([rs.permutation(z) for _ in range(permutations)]), cells.weights, cells.s0)
+        larger = int((sims >= i).sum())
+        larger = min(larger, permutations - larger)
+        p = (larger + 1.0) / (permutations + 1.0)
+    return Moran(i, p, -1.0 / (len(y) - 1), sims)
+
+
+def shuffled_unit_cells(cells: SheetCells, n_shuffles: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_shuffles, n_units) cell index per unit after shuffling the units' positions."""
+    return np.stack([cells.unit_cell[rng.permutation(len(cells.unit_cell))] for _ in range(n_shuffles)])
+
+
+def null_morans_i(values: np.ndarray, cells: SheetCells, shuffles: np.ndarray) -> np.ndarray:
+    """Moran's I of the same unit values with shuffled positions: shuffles (n_shuffles, n_units) -> (n_shuffles,)."""
+    y = np.stack([cells.cell_values(values, s) for s in shuffles])
+    return _moran(y, cells.weights, cells.s0)
+
+
+# ----------------------------------------------------------------------------- correlation and distance
+
+def distance_bin_edges(coords: np.ndarray) -> np.ndarray:
+    """Bins of grid distance one wide, centred on 1, 2, 3, ...: [0.5, 1.5), [1.5, 2.5), ...
+
+    The first bin holds exactly distances 1 and sqrt(2) (adjacent cells); distance 0 (units
+    sharing a cell) falls in no bin.
+    """
+    span = np.ptp(np.asarray(coords), axis=0)
+    return np.arange(0.5, math.hypot(*span) + 1.5, 1.0)
+
+
+def _pair_distances(coords: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    diff = (coords[rows] - coords[cols]).astype(np.float64)
+    return np.sqrt((diff ** 2).sum(-1))
+
+
+def correlation_by_distance(corr: np.ndarray, coords: np.ndarray, edges: np.ndarray | None = None) -> dict:
+    """Mean pairwise correlation in bins of grid distance, and at adjacent and far distances.
+
+    corr (n_units, n_units) Pearson correlations; coords (n_units, 2). Every unordered pair of
+    distinct units counts once. Returns `edges`, `centres` (mean distance of the pairs in each
+    bin), `curve` (n_bins,) (NaN for an empty bin), `adjacent` (0 < d < 1.5) and `far` (d >= 6).
+    """
+    coords = np.asarray(coords)
+    edges = distance_bin_edges(coords) if edges is None else edges
+    rows, cols = np.triu_indices(len(coords), k=1)
+    d = _pair_distances(coords, rows, cols)
+    r = np.asarray(corr, np.float64)[rows, cols]
+    return _binned(r, d, edges)
+
+
+def _binned(r: np.ndarray, d: np.ndarray, edges: np.ndarray) -> dict:
+    which = np.digitize(d, edges) - 1
+    inside = (which >= 0) & (which < len(edges) - 1)
+    n_bins = len(edges) - 1
+    counts = np.bincount(which[inside], minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = np.bincount(which[inside], weights=r[inside], minlength=n_bins) / counts
+        centres_ = np.bincount(which[inside], weights=d[inside], minlength=n_bins) / counts
+    adjacent = (d > 0) & (d < ADJACENT_MAX)
+    far = d >= FAR_MIN
+    return {"edges": edges, "centres": centres_, "curve": curve, "counts": counts,
+            "adjacent": float(r[adjacent].mean()) if adjacent.any() else math.nan,
+            "far": float(r[far].mean()) if far.any() else math.nan}
+
+
+def null_correlation_by_distance(corr: np.ndarray, coords: np.ndarray, shuffles: np.ndarray,
+                                 edges: np.ndarray | None = None) -> dict:
+    """`correlation_by_distance` averaged over position shuffles; shuffles (n_shuffles, n_units) of unit indices.
+
+    Shuffle s gives unit u the coordinates of unit shuffles[s, u]."""
+    coords = np.asarray(coords)
+    edges = distance_bin_edges(coords) if edges is None else edges
+    rows, cols = np.triu_indices(len(coords), k=1)
+    r = np.asarray(corr, np.float64)[rows, cols]
+    runs = [_binned(r, _pair_distances(coords[s], rows, cols), edges) for s in shuffles]
+    with warnings.catch_warnings():  # a bin no shuffle fills stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"edges": edges, "centres": np.nanmean([x["centres"] for x in runs], axis=0),
+                "curve": np.nanmean([x["curve"] for x in runs], axis=0),
+                "adjacent": float(np.mean([x["adjacent"] for x in runs])),
+                "far": float(np.mean([x["far"] for x in runs]))}
+
+
+class CorrelationAccumulator:
+    """Pearson correlations of every pair of units per site, from activations streamed in batches.
+
+    Sums in float64 on the CPU: add(acts (n_sites, N, n_units)) any number of times, then
+    `correlations()` -> (n_sites, n_units, n_units) and `n` samples.
+    """
+
+    def __init__(self, n_sites: int, n_units: int):
+        self.n = 0
+        self.sum = np.zeros((n_sites, n_units))
+        self.gram = np.zeros((n_sites, n_units, n_units))
+        self.shift = None  # the first batch's mean: keeps the sums of squares well conditioned
+
+    def add(self, acts: np.ndarray) -> None:
+        x = np.asarray(acts, np.float64)
+        if self.shift is None:
+            self.shift = x.mean(axis=1, keepdims=True)
+        x = x - self.shift
+        self.n += x.shape[1]
+        self.sum += x.sum(axis=1)
+        self.gram += x.transpose(0, 2, 1) @ x
+
+    def correlations(self) -> np.ndarray:
+        mean = self.sum / self.n
+        cov = self.gram / self.n - mean[:, :, None] * mean[:, None, :]
+        var = np.diagonal(cov, axis1=1, axis2=2)
+        with np.errstate(divide="ignore"):
+            inv_std = np.where(var > 0, 1.0 / np.sqrt(np.maximum(var, 0.0)), 0.0)  # a constant unit: r = 0
+        return cov * inv_std[:, :, None] * inv_std[:, None, :]
+
+
+def heldout_windows(tokens: np.ndarray, n_tokens: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """Non-overlapping windows of held-out tokens, (n_windows, seq_len) int64, about n_tokens in all.
+
+    Windows start at seeded random multiples of seq_len (all of them when the text is short).
+    """
+    tokens = np.asarray(tokens)
+    seq_len = min(seq_len, len(tokens))
+    available = len(tokens) // seq_len
+    want = min(available, max(1, math.ceil(n_tokens / seq_len)))
+    starts = np.sort(np.random.default_rng(seed).choice(available, size=want, replace=False)) * seq_len
+    return np.stack([tokens[s:s + seq_len].astype(np.int64) for s in starts])
+
+
+@torch.no_grad()
+def heldout_correlations(model, windows: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, int]:
+    """Unit correlations per site over held-out windows: (n_sites, n_embed, n_embed) float64 and the sample count.
+
+    Each window runs after an `<|endoftext|>` prefix, which is left out of the samples.
+    Raises ValueError if a window does not fit the model's block.
+    """
+    if windows.shape[1] + 1 > model.config.block_size:
+        raise ValueError(f"windows of {windows.shape[1]} tokens (+1 prefix) exceed block_size={model.config.block_size}")
+    device = next(model.parameters()).device
+    acc = CorrelationAccumulator(len(model.site_names), model.config.n_embed)
+    for b in range(0, len(windows), batch_size):
+        w = torch.as_tensor(windows[b:b + batch_size])
+        x = torch.cat([torch.full((len(w), 1), EOT_TOKEN, dtype=torch.long), w], dim=1).to(device)
+        acts = model.site_activations(x)
+        acc.add(np.stack([acts[name][:, 1:].reshape(-1, acts[name].shape[-1]).float().cpu().numpy()
+                          for name in model.site_names]))
+    return acc.correlations(), acc.n
+
+
+def is_grid_permutation(coords: np.ndarray) -> bool:
+    """True if the coordinates put exactly one unit in every cell of a side x side grid."""
+    coords = np.asarray(coords)
+    side = math.isqrt(len(coords))
+    if side * side != len(coords) or coords.min() < 0 or coords.max() >= side:
+        return False
+    return len(np.unique(coords[:, 0] * side + coords[:, 1])) == len(coords)
+
+
+def neighborhood_spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
+    """Spatial loss (SPEC section 3) of every neighborhood of one site, for any layout: (n_centres,).
+
+    corr (n_units, n_units); coords (n_units, 2). A neighborhood's members are the units whose
+    cells lie in the (2r-1)^2 block around a centre (centres as in positions.centres, on the
+    smallest square grid holding the coordinates); D uses the members' own coordinates (0 between
+    units sharing a cell). Blocks with fewer than three units give NaN.
+    """
+    coords = np.asarray(coords, np.int64)
+    side = max(math.isqrt(len(coords)), int(coords.max()) + 1)
+    losses = []
+    for cx, cy in centres(side, radius):
+        members = np.flatnonzero(np.maximum(abs(coords[:, 0] - cx), abs(coords[:, 1] - cy)) < radius)
+        if len(members) < 3:
+            losses.append(math.nan)
+            continue
+        rows, cols = np.tril_indices(len(members), k=-1)
+        r = np.asarray(corr, np.float64)[members[rows], members[cols]]
+        target = 1.0 / (1.0 + _pair_distances(coords, members[rows], members[cols]))
+        r, target = r - r.mean(), target - target.mean()
+        pearson = (r @ target) / math.sqrt((r @ r + EPS) * (target @ target))
+        losses.append(0.5 * (1.0 - pearson))
+    return np.array(losses)
+
+
+def full_grid_spatial_loss(corr: np.ndarray, coords: np.ndarray, radius: int) -> float:
+    """The spatial loss averaged over every neighborhood of one site (not the 5 sampled in training).
+
+    A permutation layout goes through positions.grid_losses, the training code's own function;
+    any other layout through `neighborhood_spatial_losses` (the same formula, members found by
+    position; tested to agree on permutations).
+    """
+    coords = np.asarray(coords, np.int64)
+    if is_grid_permutation(coords):
+        return float(grid_losses(np.asarray(corr)[None], coords[None], radius).mean())
+    return float(np.nanmean(neighborhood_spatial_losses(corr, coords, radius)))
+
+
+# ----------------------------------------------------------------------------- one model, every measure
+
+CORRELATION_NULL_SHUFFLES = 10  # the nulls of the correlation curve and the spatial loss average this many shuffles
+
+
+@dataclass
+class Stimuli:
+    """Tokenized stimuli: the localizer's conditions and the part-of-speech rows (word x frame)."""
+    localizer: dict[str, tuple[list[list[int]], list[tuple[int, int]]]]
+    pos_ids: list[list[int]]
+    pos_ranges: list[tuple[int, int]]
+    pos_category: np.ndarray  # (n_rows,) 'noun' / 'verb'
+    pos_word: np.ndarray  # (n_rows,)
+
+    @classmethod
+    def build(cls, localizer: dict[str, list[str]], pos_rows: list[dict], encoding) -> "Stimuli":
+        loc = {c: tokenize_items(localizer[c], encoding) for c in CONDITIONS}
+        ids, ranges = tokenize_items([r["text"] for r in pos_rows], encoding, [(r["start"], r["end"]) for r in pos_rows])
+        return cls(loc, ids, ranges, np.array([r["category"] for r in pos_rows]), np.array([r["word"] for r in pos_rows]))
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(v[0]) for v in self.localizer.values()) + len(self.pos_ids)
+
+    @property
+    def longest(self) -> int:
+        return max(len(x) for ids in [v[0] for v in self.localizer.values()] + [self.pos_ids] for x in ids)
+
+
+def word_means(resp: np.ndarray, words: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Mean response over the rows (frames) of each wanted word: (n_sites, n_rows, C) -> (n_sites, n_words, C)."""
+    return np.stack([resp[:, words == w].mean(axis=1) for w in wanted], axis=1)
+
+
+def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, permutations: int = 999,
+                  null_shuffles: int = 100, seed: int = 0, batch_size: int = 32, progress=None) -> dict:
+    """Every measure of one model; returns a dict of numpy arrays (the `units.npz` of analyze.py).
+
+    Per site s and unit u: t/p/q_localizer (S vs N), selective_localizer (q <= q, t > 0),
+    t/p/q_verb_noun (verbs - nouns, one sample per word: its mean over frames), selective_verb /
+    selective_noun; mean_localizer (n_sites, 4, n_units) mean response per condition. Per site:
+    moran_<contrast>, moran_p_<contrast>, null_moran_<contrast> (null_shuffles, n_sites),
+    profile_mean/profile_sem (n_sites, 4), profile_n_selected (n_sites, 2), corr_centres,
+    corr_curve, null_corr_curve (n_sites, n_bins), adjacent_corr, far_corr, null_adjacent_corr,
+    null_far_corr, spatial_loss, null_spatial_loss; heldout_samples (tokens behind the correlations).
+    """
+    names = list(model.site_names)
+    coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
+    ids = [x for c in CONDITIONS for x in stim.localizer[c][0]] + stim.pos_ids
+    ranges = [x for c in CONDITIONS for x in stim.localizer[c][1]] + stim.pos_ranges
+    resp = site_responses(model, ids, ranges, batch_size=batch_size, progress=progress)
+    n_loc = len(stim.localizer["S"][0])
+    loc = {c: resp[:, k * n_loc:(k + 1) * n_loc] for k, c in enumerate(CONDITIONS)}
+    pos = resp[:, 4 * n_loc:]
+    nouns = list(dict.fromkeys(stim.pos_word[stim.pos_category == "noun"]))
+    verbs = list(dict.fromkeys(stim.pos_word[stim.pos_category == "verb"]))
+    noun_resp, verb_resp = word_means(pos, stim.pos_word, nouns), word_means(pos, stim.pos_word, verbs)
+
+    out: dict[str, np.ndarray] = {"site_names": np.array(names), "coords": coords}
+    t, p = welch_t(loc["S"].swapaxes(0, 1), loc["N"].swapaxes(0, 1))
+    qv, sig = fdr(p, q)
+    out.update(t_localizer=t, p_localizer=p, q_localizer=qv, selective_localizer=sig & (t > 0))
+    t, p = welch_t(verb_resp.swapaxes(0, 1), noun_resp.swapaxes(0, 1))
+    qv, sig = fdr(p, q)
+    out.update(t_verb_noun=t, p_verb_noun=p, q_verb_noun=qv, selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
+    out["mean_localizer"] = np.stack([loc[c].mean(axis=1) for c in CONDITIONS], axis=1)
+
+    profiles = [response_profile({c: loc[c][s] for c in CONDITIONS}, q) for s in range(len(names))]
+    out["profile_mean"] = np.stack([x["mean"] for x in profiles])
+    out["profile_sem"] = np.stack([x["sem"] for x in profiles])
+    out["profile_n_selected"] = np.stack([x["n_selected"] for x in profiles])
+
+    corr, n_samples = heldout_correlations(model, windows)
+    rng = np.random.default_rng(seed)
+    per_site: dict[str, list] = {k: [] for k in ("moran_localizer", "moran_p_localizer", "null_moran_localizer",
+                                                 "moran_verb_noun", "moran_p_verb_noun", "null_moran_verb_noun",
+                                                 "corr_curve", "null_corr_curve", "adjacent_corr", "far_corr",
+                                                 "null_adjacent_corr", "null_far_corr", "spatial_loss",
+                                                 "null_spatial_loss")}
+    edges = distance_bin_edges(coords.reshape(-1, 2))
+    centres_ = []
+    for s in range(len(names)):
+        cells = SheetCells.from_coords(coords[s])
+        perms = np.stack([rng.permutation(len(coords[s])) for _ in range(null_shuffles)])
+        for contrast in CONTRASTS:
+            m = morans_i(out[f"t_{contrast}"][s], coords[s], permutations, seed, cells=cells)
+            per_site[f"moran_{contrast}"].append(m.i)
+            per_site[f"moran_p_{contrast}"].append(m.p)
+            per_site[f"null_moran_{contrast}"].append(null_morans_i(out[f"t_{contrast}"][s], cells, cells.unit_cell[perms]))
+        curve = correlation_by_distance(corr[s], coords[s], edges)
+        null = null_correlation_by_distance(corr[s], coords[s], perms[:CORRELATION_NULL_SHUFFLES], edges)
+        centres_.append(curve["centres"])
+        per_site["corr_curve"].append(curve["curve"])
+        per_site["null_corr_curve"].append(null["curve"])
+        for key in ("adjacent", "far"):
+            per_site[f"{key}_corr"].append(curve[key])
+            per_site[f"null_{key}_corr"].append(null[key])
+        per_site["spatial_loss"].append(full_grid_spatial_loss(corr[s], coords[s], model.config.radius))
+        per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], model.config.radius)
+                                                      for perm in perms[:CORRELATION_NULL_SHUFFLES]]))
+    for key, values in per_site.items():
+        arr = np.array(values, dtype=np.float64)
+        out[key] = arr.T if key.startswith("null_moran") else arr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["corr_centres"] = np.nanmean(np.array(centres_), axis=0)
+    out["corr_edges"] = edges
+    out["heldout_samples"] = np.array(n_samples)
+    return out
+
+
+def _band(x: np.ndarray) -> list[float]:
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+
+
+def summarize(m: dict) -> dict:
+    """Per-site and site-averaged numbers of `measure_model`'s arrays (summary.json's per-model part).
+
+    Site means average over sites; the null's 95% band of the site mean comes from the site
+    means of each position shuffle.
+    """
+    names = [str(n) for n in m["site_names"]]
+    sites = {}
+    for s, name in enumerate(names):
+        entry = {}
+        for contrast in CONTRASTS:
+            null = m[f"null_moran_{contrast}"][:, s]
+            entry[contrast] = {"morans_i": float(m[f"moran_{contrast}"][s]), "p": float(m[f"moran_p_{contrast}"][s]),
+                               "null_i": float(null.mean()), "null_i_95": _band(null)}
+        entry["fraction_selective"] = float(m["selective_localizer"][s].mean())
+        entry["fraction_verb_selective"] = float(m["selective_verb"][s].mean())
+        entry["fraction_noun_selective"] = float(m["selective_noun"][s].mean())
+        entry["profile"] = {c: float(v) for c, v in zip(CONDITIONS, m["profile_mean"][s])}
+        for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
+                    "null_spatial_loss"):
+            entry[key] = float(m[key][s])
+        sites[name] = entry
+    mean = {}
+    for contrast in CONTRASTS:
+        null_means = m[f"null_moran_{contrast}"].mean(axis=1)
+        mean[contrast] = {"morans_i": float(m[f"moran_{contrast}"].mean()), "null_i": float(null_means.mean()),
+                          "null_i_95": _band(null_means),
+                          "sites_p_below_0.05": int((m[f"moran_p_{contrast}"] < 0.05).sum())}
+    for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
+                "null_spatial_loss"):
+        mean[key] = float(np.mean(m[key]))
+    mean["fraction_selective"] = float(m["selective_localizer"].mean())
+    return {"sites": sites, "mean": mean}

@@ -1,0 +1,90 @@
+"""analyze.py end to end on a tiny trained checkpoint: every file, and summary.json consistent with units.npz."""
+import json
+
+import numpy as np
+import pytest
+
+import analysis
+from conftest import PYTHON, overrides, run_script
+
+# GPT-2's vocabulary (the stimuli are GPT-2 text) and a block long enough for the longest item
+TINY_GPT2 = dict(vocab_size=50304, block_size=64, max_iters=2, eval_interval=2, save_interval=2, eval_iters=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import write_pattern_data
+    tmp = tmp_path_factory.mktemp("analyze")
+    data = write_pattern_data(tmp / "data", n_train=20_000, n_val=3_000)
+    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+                *overrides(dataset=str(data), out_dir=str(tmp / "out"), run_name="tiny", **TINY_GPT2)])
+    return tmp
+
+
+def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
+    out = tiny_run / "figures"
+    run = tiny_run / "out" / "tiny"
+    proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"compare={run}", f"out={out}", "permutations=99",
+                       "null_shuffles=20", "heldout_tokens=512"])
+    assert "layer.1.mlp" in proc.stdout and str(out / "localizer_maps.png") in proc.stdout
+
+    units = np.load(out / "units.npz")
+    n_sites, n_embed = 4, 36
+    assert units["site_names"].tolist() == ["layer.0.attn", "layer.0.mlp", "layer.1.attn", "layer.1.mlp"]
+    assert units["coords"].shape == (n_sites, n_embed, 2) and units["coords"].dtype.kind == "i"
+    for key in ("t_localizer", "p_localizer", "t_verb_noun", "p_verb_noun"):
+        assert units[key].shape == (n_sites, n_embed) and units[key].dtype == np.float64
+    assert units["selective_localizer"].dtype == bool
+    q, sig = analysis.fdr(units["p_localizer"], 0.05)
+    np.testing.assert_array_equal(units["selective_localizer"], sig & (units["t_localizer"] > 0))
+    assert (np.load(out / "compare_units.npz")["t_localizer"] == units["t_localizer"]).all()
+
+    for contrast in ("localizer", "verb_noun"):
+        assert (out / f"{contrast}_maps.png").stat().st_size > 10_000
+        for label in ("model", "compare"):
+            for name in units["site_names"]:
+                assert (out / "sites" / label / contrast / f"{name}.png").is_file()
+    for name in ("morans_i.png", "correlation_vs_distance.png", "response_profile.png"):
+        assert (out / name).is_file()
+    assert not list(out.rglob("*.tmp*"))
+
+    summary = json.loads((out / "summary.json").read_text())
+    model = summary["model"]
+    assert model["step"] == 2 and model["heldout"]["source"].endswith("val.bin") and model["heldout"]["tokens"] >= 500
+    for s, name in enumerate(units["site_names"]):
+        site = model["sites"][name]
+        for contrast in ("localizer", "verb_noun"):
+            m = analysis.morans_i(units[f"t_{contrast}"][s], units["coords"][s], permutations=99, seed=0)
+            assert site[contrast]["morans_i"] == pytest.approx(m.i, abs=1e-12)
+            assert site[contrast]["p"] == pytest.approx(m.p, abs=1e-12)
+            lo, hi = site[contrast]["null_i_95"]
+            assert lo <= site[contrast]["null_i"] <= hi
+        assert site["fraction_selective"] == pytest.approx(units["selective_localizer"][s].mean())
+        assert site["adjacent_corr"] == pytest.approx(units["adjacent_corr"][s])
+        assert site["spatial_loss"] == pytest.approx(units["spatial_loss"][s])
+        assert 0.0 <= site["spatial_loss"] <= 1.0
+    assert model["mean"]["localizer"]["morans_i"] == pytest.approx(units["moran_localizer"].mean())
+    assert summary["compare"]["sites"] == model["sites"]
+
+    again = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={out}"], check=False)
+    assert again.returncode == 2 and "overwrite" in again.stderr and again.stderr.count("\n") == 1
+
+
+def _save_untrained(folder, **config):
+    from checkpoint import make_payload, save_checkpoint, tokenizer_for
+    from model import GPT, GPTConfig
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embed=16, radius=2, neighborhoods_per_batch=2, **config))
+    payload = make_payload(gpt, kind="pretrain", config={}, iter_num=0, tokenizer=tokenizer_for(gpt.config.vocab_size),
+                           layout_source="test")
+    save_checkpoint(payload, folder / "ckpt-0000000.pt")
+    return folder
+
+
+def test_analyze_refuses_models_it_cannot_read_stimuli_with(tmp_path):
+    for name, config, message in (("v64", dict(vocab_size=64, block_size=64), "vocab_size=64"),
+                                  ("short", dict(block_size=32), "block_size=32")):
+        run = _save_untrained(tmp_path / name, **config)
+        proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={tmp_path / 'fig'}"], check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
+    assert not (tmp_path / "fig").exists()

@@ -1,10 +1,14 @@
-# make demo   install into .venv, prepare Shakespeare, train a small TopoLM on CPU, sample from it
-# make test   install into .venv and run the test suite
+# make demo      install into .venv, prepare Shakespeare, train a small TopoLM on CPU, sample, map its topography
+# make compare   train the demo and its non-topographic control (alpha=0) side by side and compare their maps
+# make test      install into .venv and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUN ?= shakespeare-$(shell date +%Y%m%d-%H%M%S)
+# Expanded once (:=), so every step of a target names the same run folder.
+ifndef RUN
+RUN := shakespeare-$(shell date +%Y%m%d-%H%M%S)
+endif
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo compare test clean-venv
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -21,6 +25,13 @@ demo: install
 	$(PY) data/shakespeare/prepare.py
 	$(PY) train.py train_shakespeare.yaml run_name=$(RUN)
 	$(PY) sample.py ckpt=out/$(RUN) start="ROMEO:" num_samples=2 max_new_tokens=120
+	$(PY) analyze.py ckpt=out/$(RUN) out=figures/$(RUN)
+
+compare: install
+	$(PY) data/shakespeare/prepare.py
+	$(PY) train.py train_shakespeare.yaml run_name=$(RUN)
+	$(PY) train.py train_shakespeare.yaml run_name=$(RUN)-control alpha=0
+	$(PY) analyze.py ckpt=out/$(RUN) compare=out/$(RUN)-control out=figures/$(RUN)-compare
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, cli_main, gpt2_encoding, load_config, one_of, require
-from model import GPT, GPTConfig, configure_adamw
+from model import GPT, GPTConfig, configure_adamw, peak_flops
 from positions import CorticalSheet, random_layout, swap_optimize, unit_correlations
 
 
@@ -188,7 +188,6 @@ def bench_step(cfg: BenchConfig, device: str) -> dict:
             tag = f"{size}{' compiled' if compile_model else ''}"
             if not compile_model:
                 entry["peak_mb"] = {"topo": peak_memory(size, 2.5, device), "control": peak_memory(size, 0.0, device)}
-            from train import peak_flops
             peak = peak_flops(device)
             if peak:
                 entry["mfu"] = {k: topo_model.estimate_mfu(8 * 256, med[k], peak) for k in med}

@@ -308,6 +308,18 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(last)), per_site
 
 
+# Dense bf16 peak FLOP/s by GPU name fragment (vendor data sheets), for MFU.
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device: str) -> float | None:
+    """The device's dense bf16 peak FLOP/s, for `GPT.estimate_mfu`; None where unknown (CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def configure_adamw(module: nn.Module, weight_decay: float, learning_rate: float, betas, device_type: str):
     """AdamW with weight decay on matrices (and embeddings) only, not on gains and biases."""
     params = [p for p in module.parameters() if p.requires_grad]

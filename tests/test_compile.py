@@ -17,6 +17,7 @@ from model import GPT, GPTConfig, SequenceClassifier
 from positions import random_layout
 
 REL = 1e-4
+pytestmark = pytest.mark.compile
 
 
 def tiny_gpt(**kw) -> GPT:
@@ -150,3 +151,19 @@ def test_ddp_compiled_matches_eager(tmp_path):
             splits = [line for line in proc.stderr.splitlines() if "DDPOptimizer used bucket cap" in line]
             assert splits and "and created 1 buckets" not in splits[0], proc.stderr[-3000:]
     assert_losses_match(runs[False], runs[True], REL)
+
+
+def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
+    """gpu_check.py's whole path (bf16 autocast, compile on and off, timing, profiler) on a tiny model."""
+    import json
+    out = tmp_path / "gpu_check.json"
+    run_script([PYTHON, "gpu_check.py", "size=tiny", "device=cpu", "batch_size=4", "block_size=32", "micro_batch=2",
+                "pairs=2", "warmup=1", "compare_steps=2", f"json={out}"], timeout=600)
+    res = json.loads(out.read_text())
+    assert res["losses_match"] and len(res["losses"]["max_rel_diff_per_step"]) == 2
+    assert max(res["losses"]["max_rel_diff_per_step"]) <= 0.02
+    assert res["losses"]["eager"][0][1] > 0  # the spatial loss is on
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in res["attention"]["sdpa_ops"]
+    for tag in ("eager", "compiled"):
+        assert res[tag]["micro_batch"] == 2 and res[tag]["ratio_median"] > 0
+        assert res[tag]["topo"]["tokens_per_s"] > 0 and res[tag]["control"]["ms_per_step"] > 0

@@ -355,6 +355,7 @@ def test_classifier_with_padding_mask_compiles_in_one_graph():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+@pytest.mark.compile
 def test_compiled_finetuning_matches_eager(pretrained, glue_dir, tmp_path):
     """finetune.py with compile=True vs False (padded batches of varying length, so dynamo also
     recompiles with a dynamic sequence length): every logged loss within 1e-4 relative. Dropout is

@@ -164,11 +164,10 @@ def _centred_gram_backward(grad: torch.Tensor, xc: torch.Tensor, units: torch.Te
                            dtype: torch.dtype) -> torch.Tensor:
     """d act (N, n_cols) from dG (k, m, m): dXc_j = Xc_j (dG_j + dG_j^T), added into the units' columns."""
     n, k = xc.shape[0], grad.shape[0]
-    dxc = torch.bmm(xc.view(n, k, -1).transpose(0, 1), grad + grad.transpose(1, 2))  # (k, N, m)
-    # (torch.compile refuses bmm's out= into the strided (N, k * m) view, hence this one copy)
-    dxc = dxc.transpose(0, 1).reshape(n, -1).to(dtype)
+    dxc = torch.empty_like(xc)  # (N, k * m), written by the product as a strided (k, N, m) view: no copy
+    torch.bmm(xc.view(n, k, -1).transpose(0, 1), grad + grad.transpose(1, 2), out=dxc.view(n, k, -1).transpose(0, 1))
     dact = torch.zeros((n, n_cols), dtype=dtype, device=xc.device)
-    return dact.index_add_(1, units, dxc)
+    return dact.index_add_(1, units, dxc.to(dtype))
 
 
 class GatheredCentredGram(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """Measure what this code costs on this machine: spatial loss, train step, swap search, data prep.
 
-    python bench.py                       # everything, a few minutes on 2 CPU cores
+    python bench.py                       # everything; on 2 CPU cores about 20 minutes, most of it the
+                                          # 30 pairs of paper-width train steps (pairs=N for fewer)
     python bench.py only=spatial reps=20  # one part; json=bench.json also writes the figures
 
 Each figure is the median (min-max) over `reps` timed runs after `warmup` untimed ones.
@@ -23,6 +24,7 @@ import torch
 
 from common import REPO, cli_main, gpt2_encoding, load_config, one_of, require
 from model import GPT, GPTConfig, configure_adamw
+from training import peak_flops
 from positions import CorticalSheet, random_layout, swap_optimize, unit_correlations
 
 
@@ -34,8 +36,8 @@ class BenchConfig:
     """Timed repetitions per figure."""
     warmup: int = 2
     """Untimed repetitions before timing."""
-    paper_reps: int = 2
-    """Timed repetitions of the paper-width train step (slow on CPU)."""
+    pairs: int = 30
+    """Train step figure: timed topo/control step pairs per width, alternating which runs first."""
     device: str = "auto"
     """'cpu', 'cuda' or 'auto'."""
     compile: bool = False
@@ -47,7 +49,7 @@ class BenchConfig:
 
     def __post_init__(self):
         one_of(self.only, "only", ("all", "spatial", "step", "swap", "data"))
-        require(self.reps >= 1 and self.paper_reps >= 1 and self.warmup >= 0, "reps must be >= 1, warmup >= 0")
+        require(self.reps >= 1 and self.pairs >= 1 and self.warmup >= 0, "reps and pairs must be >= 1, warmup >= 0")
 
 
 def sync(device: str) -> None:
@@ -156,19 +158,30 @@ def peak_memory(size: str, alpha: float, device: str) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile); every value for fewer than two."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def bench_step(cfg: BenchConfig, device: str) -> dict:
+    """Train step (forward, backward, AdamW) of the topographic model and its control at two widths,
+    with_resid=False (the paper's). The two run in alternating pairs (AB, BA, AB, ...) in one
+    process, and the figure is the median over pairs of the ratio topo / control within a pair,
+    with its interquartile range: drifts in machine speed hit both members of a pair alike."""
     out = {}
     compile_modes = [False, True] if (device.startswith("cuda") or cfg.compile) else [False]
     for compile_model in compile_modes:
         for size in STEP_SIZES:
-            reps = cfg.paper_reps if size == "paper" and not device.startswith("cuda") else cfg.reps
             topo_model, topo = _step_fn(size, 2.5, device, compile_model)
             _, control = _step_fn(size, 0.0, device, compile_model)
             for _ in range(max(1, cfg.warmup)):
                 topo(), control()
             times = {"topo": [], "control": []}
             pair = (("topo", topo), ("control", control))
-            for rep in range(reps):  # alternate ABBA: drifts in machine speed and order effects hit both alike
+            for rep in range(cfg.pairs):
                 for name, fn in (pair if rep % 2 == 0 else pair[::-1]):
                     sync(device)
                     t0 = time.perf_counter()
@@ -178,8 +191,9 @@ def bench_step(cfg: BenchConfig, device: str) -> dict:
             med = {k: statistics.median(v) for k, v in times.items()}
             entry = {k: {"median_ms": 1e3 * med[k], "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v)}
                      for k, v in times.items()}
-            entry["ratio"] = med["topo"] / med["control"]
-            entry["ratio_of_fastest"] = min(times["topo"]) / min(times["control"])  # interference only adds time
+            ratios = [t / c for t, c in zip(times["topo"], times["control"])]
+            q1, q2, q3 = quartiles(ratios)
+            entry.update(pairs=cfg.pairs, ratio_paired_median=q2, ratio_paired_iqr=[q1, q3], ratios=ratios)
             # The added work alone, timed in isolation (many short runs, so far less noisy than the steps).
             c = STEP_SIZES[size]
             _, spatial = spatial_loss_step(2 * c["n_layer"], c["n_embed"], c["radius"], 8 * 256, 5, device)
@@ -188,19 +202,19 @@ def bench_step(cfg: BenchConfig, device: str) -> dict:
             tag = f"{size}{' compiled' if compile_model else ''}"
             if not compile_model:
                 entry["peak_mb"] = {"topo": peak_memory(size, 2.5, device), "control": peak_memory(size, 0.0, device)}
-            from training import peak_flops
             peak = peak_flops(device)
             if peak:
                 entry["mfu"] = {k: topo_model.estimate_mfu(8 * 256, med[k], peak) for k in med}
             out[tag] = entry
             mem = entry.get("peak_mb")
             print(f"train step {tag:<15} ({STEP_SIZES[size]['n_layer']} layers, n_embed {STEP_SIZES[size]['n_embed']}, "
-                  f"batch 8 x 256): topo {fmt(entry['topo'])}, control {fmt(entry['control'])}, "
-                  f"ratio {entry['ratio']:.3f}, of the fastest runs {entry['ratio_of_fastest']:.3f}, by the added "
-                  f"spatial work ({entry['spatial_ms']:.0f} ms) {entry['ratio_by_added_work']:.3f} (target <= 1.02)"
+                  f"batch 8 x 256, with_resid=False): topo {fmt(entry['topo'])}, control {fmt(entry['control'])}; "
+                  f"topo/control paired ratio, median over {cfg.pairs} pairs {q2:.3f} (interquartile range "
+                  f"{q1:.3f}-{q3:.3f}); by the added spatial work ({entry['spatial_ms']:.0f} ms) "
+                  f"{entry['ratio_by_added_work']:.3f} (target <= 1.02)"
                   + (f"; peak memory topo {mem['topo']:.0f} MB, control {mem['control']:.0f} MB" if mem else "")
                   + (f"; MFU topo {entry['mfu']['topo'] * 100:.1f}%, control {entry['mfu']['control'] * 100:.1f}%"
-                     if "mfu" in entry else ""))
+                     if "mfu" in entry else ""), flush=True)
     return out
 
 

@@ -176,12 +176,94 @@ def distance_target(radius: int) -> np.ndarray:
     return target / np.linalg.norm(target)
 
 
+def _centred_gram_forward(act: torch.Tensor, units: torch.Tensor, k: int,
+                          row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G (k, m, m), Xc (N, k * m)); see `gathered_centred_gram`."""
+    n = act.shape[0]
+    xc = torch.gather(act, 1, units.expand(n, -1))  # a new tensor: safe to centre in place
+    if xc.dtype in (torch.float16, torch.bfloat16):  # the Gram and correlations need fp32
+        xc = xc.float()
+    if row_mask is None:
+        xc.sub_(xc.mean(dim=0))
+    else:
+        xc.sub_((xc * row_mask).sum(dim=0) / row_mask.sum().clamp_min(1.0)).mul_(row_mask)
+    x3 = xc.view(n, k, -1).transpose(0, 1)
+    return x3.transpose(1, 2) @ x3, xc
+
+
+def _centred_gram_backward(grad: torch.Tensor, xc: torch.Tensor, units: torch.Tensor, n_cols: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """d act (N, n_cols) from dG (k, m, m): dXc_j = Xc_j (dG_j + dG_j^T), added into the units' columns."""
+    n, k = xc.shape[0], grad.shape[0]
+    dxc = torch.empty_like(xc)  # (N, k * m), written by the product as a strided (k, N, m) view: no copy
+    torch.bmm(xc.view(n, k, -1).transpose(0, 1), grad + grad.transpose(1, 2), out=dxc.view(n, k, -1).transpose(0, 1))
+    dact = torch.zeros((n, n_cols), dtype=dtype, device=xc.device)
+    return dact.index_add_(1, units, dxc.to(dtype))
+
+
 class GatheredCentredGram(torch.autograd.Function):
+    """Eager mode: `_centred_gram_forward` with the one-product backward (see `gathered_centred_gram`)."""
+
+    @staticmethod
+    def forward(ctx, act, units, k: int, row_mask=None):
+        gram, xc = _centred_gram_forward(act, units, k, row_mask)
+        ctx.save_for_backward(xc, units)
+        ctx.n_cols, ctx.act_dtype = act.shape[1], act.dtype
+        return gram
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, units = ctx.saved_tensors
+        return _centred_gram_backward(grad, xc, units, ctx.n_cols, ctx.act_dtype), None, None, None
+
+
+# Under torch.compile the same two functions run as opaque custom ops with a registered autograd
+# formula, so inductor never traces into them (see `gathered_centred_gram` for why).
+@torch.library.custom_op("topolm::gathered_centred_gram", mutates_args=())
+def _gram_op(act: torch.Tensor, units: torch.Tensor, k: int,
+             row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _centred_gram_forward(act, units, k, row_mask)
+
+
+@_gram_op.register_fake
+def _(act, units, k, row_mask):
+    m = units.shape[0] // k
+    dtype = torch.float32 if act.dtype in (torch.float16, torch.bfloat16) else act.dtype
+    return act.new_empty((k, m, m), dtype=dtype), act.new_empty((act.shape[0], units.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("topolm::gathered_centred_gram_backward", mutates_args=())
+def _gram_backward_op(grad: torch.Tensor, xc: torch.Tensor, units: torch.Tensor, n_cols: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    return _centred_gram_backward(grad, xc, units, n_cols, dtype)
+
+
+@_gram_backward_op.register_fake
+def _(grad, xc, units, n_cols, dtype):
+    return xc.new_empty((xc.shape[0], n_cols), dtype=dtype)
+
+
+def _gram_op_setup_context(ctx, inputs, output):
+    act, units, _k, _row_mask = inputs
+    ctx.save_for_backward(output[1], units)
+    ctx.n_cols, ctx.act_dtype = act.shape[1], act.dtype
+
+
+def _gram_op_backward(ctx, grad, _grad_xc):
+    xc, units = ctx.saved_tensors
+    return _gram_backward_op(grad, xc, units, ctx.n_cols, ctx.act_dtype), None, None, None
+
+
+_gram_op.register_autograd(_gram_op_backward, setup_context=_gram_op_setup_context)
+
+
+def gathered_centred_gram(act: torch.Tensor, units: torch.Tensor, k: int,
+                          row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Centred Gram matrices of k groups of m columns of one site's activations.
 
-    act (N, C), units (k * m,): G_j = Xc_j^T Xc_j, Xc_j the columns units[j*m:(j+1)*m] minus their
-    mean over the N rows; returns (k, m, m). On the CPU this is memory-bound, so the function makes
-    as few passes over memory as it can:
+    act (N, C), units (k * m,) long: G_j = Xc_j^T Xc_j, Xc_j the columns units[j*m:(j+1)*m] minus their
+    mean over the N rows; returns (k, m, m), float32 for half-precision `act`, else act's dtype.
+    On the CPU this is memory-bound, so it makes as few passes over memory as it can:
     - one gather copies the k * m columns into a fresh (N, k * m) buffer, which is centred in place
       and read by the batched product as a strided (k, N, m) view: no further copy;
     - autograd would differentiate the centring and both operands of the product separately (three
@@ -191,32 +273,21 @@ class GatheredCentredGram(torch.autograd.Function):
     `row_mask` (N, 1) of 0/1, optional: rows with 0 (padding) are left out. The mean runs over the
     kept rows and the left-out rows of Xc are zero, so they add nothing to G; the columns of Xc
     still sum to zero, so the one-product gradient stays exact (and is zero on left-out rows).
+
+    Eager mode runs this as an autograd.Function. Under torch.compile it runs as two custom ops
+    (`topolm::gathered_centred_gram` and its backward, `torch.library.custom_op` with
+    `register_autograd`), which inductor calls as opaque kernels: the same code as in eager mode.
+    Traced into inductor instead, the scatter of the gradient was read before it happened and
+    whole sites' spatial gradients were lost: torch 2.13's CPU scheduler, when it re-indexes a
+    node to fuse it with one of compatible loop ranges (`SchedulerNode.recompute_size_and_body`),
+    recomputes the node's reads from its loop body and drops its renaming of the mutated buffer,
+    so the reader of `index_put(zeros, ..., accumulate=True)` is ordered after the zero fill only.
+    (Eager mode keeps the Function: a Python custom op costs a few hundred microseconds more per
+    call here.)
     """
-
-    @staticmethod
-    def forward(ctx, act, units, k: int, row_mask=None):
-        n = act.shape[0]
-        xc = torch.gather(act, 1, units.expand(n, -1))  # a new tensor: safe to centre in place
-        if xc.dtype in (torch.float16, torch.bfloat16):  # the Gram and correlations need fp32
-            xc = xc.float()
-        if row_mask is None:
-            xc.sub_(xc.mean(dim=0))
-        else:
-            xc.sub_((xc * row_mask).sum(dim=0) / row_mask.sum().clamp_min(1.0)).mul_(row_mask)
-        ctx.save_for_backward(xc, units)
-        ctx.k, ctx.act_shape, ctx.act_dtype = k, act.shape, act.dtype
-        x3 = xc.view(n, k, -1).transpose(0, 1)
-        return x3.transpose(1, 2) @ x3
-
-    @staticmethod
-    def backward(ctx, grad):
-        xc, units = ctx.saved_tensors
-        n, k = xc.shape[0], ctx.k
-        dxc = torch.bmm(xc.view(n, k, -1).transpose(0, 1), grad + grad.transpose(1, 2))  # (k, N, m)
-        # (torch.compile refuses bmm's out= into the strided (N, k * m) view, hence this one copy)
-        dxc = dxc.transpose(0, 1).reshape(n, -1).to(ctx.act_dtype)
-        dact = torch.zeros(ctx.act_shape, dtype=ctx.act_dtype, device=xc.device)
-        return dact.index_add_(1, units, dxc), None, None, None
+    if torch.compiler.is_compiling():
+        return _gram_op(act, units, k, row_mask)[0]
+    return GatheredCentredGram.apply(act, units, k, row_mask)
 
 
 def gram_loss(gram: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -313,7 +384,7 @@ class CorticalSheet(nn.Module):
         never the gathered activations.
         """
         with torch.autocast(device_type=act.device.type, enabled=False):
-            return GatheredCentredGram.apply(act.reshape(-1, act.size(-1)), site_units, k, row_mask)
+            return gathered_centred_gram(act.reshape(-1, act.size(-1)), site_units, k, row_mask)
 
     def loss(self, grams: torch.Tensor, accum: str) -> torch.Tensor:
         """Per-site spatial loss (sites,) from the stacked Gram matrices (sites, k, m, m)."""

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, cli_main, gpt2_encoding, load_config, one_of, require
-from model import GPT, GPTConfig, configure_adamw
-from training import peak_flops
+from common import REPO, Dist, LoopConfig, cli_main, gpt2_encoding, load_config, one_of, require
+from model import GPT, GPTConfig
+from training import Optimization, peak_flops
 from positions import CorticalSheet, random_layout, swap_optimize, unit_correlations
 
 
@@ -121,22 +121,26 @@ STEP_SIZES = {
 
 
 def _step_fn(size: str, alpha: float, device: str, compile_model: bool, batch: int = 8, block: int = 256):
+    """A model and one call of train.py's own optimizer step on a fixed batch: training.Optimization
+    (autocast, backward, unscale, clip, the non-finite check with its host sync, AdamW), with the
+    micro-step returning the same named statistics as train.py's."""
     torch.manual_seed(0)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
     cfg = GPTConfig(block_size=block, alpha=alpha, **STEP_SIZES[size])
+    loop = LoopConfig(batch_size=batch, compile=compile_model, device=device, dtype=dtype)  # pretraining's AdamW
     model = GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, 0)).to(device)
-    opt = configure_adamw(model, 0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
-    runner = torch.compile(model) if compile_model else model
+    opt = Optimization(model, loop, Dist(0, 0, 1, device, False), dtype)
+    runner = opt.wrap()
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else None
-    ctx = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    checks = {"task": "task", "sites": [f"spatial site {n}" for n in model.site_names]}
+
+    def micro_step(m):
+        _, losses = m(x, x, units=model.sample_units(g))
+        return losses.total, {"task": losses.task, "spatial": losses.spatial, "sites": losses.per_site}
 
     def step():
-        with ctx:
-            _, losses = runner(x, x, units=model.sample_units(g))
-        losses.total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.step(0, loop.learning_rate, 1, micro_step, checks, False)
     return model, step
 
 

@@ -246,9 +246,8 @@ def bench_swap(cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------- 4. data prep
 
 def bench_data(cfg: BenchConfig) -> dict:
-    sys.path.insert(0, str(REPO / "data" / "shakespeare"))
-    from prepare import plays_dir, strip_markdown
-    plays = [strip_markdown(p.read_text(encoding="utf-8")) for p in sorted(plays_dir().rglob("*.md"))]
+    from corpus import shakespeare_plays, tokenize_to_files
+    plays = [text for _, text in shakespeare_plays()]
     docs, size = [], 0
     while size < cfg.data_mb * 2**20:  # many document-sized pieces, as in FineWeb
         for play in plays:
@@ -256,12 +255,7 @@ def bench_data(cfg: BenchConfig) -> dict:
                 docs.append(play[i:i + 4000])
                 size += len(docs[-1])
     enc = gpt2_encoding()
-    import importlib.util
     from datasets import Dataset
-    spec = importlib.util.spec_from_file_location("fineweb_prepare", REPO / "data" / "fineweb" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    sys.modules["fineweb_prepare"] = prepare  # the worker pool pickles its functions by module name
-    spec.loader.exec_module(prepare)
     workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         ds = Dataset.from_dict({"text": docs})
@@ -271,7 +265,7 @@ def bench_data(cfg: BenchConfig) -> dict:
             n_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
             singles.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            prepare.tokenize_to_files(ds, "text", Path(tmp), workers, 0.0005, 42, progress=False)
+            tokenize_to_files(ds, Path(tmp), workers, 0.0005, 42, progress=False)
             pipelines.append(time.perf_counter() - t0)
         single, pipeline = statistics.median(singles), statistics.median(pipelines)
         src = Path(tmp) / "docs.jsonl"

@@ -369,22 +369,37 @@ def remove_partial_writes(folder: Path) -> list[Path]:
     return found
 
 
-def read_text(path: Path) -> str:
-    """A text file's content, decoded as UTF-8 exactly (a leading BOM dropped).
+def decode_utf8(data: bytes, source: str, first_line: int = 1) -> str:
+    """`data` decoded as strict UTF-8, nothing translated (newlines, BOM and NUL kept as they are).
 
-    Raises UserError for a missing file, or for bytes that are not UTF-8, naming the file, the
-    line and the column where decoding failed."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    raw = path.read_bytes()
+    source names the input in the error (a path, or "path, row 12"); first_line is the line number of
+    the first byte (for pieces of a larger file; 0 leaves the line out). Raises UserError naming the
+    source, line and byte when `data` is not valid UTF-8."""
     try:
-        return raw.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise UserError(f"{path} line {line}, byte {column}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
-                        f"save the file as UTF-8") from e
+        where = ""
+        if first_line:
+            line = first_line + data.count(b"\n", 0, e.start)
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            where = f" line {line}, byte {column}"
+        raise UserError(f"{source}{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def read_text(path: Path) -> str:
+    """A text file's content, decoded as UTF-8 exactly (no newline translation; a leading BOM dropped).
+
+    Raises UserError for a missing or unreadable file, or for bytes that are not UTF-8, naming the
+    file, the line and the byte where decoding failed."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_utf8(raw, str(path)).removeprefix("\ufeff")
 
 
 # ----------------------------------------------------------------------------- data

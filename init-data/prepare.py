@@ -15,11 +15,10 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import EOT_TOKEN, gpt2_encoding, write_tokens_meta  # noqa: E402
+from common import EOT_TOKEN, atomic_write, cli_main, gpt2_encoding, read_text  # noqa: E402
+from corpus import ArgumentParser, TokenFiles, positive_int, seed_int  # noqa: E402
 from stimuli import nonwords, past, plural  # noqa: E402
 
 third = plural  # third-person singular: the same -s/-es rule
@@ -91,27 +90,24 @@ def sentence(rng: random.Random, vocab: dict) -> str:
     return text[0].upper() + text[1:] + rng.choice([".", ".", ".", "!", "?"] if rng.random() < 0.2 else ["."])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regenerate", action="store_true", help="rewrite sentences.txt from the grammar")
-    parser.add_argument("--sentences", type=int, default=6000, help="sentences to generate with --regenerate")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--sentences", type=positive_int, default=6000, help="sentences to generate with --regenerate")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    args = parser.parse_args(argv)
     text_file = HERE / "sentences.txt"
     if args.regenerate or not text_file.exists():
         rng, vocab = random.Random(args.seed), vocabulary()
-        tmp = text_file.with_name(text_file.name + ".tmp")
-        tmp.write_text("\n".join(sentence(rng, vocab) for _ in range(args.sentences)) + "\n")
-        tmp.replace(text_file)
+        atomic_write(text_file, "\n".join(sentence(rng, vocab) for _ in range(args.sentences)) + "\n")
     enc = gpt2_encoding()
-    ids = []
-    for line in text_file.read_text().splitlines():
-        if line.strip():
-            ids.extend(enc.encode_ordinary(line) + [EOT_TOKEN])
-    np.array(ids, dtype=np.uint16).tofile(HERE / "train.bin")
-    write_tokens_meta(HERE, {"source": "init-data/sentences.txt (jabberwocky-style sentences)"})
-    print(f"train.bin: {len(ids):,} tokens from {text_file.name}")
+    with TokenFiles(HERE, ("train",)) as out:
+        for line in read_text(text_file).splitlines():
+            if line.strip():
+                out.write("train", enc.encode_ordinary(line) + [EOT_TOKEN])
+        out.commit({"source": "init-data/sentences.txt (jabberwocky-style sentences)"})
+    print(f"train.bin: {out.counts['train']:,} tokens from {text_file.name}")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -465,7 +465,7 @@ def write_tokens_meta(folder: Path, extra: dict | None = None) -> None:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-_GPT2_BPE_HASHES = {
+GPT2_BPE_HASHES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
@@ -489,8 +489,8 @@ def gpt2_encoding():
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(files / "vocab.bpe"),
         encoder_json_file=str(files / "encoder.json"),
-        vocab_bpe_hash=_GPT2_BPE_HASHES["vocab.bpe"],
-        encoder_json_hash=_GPT2_BPE_HASHES["encoder.json"],
+        vocab_bpe_hash=GPT2_BPE_HASHES["vocab.bpe"],
+        encoder_json_hash=GPT2_BPE_HASHES["encoder.json"],
     )
     return tiktoken.Encoding(
         name="gpt2",

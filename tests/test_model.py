@@ -155,3 +155,24 @@ def test_restricted_output_vocabulary_is_the_masked_full_softmax():
     assert torch.equal(again.output_ids, ids)
     with pytest.raises(ValueError, match="strictly increasing"):
         restricted.set_output_ids(ids.flip(0))
+
+
+def test_adamw_is_the_reference_update():
+    """configure_adamw's (fused) AdamW takes the same steps as the reference single-tensor loop."""
+    from model import configure_adamw
+    model, ref = tiny(), tiny()
+    opt = configure_adamw(model, 0.1, 1e-2, (0.9, 0.99), "cpu")
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    x, y = batch()
+    for step in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            _, losses = m(x, y, units=m.sample_units(torch.Generator().manual_seed(step)))
+            losses.total.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, tiny().transformer.h[0].mlp.c_fc.weight)

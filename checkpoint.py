@@ -118,6 +118,7 @@ def _from_v1(ckpt: dict) -> dict:
     """v1 had no kind, tokenizer or layout: its models were trained on GPT-2 ids (or on ids only,
     below GPT-2's vocabulary) with permutation layouts written by init_pos.py or drawn at random."""
     mc = ckpt["model_config"]
+    mc.setdefault("n_output_ids", 0)  # the restricted output softmax came later
     coords = ckpt["model"]["sheet.unit_coords"].numpy()
     ckpt["kind"] = "finetune" if "head" in ckpt else "pretrain"
     ckpt["tokenizer"] = tokenizer_for(mc["vocab_size"])

@@ -446,3 +446,23 @@ def split_document(text: str, val_fraction: float) -> tuple[str, str]:
     cuts = [m.end() for m in re.finditer(r"\n\n", text)]
     cut = min(cuts, key=lambda c: abs(c - target)) if cuts else target
     return text[:cut], text[cut:]
+
+
+# ----------------------------------------------------------------------------- what a corpus uses
+
+def token_ids_used(paths, vocab_size: int) -> np.ndarray:
+    """Sorted ids (int64) that occur at least once in the uint16 token files `paths` (a model's
+    restricted output vocabulary, GPTConfig.n_output_ids). Reads each file once, in 64M-token chunks.
+    Raises common.UserError for a missing file or an id >= vocab_size."""
+    seen = np.zeros(2 ** 16, dtype=bool)
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"data file not found: {path} (run the dataset's prepare.py first)")
+        data = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
+        for i in range(0, len(data), 1 << 26):
+            seen[np.unique(data[i:i + (1 << 26)])] = True
+    ids = np.flatnonzero(seen)
+    if ids.size and ids[-1] >= vocab_size:
+        raise UserError(f"{', '.join(map(str, paths))} hold token id {ids[-1]} >= vocab_size={vocab_size}")
+    return ids.astype(np.int64)

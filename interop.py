@@ -552,6 +552,11 @@ def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool =
     from transformers import GPT2LMHeadModel
 
     folder = Path(folder)
+    if gpt.config.n_output_ids:
+        raise UserError(f"{source} restricts its output softmax to {gpt.config.n_output_ids} ids (output_vocab=corpus): "
+                        f"GPT2LMHeadModel cannot give the other ids logit -inf, so the export would be another model; "
+                        f"export a model trained with output_vocab=full (blimp.py, analyze.py and sample.py score "
+                        f"this one as it is)")
     if folder.exists() and not overwrite:
         raise UserError(f"{folder} already exists; pass overwrite=true to replace it")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")

@@ -27,6 +27,7 @@ from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, make_
 from common import (DATA_DIR, POSITIONS_DIR, Dist, LoopConfig, UserError, cli_main, load_config,
                     open_tokens, print0, run_distributed, remove_partial_writes, require, resolve_path,
                     tokens_meta)
+from corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
 from positions import load_positions, random_layout
 from training import (JsonLog, Optimization, StopSignal, autocast_context, gather_objects, learning_rate_at,
@@ -60,6 +61,14 @@ class TrainConfig(LoopConfig, GPTConfig):
     # ---- data
     dataset: str = "shakespeare"
     """Folder with train.bin/val.bin; a bare name means data/<name>."""
+    output_vocab: Literal["full", "corpus"] = "full"
+    """'full': the output softmax runs over all vocab_size ids (GPT-2, the paper; exports exactly to
+    transformers' GPT2LMHeadModel). 'corpus': only over the ids that occur in the dataset's train.bin
+    or val.bin (the checkpoint records them as the model's `output_ids`); every other id gets logit
+    -inf in every forward, while the embedding keeps all vocab_size rows and GPT-2's ids. For a small
+    corpus this saves most of the output layer's compute (the demo: 19,070 of 50,304 ids, about 2x
+    faster steps), but such a model has no exact GPT2LMHeadModel export. (The model key n_output_ids
+    follows from it: leave that 0.)"""
     # ---- topography
     position_dir: str = ""
     """Position set (init_pos.py output); a bare name means gpt2-positions/<name>; empty draws a random layout from `seed`."""
@@ -79,9 +88,13 @@ class TrainConfig(LoopConfig, GPTConfig):
         require(bool(self.dataset), "dataset= is empty; name a folder with train.bin and val.bin")
         require(self.run_name == "" or self.run_name.strip("./") != "",
                 f"run_name='{self.run_name}' is not a folder name")
+        require(self.n_output_ids == 0, f"n_output_ids={self.n_output_ids}: train.py derives it from the data; "
+                                        f"set output_vocab=corpus instead")
 
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
+    def model_config(self, n_output_ids: int = 0) -> GPTConfig:
+        """The model's config; n_output_ids: the size of a restricted output vocabulary (0: all ids)."""
+        keys = {f.name: getattr(self, f.name) for f in fields(GPTConfig)}
+        return GPTConfig(**{**keys, "n_output_ids": n_output_ids})
 
     def run_dir(self) -> Path:
         name = self.run_name or (
@@ -124,9 +137,9 @@ def positions_for(cfg: TrainConfig) -> tuple[np.ndarray, str]:
     return coords, f"{folder} ({meta.get('layout', '?')})"
 
 
-def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: int) -> None:
     saved = ckpt["model_config"]
-    wanted = asdict(cfg.model_config())
+    wanted = asdict(cfg.model_config(n_output_ids))
     diff = [f"{k}={saved.get(k)} in checkpoint vs {wanted[k]} now" for k in ARCH_KEYS if saved.get(k) != wanted[k]]
     if diff:
         raise UserError(f"checkpoint {path} was made for another architecture: {'; '.join(diff)}; set these keys "
@@ -147,7 +160,7 @@ def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfi
             for _ in range(cfg.eval_iters):
                 x, y = source.get(g_batch)
                 with ctx:
-                    _, losses = raw_model(x, y, units=raw_model.sample_units(g_nbhd))
+                    _, losses = raw_model(x, y, units=raw_model.sample_units(g_nbhd), return_logits=False)
                 values = {name: v.detach().float() for name, v in losses._asdict().items()}
                 sums = values if sums is None else {k: sums[k] + values[k] for k in sums}
         if d.ddp:  # one collective for all fields
@@ -170,6 +183,9 @@ def train(cfg: TrainConfig, d: Dist) -> None:
     run_dir = cfg.run_dir()
     data_dir = resolve_path(cfg.dataset, DATA_DIR)
     batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
+    output_ids = None
+    if cfg.output_vocab == "corpus":
+        output_ids = token_ids_used([source.path for source in batches.values()], cfg.vocab_size)
 
     # Everything that can refuse the run is checked before anything is written.
     ckpt = ckpt_file = None
@@ -180,7 +196,7 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                             f"the run (or name the run folder with out_dir/run_name)")
         ckpt_file = ckpts[-1]
         ckpt = load_checkpoint(ckpt_file)
-        check_resume_config(ckpt, cfg, ckpt_file)
+        check_resume_config(ckpt, cfg, ckpt_file, 0 if output_ids is None else len(output_ids))
         coords, positions_source = None, ckpt["layout"]["source"]
     else:
         coords, positions_source = positions_for(cfg)
@@ -194,7 +210,7 @@ def train(cfg: TrainConfig, d: Dist) -> None:
                "init_from=resume to evaluate the run's newest checkpoint")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw_model = GPT(cfg.model_config(), coords).to(d.device)
+    raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), coords, output_ids).to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {
         "batch": torch.Generator().manual_seed(stream_seed(cfg.seed, "batch", d.rank)),
@@ -268,7 +284,7 @@ def train(cfg: TrainConfig, d: Dist) -> None:
 
     def micro_step(model):
         x, y = batches["train"].get(generators["batch"])
-        _, losses = model(x, y, units=raw_model.sample_units(generators["nbhd"]))
+        _, losses = model(x, y, units=raw_model.sample_units(generators["nbhd"]), return_logits=False)
         return losses.total, {"task": losses.task, "spatial": losses.spatial, "sites": losses.per_site}
 
     try:

@@ -40,7 +40,8 @@ def numpy_spatial_loss(acts: np.ndarray, coords: np.ndarray) -> float:
 TINY = dict(n_layer=2, n_head=2, n_embed=36, block_size=32, batch_size=4, vocab_size=64, radius=2,
             neighborhoods_per_batch=3, alpha=1.0, dropout=0.0, eval_iters=2, eval_interval=10, log_interval=1,
             save_interval=10, learning_rate=3e-3, warmup_iters=2, lr_decay_iters=40, min_lr=3e-4, max_iters=20,
-            device="cpu", dtype="float32", compile=False, position_dir="''")
+            device="cpu", dtype="float32", compile=False, position_dir="''",
+            output_vocab="full")  # the paper's full softmax, whatever the demo preset chooses
 
 
 def overrides(**kw) -> list[str]:

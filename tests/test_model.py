@@ -94,6 +94,7 @@ def test_generate_shapes_and_top_k():
     (dict(radius=4), "too large"),
     (dict(radius=0), "must be >= 1"),
     (dict(neighborhoods_per_batch=17), "exceeds"),
+    (dict(n_output_ids=50305), "n_output_ids"),
 ])
 def test_config_checks(kw, msg):
     base = dict(n_layer=1, n_head=2, n_embed=36, radius=2, neighborhoods_per_batch=3)
@@ -110,3 +111,68 @@ def test_compiled_forward_has_no_graph_break():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(lambda a, b, u: model(a, b, units=u)[1].total)(x, y, units)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_restricted_output_vocabulary_is_the_masked_full_softmax():
+    """n_output_ids: the loss and gradients equal a full-vocabulary model's whose logits outside
+    output_ids are set to -inf; every forward's logits are -inf there; the ids travel in the state_dict."""
+    ids = torch.tensor([0, 3, 4, 7, 11, 12, 20, 31, 40, 49])
+    full, restricted = tiny(), tiny(n_output_ids=len(ids))
+    restricted.load_state_dict({**full.state_dict(), "output_ids": ids})
+    g = torch.Generator().manual_seed(0)
+    x = ids[torch.randint(0, len(ids), (3, 16), generator=g)]
+    y = torch.roll(x, -1, 1)
+    y[0, :4] = -1  # ignored positions stay ignored
+    units = full.sample_units(torch.Generator().manual_seed(2))
+    mask = torch.full((50,), float("-inf"))
+    mask[ids] = 0.0
+    h, per_site = full.encode(x, units=units)
+    masked = full.lm_head(h) + mask
+    expected = torch.nn.functional.cross_entropy(masked.view(-1, 50), y.view(-1), ignore_index=-1)
+    expected.backward()
+    logits, losses = restricted(x, y, units=units)
+    losses.task.backward()
+    torch.testing.assert_close(losses.task, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, masked.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.isinf(logits[..., [1, 2, 48]]).all() and torch.isfinite(logits[..., ids]).all()
+    for (name, p), q in zip(full.named_parameters(), restricted.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # return_logits=False gives the same loss without building the logits
+    none, same = restricted(x, y, units=units, return_logits=False)
+    assert none is None and torch.equal(same.task, losses.task)
+    # generation never picks an id outside output_ids; sampling logits are -inf there too
+    last, _ = restricted(x)
+    assert last.shape == (3, 1, 50) and torch.isinf(last[..., [1, 2, 48]]).all()
+    out = restricted.generate(x[:, :2], 12, generator=torch.Generator().manual_seed(0))
+    assert torch.isin(out, ids).all()
+    # a target outside output_ids has probability 0: the loss is inf, not a silently wrong number
+    y_out = y.clone()
+    y_out[1, 3] = 5
+    assert torch.isinf(restricted(x, y_out, units=units)[1].task)
+    # the ids are part of the model: a fresh model loading the state_dict gets them back
+    again = GPT(GPTConfig(**{**vars(restricted.config)}))
+    again.load_state_dict(restricted.state_dict())
+    assert torch.equal(again.output_ids, ids)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        restricted.set_output_ids(ids.flip(0))
+
+
+def test_adamw_is_the_reference_update():
+    """configure_adamw's (fused) AdamW takes the same steps as the reference single-tensor loop."""
+    from model import configure_adamw
+    model, ref = tiny(), tiny()
+    opt = configure_adamw(model, 0.1, 1e-2, (0.9, 0.99), "cpu")
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    x, y = batch()
+    for step in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            _, losses = m(x, y, units=m.sample_units(torch.Generator().manual_seed(step)))
+            losses.total.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, tiny().transformer.h[0].mlp.c_fc.weight)

@@ -92,7 +92,7 @@ OPTIMIZER = {"learning_rate": [0, -1e-3, NAN, INF], "weight_decay": [-0.1, NAN, 
 LOOP = {**SYSTEM, **OPTIMIZER, "batch_size": [0], "gradient_accumulation_steps": [0], "log_interval": [0]}
 SHEET = {"n_layer": [0], "n_head": [0, -2], "n_embed": [0, 50], "vocab_size": [0]}
 MODEL = {**SHEET, "block_size": [0], "dropout": [1.0, -0.1, NAN], "radius": [0, 99],
-         "neighborhoods_per_batch": [0, 10**6], "alpha": [-1, NAN, INF]}
+         "neighborhoods_per_batch": [0, 10**6], "alpha": [-1, NAN, INF], "n_output_ids": [-1, 10**6]}
 
 # (config class, the arguments it loads with, {numeric key: out-of-domain values})
 DOMAINS = [
@@ -451,7 +451,8 @@ def test_prompt_files_are_read_exactly(gpt2_ckpt, tmp_path, capsys):
     prompt.write_bytes("Ünïcödé prompt\n".encode("latin-1"))
     with pytest.raises(UserError) as e:  # cli_main makes it one `error:` line, exit 2
         sample.main([f"ckpt={gpt2_ckpt}", f"start=FILE:{prompt}"])
-    assert str(e.value) == f"{prompt} line 1, byte 1: not valid UTF-8 (byte 0xdc); save the file as UTF-8"
+    assert str(e.value) == f"{prompt} line 1, byte 1: not valid UTF-8 (byte 0xdc); save the file as UTF-8 " \
+        "(e.g. iconv -f latin1 -t utf-8)"
     prompt.write_text("Ünïcödé prompt\n", encoding="utf-8")
     sample.main([f"ckpt={gpt2_ckpt}", f"start=FILE:{prompt}", "num_samples=1", "max_new_tokens=3"])
     assert capsys.readouterr().out.splitlines()[1].startswith("Ünïcödé prompt")

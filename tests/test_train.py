@@ -181,3 +181,23 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly
     assert len(set(end["param_sha256"])) == 1
     wa, wb = final_weights(tmp_path / "whole", 60)["model"], final_weights(tmp_path / "t", 60)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_output_vocab_corpus_records_the_corpus_ids_and_resumes(tiny_data, tmp_path):
+    """output_vocab=corpus: the checkpoint's model holds exactly the ids of train.bin and val.bin, the
+    loss falls, and a resume continues the same model."""
+    import numpy as np
+    used = np.union1d(np.fromfile(tiny_data / "train.bin", dtype=np.uint16),
+                      np.fromfile(tiny_data / "val.bin", dtype=np.uint16))
+    assert 10 < len(used) < 64  # the pattern data leave some ids of the 64 unused
+    run_script(train_args(tiny_data, tmp_path, run_name="v", max_iters=20, output_vocab="corpus"))
+    ckpt = final_weights(tmp_path / "v", 20)
+    assert ckpt["model_config"]["n_output_ids"] == len(used)
+    assert np.array_equal(ckpt["model"]["output_ids"].numpy(), used)
+    evals = [r for r in read_log(tmp_path / "v") if r["event"] == "eval"]
+    assert evals[0]["val"]["task"] < np.log(len(used)) + 0.1  # starts near uniform over the corpus ids
+    assert evals[-1]["val"]["task"] < evals[0]["val"]["task"] - 0.3
+    run_script(train_args(tiny_data, tmp_path, run_name="v", max_iters=22, output_vocab="corpus", init_from="resume"))
+    assert np.array_equal(final_weights(tmp_path / "v", 22)["model"]["output_ids"].numpy(), used)
+    proc = run_script(train_args(tiny_data, tmp_path, run_name="v", max_iters=24, init_from="resume"), check=False)
+    assert proc.returncode == 2 and f"n_output_ids={len(used)} in checkpoint vs 0 now" in proc.stderr

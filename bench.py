@@ -38,6 +38,8 @@ class BenchConfig:
     """Untimed repetitions before timing."""
     pairs: int = 30
     """Train step figure: timed topo/control step pairs per width, alternating which runs first."""
+    widths: str = "small,paper"
+    """Train step figure: the model widths to time, comma-separated ('small' 4 x 256, 'paper' 12 x 784)."""
     device: str = "auto"
     """'cpu', 'cuda' or 'auto'."""
     compile: bool = False
@@ -50,6 +52,8 @@ class BenchConfig:
     def __post_init__(self):
         one_of(self.only, "only", ("all", "spatial", "step", "swap", "data"))
         require(self.reps >= 1 and self.pairs >= 1 and self.warmup >= 0, "reps and pairs must be >= 1, warmup >= 0")
+        for width in self.widths.split(","):
+            one_of(width, "widths", tuple(STEP_SIZES))
 
 
 def sync(device: str) -> None:
@@ -178,7 +182,7 @@ def bench_step(cfg: BenchConfig, device: str) -> dict:
     out = {}
     compile_modes = [False, True] if (device.startswith("cuda") or cfg.compile) else [False]
     for compile_model in compile_modes:
-        for size in STEP_SIZES:
+        for size in cfg.widths.split(","):
             topo_model, topo = _step_fn(size, 2.5, device, compile_model)
             _, control = _step_fn(size, 0.0, device, compile_model)
             for _ in range(max(1, cfg.warmup)):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import (DATA_DIR, UserError, atomic_write, check_seed, cli_main, gpt2_encoding, load_config, open_tokens,
+from common import (DATA_DIR, UserError, atomic_write, check_device, check_seed, cli_main, require_device, gpt2_encoding, load_config, open_tokens,
                     require, resolve_path)
 from scoring import (load_blimp_hub, load_blimp_local, load_units, random_units, score_blimp, top_units,
                      validation_loss, zeroed_units)
@@ -65,8 +65,7 @@ class AblateConfig:
         check_seed(self.seed)
         for key in ("val_batches", "val_batch_size", "batch_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        require(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device must be cpu, cuda or cuda:N; got '{self.device}'")
+        check_device(self.device)
 
 
 def spread(values: list[float]) -> dict:
@@ -77,8 +76,7 @@ def spread(values: list[float]) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg: AblateConfig = load_config(AblateConfig, argv)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no CUDA device is available")
+    require_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, cfg.device)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
     n_embed, names = model.config.n_embed, list(model.site_names)

@@ -29,7 +29,7 @@ import torch
 
 from analysis import CONDITIONS, CONTRASTS, Stimuli, heldout_windows, measure_model, summarize
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import (DATA_DIR, REPO, UserError, atomic_write, check_seed, cli_main, gpt2_encoding, load_config, require,
+from common import (DATA_DIR, REPO, UserError, atomic_write, check_seed, cli_main, require_device, gpt2_encoding, load_config, require,
                     resolve_path)
 from model import GPT
 from stimuli import read_localizer, read_pos
@@ -369,8 +369,7 @@ def main(argv: list[str]) -> None:
     cfg: AnalyzeConfig = load_config(AnalyzeConfig, argv)
     if not cfg.ckpt:
         raise UserError("ckpt is required: ckpt=out/<run> (a run folder or a checkpoint file)")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no CUDA device is available")
+    require_device(cfg.device)
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise UserError("device=mps but no MPS device is available")
     folder = Path(cfg.stimuli) if Path(cfg.stimuli).is_absolute() else REPO / cfg.stimuli

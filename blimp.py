@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import UserError, atomic_write, cli_main, gpt2_encoding, load_config, require
+from common import UserError, atomic_write, check_device, cli_main, gpt2_encoding, load_config, require, require_device
 from scoring import blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
 
@@ -41,14 +41,12 @@ class BlimpConfig:
     def __post_init__(self):
         require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        require(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device must be cpu, cuda or cuda:N; got '{self.device}'")
+        check_device(self.device)
 
 
 def main(argv: list[str]) -> None:
     cfg: BlimpConfig = load_config(BlimpConfig, argv)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no CUDA device is available")
+    require_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, cfg.device)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)

@@ -166,6 +166,20 @@ class Checked:
         pass
 
 
+def check_device(value: str, key: str = "device") -> None:
+    """A device name a script can run on: cpu, cuda or cuda:N."""
+    require(re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None, f"{key} must be cpu, cuda or cuda:N; got '{value}'")
+
+
+def require_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without one (at run time, before a model is loaded)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device} but no CUDA device is available; use device=cpu")
+
+
 def check_seed(value: int, key: str = "seed") -> None:
     require(0 <= value <= SEED_MAX, f"{key}={value} must be in [0, {SEED_MAX}]")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import (EOT_TOKEN, UserError, check_seed, cli_main, gpt2_encoding, load_config, read_text, require,
+from common import (EOT_TOKEN, UserError, check_device, check_seed, cli_main, require_device, gpt2_encoding, load_config, read_text, require,
                     require_finite)
 
 
@@ -44,14 +44,12 @@ class SampleConfig:
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0")
         check_seed(self.seed)
-        require(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device must be cpu, cuda or cuda:N; got '{self.device}'")
+        check_device(self.device)
 
 
 def main(argv: list[str]) -> None:
     cfg: SampleConfig = load_config(SampleConfig, argv)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no CUDA device is available; use device=cpu")
+    require_device(cfg.device)
     start = cfg.start
     if start.startswith("FILE:"):  # read before the model loads: a bad file is refused at once
         prompt_file = Path(start[5:])

@@ -128,7 +128,8 @@ def load(cfg: AnalyzeConfig, label: str, arg: str, stim: Stimuli, localizer) -> 
     require_gpt2_tokenizer(ckpt, path, "the analysis's stimuli")
     if stim.longest + 1 > model.config.block_size:
         raise UserError(f"{path}: the longest stimulus has {stim.longest} tokens (+1 prefix), more than "
-                        f"block_size={model.config.block_size}")
+                        f"block_size={model.config.block_size}; analyse a model with block_size >= {stim.longest + 1}, "
+                        f"or pass shorter stimuli with stimuli=<folder>")
     tokens, source = heldout_tokens(cfg, ckpt, localizer)
     if len(tokens) < 16:
         raise UserError(f"held-out text {source} has only {len(tokens)} tokens")

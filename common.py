@@ -48,6 +48,11 @@ def cli_main(main: Callable[[list[str]], Any]) -> None:
     """Run a script's `main(argv)`, turning a `UserError` into one line and exit status 2."""
     try:
         main(sys.argv[1:])
+    except OSError as e:  # an output or input path the system refuses (a file where a folder goes, no permission)
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e}; check the paths given", file=sys.stderr, flush=True)
+        sys.exit(2)
     except UserError as e:
         # Under torchrun every rank hits the same error; one line is enough.
         if int(os.environ.get("RANK", "0")) == 0:
@@ -88,7 +93,7 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
     Later `key=value` pairs override it. Returns the validated dataclass instance.
     """
     import yaml
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     files = [a for a in argv if "=" not in a]
@@ -107,6 +112,8 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
                 preset = OmegaConf.load(path)
             except Exception as e:  # YAML syntax errors carry several lines
                 raise UserError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from e
+            if not isinstance(preset, DictConfig):
+                raise UserError(f"config file {path} must hold key: value lines, not a {type(preset).__name__}")
             merged = OmegaConf.merge(merged, preset)
         string_keys = {f.name for f in dataclasses.fields(cls) if f.type in (str, "str")}
         parsed = []

@@ -557,6 +557,9 @@ def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool =
                         f"GPT2LMHeadModel cannot give the other ids logit -inf, so the export would be another model; "
                         f"export a model trained with output_vocab=full (blimp.py, analyze.py and sample.py score "
                         f"this one as it is)")
+    if folder.exists() and not (folder.is_dir() and (folder / "topolm.json").is_file()):
+        raise UserError(f"{folder} exists and is not an earlier export (no topolm.json); choose another out= "
+                        f"(overwrite=true replaces only an earlier export)")
     if folder.exists() and not overwrite:
         raise UserError(f"{folder} already exists; pass overwrite=true to replace it")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")

@@ -91,6 +91,8 @@ def parse_paradigms(text: str, available: Iterable[str]) -> list[str]:
     if not text.strip():
         return available
     chosen = [p.strip() for p in text.split(",") if p.strip()]
+    if not chosen:
+        raise UserError(f"paradigms='{text}' names no paradigm; leave it empty for all, or list names separated by commas")
     unknown = [p for p in chosen if p not in available]
     if unknown:
         raise UserError(f"unknown BLiMP paradigm(s) {', '.join(unknown)}; available: {', '.join(available[:8])}"
@@ -153,10 +155,11 @@ def encode_sentences(sentences: list[str], encoding) -> list[list[int]]:
 
 
 def gpt_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logits (B, T, vocab) at every position of our GPT, spatial loss off."""
+    """Logits (B, T, vocab) at every position of our GPT, spatial loss off (-inf outside a restricted
+    output vocabulary, as in the model's own forward)."""
     def logits(idx: torch.Tensor) -> torch.Tensor:
         hidden, _ = model.encode(idx, spatial=False)
-        return model.lm_head(hidden)
+        return model.output_logits(hidden)
     return logits
 
 

@@ -339,3 +339,36 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
 
 def test_encode_sentences_prefixes_eot():
     assert encode_sentences(["The dog runs."], gpt2_encoding()) == [[EOT_TOKEN] + gpt2_encoding().encode("The dog runs.")]
+
+
+def test_scoring_uses_the_restricted_output_vocabulary():
+    # a model with output_vocab=corpus gives -inf to other ids: BLiMP and ablation must score that model
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embed=9, block_size=8, vocab_size=64, radius=2,
+                    neighborhoods_per_batch=1, n_output_ids=5)
+    model = GPT(cfg, random_layout(2, 9, seed=0), output_ids=[1, 3, 5, 7, 9]).eval()
+    ids = torch.tensor([[1, 3, 5, 7]])
+    with torch.no_grad():
+        ours = gpt_logits(model)(ids)
+        last, _ = model(ids)
+    assert torch.isinf(ours[0, :, 0]).all() and torch.isfinite(ours[0, :, [1, 3, 5, 7, 9]]).all()
+    torch.testing.assert_close(ours[:, -1:], last)
+
+
+def test_export_never_replaces_what_is_not_an_earlier_export(grammar, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "data.txt").write_text("precious")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    gpt, ckpt, path = load_model(grammar["run"])
+    for out in (victim, a_file):
+        with pytest.raises(UserError, match="is not an earlier export"):
+            export_model(gpt, ckpt, out, str(path), overwrite=True)
+    assert (victim / "sub" / "data.txt").read_text() == "precious" and a_file.read_text() == "keep me"
+
+
+def test_an_empty_paradigm_list_is_refused():
+    from scoring import parse_paradigms
+    with pytest.raises(UserError, match="names no paradigm"):
+        parse_paradigms(" , ", ["a", "b"])

@@ -480,3 +480,23 @@ def test_finetune_overwrite_replaces_every_output(gpt2_ckpt, sst2, tmp_path, cap
     assert log[0]["config"]["seed"] == 2 and log[-1]["event"] == "end" and log[-1]["iter"] == 4
     second = json.loads((task_dir / "metrics.json").read_text())
     assert first["iters"] == 2 and second["iters"] == 4
+
+
+def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold key: value lines"):
+        load_config(train.TrainConfig, [str(bad)])
+
+
+def test_an_output_path_the_system_refuses_is_one_error_line(tmp_path):
+    # out_dir names a file: the run folder cannot be made there
+    (tmp_path / "afile").write_text("x")
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(4000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "train.bin")
+    np.arange(4000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "val.bin")
+    proc = run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+                       *overrides(dataset=str(data), out_dir=str(tmp_path / "afile"), run_name="r", max_iters=1)],
+                      check=False)
+    one_error_line(proc, "afile", "check the paths given")

@@ -15,6 +15,8 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import EOT_TOKEN, atomic_write, cli_main, gpt2_encoding, read_text  # noqa: E402

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
 from common import (DATA_DIR, UserError, atomic_write, check_device, check_seed, cli_main, require_device, gpt2_encoding, load_config, open_tokens,

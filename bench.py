@@ -134,7 +134,7 @@ def _step_fn(size: str, alpha: float, device: str, compile_model: bool, batch: i
     loop = LoopConfig(batch_size=batch, compile=compile_model, device=device, dtype=dtype)  # pretraining's AdamW
     model = GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, 0)).to(device)
     opt = Optimization(model, loop, Dist(0, 0, 1, device, False), dtype)
-    runner = opt.wrap()
+    opt.wrap()  # compile as train.py does; the step runs opt.model
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
     checks = {"task": "task", "sites": [f"spatial site {n}" for n in model.site_names]}

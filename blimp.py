@@ -14,10 +14,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import UserError, atomic_write, check_device, cli_main, gpt2_encoding, load_config, require, require_device
+from common import atomic_write, check_device, cli_main, gpt2_encoding, load_config, require, require_device
 from scoring import blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
 

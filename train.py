@@ -13,7 +13,6 @@ of its own, re-seeded at each evaluation, so it never shifts the training stream
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,7 +29,7 @@ from common import (DATA_DIR, POSITIONS_DIR, Dist, LoopConfig, UserError, cli_ma
 from corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
 from positions import load_positions, random_layout
-from training import (JsonLog, Optimization, StopSignal, autocast_context, gather_objects, learning_rate_at,
+from training import (JsonLog, Optimization, StopSignal, gather_objects, learning_rate_at,
                       params_digest, peak_flops, resolve_dtype, restore_streams, save_run_checkpoint, check_wandb,
                       start_wandb, stream_seed, accumulation_per_rank)
 

@@ -1,7 +1,6 @@
 """The repository's shape: scripts are leaves, library modules stay light where promised."""
 import ast
 import subprocess
-import sys
 
 from conftest import PYTHON, REPO
 

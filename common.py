@@ -469,21 +469,6 @@ def _max_token_id(path: Path, data: np.memmap) -> int:
     return int(max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)))
 
 
-def write_tokens_meta(folder: Path, extra: dict | None = None) -> None:
-    """Record the size and largest id of each .bin in `folder` so that training need not scan them."""
-    folder = Path(folder)
-    files = {}
-    for p in sorted(folder.glob("*.bin")):
-        data = np.memmap(p, dtype=np.uint16, mode="r")
-        files[p.name] = {
-            "tokens": int(len(data)),
-            "max_token_id": _max_token_id(p, data) if len(data) else -1,
-            "mtime_ns": p.stat().st_mtime_ns,
-        }
-    meta = {"dtype": "uint16", "tokenizer": "gpt2", "files": files, **(extra or {})}
-    atomic_write(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 GPT2_BPE_HASHES = {

@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from common import EOT_TOKEN, UserError, decode_utf8, gpt2_encoding, read_text
+from common import EOT_TOKEN, UserError, atomic_write, decode_utf8, gpt2_encoding, read_text, remove_partial_writes
 
 VAL_SEED = 42
 SLICE_DOCS = 512  # at most this many documents per work item: enough to amortise the hand-off
@@ -211,27 +211,6 @@ def check_split(n_docs: int, val_fraction: float) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- writing token files
 
-def remove_leftovers(out_dir: Path, names=("train.bin", "val.bin", "meta.json")) -> None:
-    """Delete `<name>.tmp*` files that an interrupted run left in out_dir."""
-    out_dir = Path(out_dir)
-    if out_dir.is_dir():
-        for name in names:
-            for p in out_dir.glob(f"{name}.tmp*"):
-                p.unlink(missing_ok=True)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class TokenFiles:
     """uint16 token files `<name>.bin` in out_dir, written under temporary names.
 
@@ -254,7 +233,7 @@ class TokenFiles:
 
     def __enter__(self) -> "TokenFiles":
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(self.out_dir, [f"{n}.bin" for n in self.names] + ["meta.json"])
+        remove_partial_writes(self.out_dir)
         self.files = {n: open(self.tmps[n], "wb") for n in self.names}
         return self
 
@@ -281,12 +260,8 @@ class TokenFiles:
         files = {f"{n}.bin": {"tokens": self.counts[n], "max_token_id": self.max_id[n],
                               "mtime_ns": self.paths[n].stat().st_mtime_ns} for n in self.names}
         meta = {"dtype": "uint16", "tokenizer": "gpt2", "files": files, **(extra or {})}
-        _write_atomically(self.out_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-        fd = os.open(self.out_dir, os.O_RDONLY)  # the renames are durable once the folder entry is
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # atomic_write also syncs the folder entry, which makes the renames above durable too
+        atomic_write(self.out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     def __exit__(self, *exc) -> None:
         for f in self.files.values():

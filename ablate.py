@@ -21,16 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import (DATA_DIR, UserError, atomic_write, check_device, check_seed, cli_main, require_device, gpt2_encoding, load_config, open_tokens,
+from common import (DATA_DIR, UserError, atomic_write, check_seed, cli_main, require_device, gpt2_encoding, load_config, open_tokens,
                     require, resolve_path)
-from scoring import (load_blimp_hub, load_blimp_local, load_units, random_units, score_blimp, top_units,
+from scoring import (BlimpKeys, load_blimp_hub, load_blimp_local, load_units, random_units, score_blimp, top_units,
                      validation_loss, zeroed_units)
 
 
 @dataclass
-class AblateConfig:
-    ckpt: str = ""
-    """Checkpoint file, or run folder whose newest checkpoint is used."""
+class AblateConfig(BlimpKeys):
+    """ablate.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from scoring.BlimpKeys."""
     units: str = ""
     """units.npz written by analyze.py for this checkpoint (site_names, coords, t_localizer)."""
     k: int = 10
@@ -39,32 +38,23 @@ class AblateConfig:
     """Random draws of k units per site (at least 5)."""
     seed: int = 0
     """Seed of the random draws (and of the validation windows)."""
-    data_dir: str = ""
-    """BLiMP: folder of <paradigm>.jsonl files; empty loads nyu-mll/blimp through datasets."""
-    paradigms: str = ""
-    """Comma-separated BLiMP paradigms; empty scores all of them."""
     dataset: str = ""
     """Folder with val.bin (a bare name means data/<name>) for the validation loss; empty skips it."""
     val_batches: int = 20
     """Validation batches per condition."""
     val_batch_size: int = 8
     """Windows of block_size tokens per validation batch."""
-    batch_size: int = 64
-    """BLiMP sentences per forward pass."""
     out: str = ""
     """JSON results file; empty writes <checkpoint file>.ablation-k<k>.json beside the checkpoint."""
-    device: str = "cpu"
-    """'cpu', 'cuda' or 'cuda:N'."""
 
     def __post_init__(self):
-        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
+        super().__post_init__()
         require(bool(self.units), "units= is required: the units.npz of analyze.py for this checkpoint")
         require(self.k >= 1, f"k={self.k} must be >= 1")
         require(self.draws >= 5, f"draws={self.draws} must be >= 5 (the spread of the random control needs several)")
         check_seed(self.seed)
-        for key in ("val_batches", "val_batch_size", "batch_size"):
+        for key in ("val_batches", "val_batch_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        check_device(self.device)
 
 
 def spread(values: list[float]) -> dict:

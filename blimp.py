@@ -16,31 +16,17 @@ from pathlib import Path
 
 
 from checkpoint import load_model, require_gpt2_tokenizer
-from common import atomic_write, check_device, cli_main, gpt2_encoding, load_config, require, require_device
-from scoring import blimp_table, load_blimp_hub, load_blimp_local, score_blimp
+from common import atomic_write, cli_main, gpt2_encoding, load_config, require_device
+from scoring import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
 
 @dataclass
-class BlimpConfig:
-    ckpt: str = ""
-    """Checkpoint file, or run folder whose newest checkpoint is used."""
-    data_dir: str = ""
-    """Folder of <paradigm>.jsonl files (BLiMP's fields); empty loads nyu-mll/blimp through datasets."""
-    paradigms: str = ""
-    """Comma-separated paradigm names; empty scores all of them."""
+class BlimpConfig(BlimpKeys):
+    """blimp.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from scoring.BlimpKeys."""
     out: str = ""
     """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint."""
     save_pairs: bool = False
     """Also write each pair's log-probabilities (lp_good, lp_bad) into the JSON."""
-    batch_size: int = 64
-    """Sentences per forward pass."""
-    device: str = "cpu"
-    """'cpu', 'cuda' or 'cuda:N'."""
-
-    def __post_init__(self):
-        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
-        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        check_device(self.device)
 
 
 def main(argv: list[str]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import EOT_TOKEN, UserError, read_text
+from common import EOT_TOKEN, Checked, UserError, check_device, read_text, require
 
 # The 67 paradigms of BLiMP (nyu-mll/blimp configurations; the jsonl names of github.com/alexwarstadt/blimp).
 BLIMP_PARADIGMS = (
@@ -58,6 +58,27 @@ BLIMP_HUB = "nyu-mll/blimp"
 
 
 # ============================================================================= BLiMP data
+
+@dataclass
+class BlimpKeys(Checked):
+    """The keys blimp.py and ablate.py share: which model, which BLiMP pairs, how they are batched."""
+    ckpt: str = ""
+    """Checkpoint file, or run folder whose newest checkpoint is used."""
+    data_dir: str = ""
+    """BLiMP: folder of <paradigm>.jsonl files (BLiMP's fields); empty loads nyu-mll/blimp through datasets."""
+    paradigms: str = ""
+    """Comma-separated BLiMP paradigm names; empty scores all of them."""
+    batch_size: int = 64
+    """BLiMP sentences per forward pass."""
+    device: str = "cpu"
+    """'cpu', 'cuda' or 'cuda:N'."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        check_device(self.device)
+
 
 @dataclass
 class MinimalPairs:

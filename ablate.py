@@ -6,7 +6,7 @@
 Conditions: the intact model; the k units with the largest language-localizer t (sentences vs
 nonword lists, `t_localizer` of analyze.py's units.npz) zeroed at every site; and `draws` sets of
 k units drawn at random from every site, zeroed the same way (mean, standard deviation, min and
-max over the draws). Units are zeroed where the site's activation is (scoring.zeroed_units): with
+max over the draws). Units are zeroed where the site's activation is (topolm.ablation.zeroed_units): with
 with_resid=False that removes exactly those units' contribution to the residual stream. Each
 condition is scored on BLiMP (as blimp.py) and, with `dataset`, on the validation loss over the
 same fixed windows of val.bin. Prints a table and writes JSON (`out`, default
@@ -20,16 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import load_model, require_gpt2_tokenizer
-from common import (DATA_DIR, UserError, atomic_write, check_seed, cli_main, require_device, gpt2_encoding, load_config, open_tokens,
-                    require, resolve_path)
-from scoring import (BlimpKeys, load_blimp_hub, load_blimp_local, load_units, random_units, score_blimp, top_units,
-                     validation_loss, zeroed_units)
+from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.config import (DATA_DIR, UserError, check_seed, cli_main, require_device, load_config, require,
+                           resolve_path)
+from topolm.files import atomic_write, open_tokens
+from topolm.tokenizer import gpt2_encoding
+from topolm.ablation import load_units, random_units, top_units, validation_loss, zeroed_units
+from topolm.blimp import BlimpKeys, load_blimp_hub, load_blimp_local, score_blimp
 
 
 @dataclass
 class AblateConfig(BlimpKeys):
-    """ablate.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from scoring.BlimpKeys."""
+    """ablate.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from topolm.blimp.BlimpKeys."""
     units: str = ""
     """units.npz written by analyze.py for this checkpoint (site_names, coords, t_localizer)."""
     k: int = 10

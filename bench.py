@@ -22,10 +22,13 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, Dist, LoopConfig, cli_main, gpt2_encoding, load_config, one_of, require
+from topolm.config import REPO, LoopConfig, cli_main, load_config, one_of, require
+from topolm.distributed import Dist
+from topolm.tokenizer import gpt2_encoding
 from model import GPT, GPTConfig
-from training import Optimization, peak_flops
-from positions import CorticalSheet, random_layout, swap_optimize, unit_correlations
+from topolm.training import Optimization, peak_flops
+from topolm.swap import swap_optimize, unit_correlations
+from positions import CorticalSheet, random_layout
 
 
 @dataclass
@@ -250,7 +253,7 @@ def bench_swap(cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------- 4. data prep
 
 def bench_data(cfg: BenchConfig) -> dict:
-    from corpus import shakespeare_plays, tokenize_to_files
+    from topolm.corpus import shakespeare_plays, tokenize_to_files
     plays = [text for _, text in shakespeare_plays()]
     docs, size = [], 0
     while size < cfg.data_mb * 2**20:  # many document-sized pieces, as in FineWeb

@@ -5,7 +5,7 @@
     python blimp.py ckpt=out/<run> data_dir=path/to/blimp/data      # offline: <paradigm>.jsonl files
 
 Each sentence is scored as its total log-probability given a leading <|endoftext|>; a pair is
-correct when the grammatical sentence scores higher (scoring.py). Prints a table and writes the
+correct when the grammatical sentence scores higher (topolm/blimp.py). Prints a table and writes the
 results as JSON (`out`, default `<checkpoint>.blimp.json` beside the checkpoint).
 """
 from __future__ import annotations
@@ -15,14 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from checkpoint import load_model, require_gpt2_tokenizer
-from common import atomic_write, cli_main, gpt2_encoding, load_config, require_device
-from scoring import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_local, score_blimp
+from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.config import cli_main, load_config, require_device
+from topolm.files import atomic_write
+from topolm.tokenizer import gpt2_encoding
+from topolm.blimp import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
 
 @dataclass
 class BlimpConfig(BlimpKeys):
-    """blimp.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from scoring.BlimpKeys."""
+    """blimp.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from topolm.blimp.BlimpKeys."""
     out: str = ""
     """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint."""
     save_pairs: bool = False

@@ -6,7 +6,7 @@
 The folder holds config.json and model.safetensors (loadable by `transformers` offline:
 `GPT2LMHeadModel.from_pretrained(folder)`), the GPT-2 tokenizer files (vocab.json, merges.txt,
 tokenizer.json, tokenizer_config.json) when the model's ids are GPT-2's, and `positions.npy` +
-`topolm.json`: the sheet, which Hugging Face's model has no place for (see interop.py). A finetuned
+`topolm.json`: the sheet, which Hugging Face's model has no place for (see topolm/hf.py). A finetuned
 checkpoint exports its backbone; the classifier head is not part of GPT2LMHeadModel. Needs
 requirements-hf.txt (transformers, safetensors).
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import load_model
-from common import UserError, cli_main, load_config, require
+from topolm.checkpoint import load_model
+from topolm.config import UserError, cli_main, load_config, require
 
 
 @dataclass
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
     except ImportError as e:
         raise UserError(f"export needs the packages of requirements-hf.txt ({e.name} is missing): "
                         f"pip install -r requirements-hf.txt") from e
-    from interop import export_hf
+    from topolm.hf import export_hf
 
     gpt, ckpt, path = load_model(cfg.ckpt)
     files = export_hf(gpt, ckpt, out, str(path), overwrite=cfg.overwrite)

@@ -29,7 +29,7 @@ Design decisions
   watches the task loss on the first validation split (matched, for MNLI); `patience`
   evaluations without a new best end the run.
 - The optimizer step (AdamW, autocast, grad scaler, DDP, non-finite checks) is training.Optimization,
-  shared with pretraining; the checkpoint (checkpoint.py) has pretraining's format plus `head` and
+  shared with pretraining; the checkpoint (topolm/checkpoint.py) has pretraining's format plus `head` and
   `task`, so sample.py and any analysis that loads a GPT also load a finetuned backbone.
 """
 from __future__ import annotations
@@ -44,15 +44,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload, require_gpt2_tokenizer,
-                        require_permutation_layout)
-from common import (EOT_TOKEN, Dist, LoopConfig, UserError, atomic_write, cli_main, load_config,
-                    print0, run_distributed, remove_partial_writes, require, require_finite)
-from glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
+from topolm.checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload,
+                               require_gpt2_tokenizer, require_permutation_layout)
+from topolm.tokenizer import EOT_TOKEN
+from topolm.config import LoopConfig, UserError, cli_main, load_config, require, require_finite
+from topolm.distributed import Dist, print0, run_distributed
+from topolm.files import atomic_write, remove_partial_writes
+from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
-from training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, check_wandb, gather_objects,
-                      learning_rate_at, params_digest, resolve_dtype, restore_streams, save_run_checkpoint, start_wandb,
-                      stream_seed)
+from topolm.training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, check_wandb,
+                             gather_objects, learning_rate_at, params_digest, resolve_dtype, restore_streams,
+                             save_run_checkpoint, start_wandb, stream_seed)
 
 
 # ----------------------------------------------------------------------------- config
@@ -60,7 +62,7 @@ from training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, 
 @dataclass
 class FinetuneConfig(LoopConfig):
     """finetune.py's keys: its own below, the optimizer's, batches', logging and system keys from
-    common.LoopConfig. Where finetuning needs another default for a shared key, it is redeclared
+    topolm.config.LoopConfig. Where finetuning needs another default for a shared key, it is redeclared
     here with only the default changed (the Hugging Face Trainer's AdamW, the paper's batch 64 and
     constant lr 2e-5). `max_iters` is this script's own: 0 means no limit besides max_epochs."""
     # ---- what to finetune, on what

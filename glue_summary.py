@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import UserError, atomic_write, cli_main, load_config, read_text, require
-from glue import GLUE_TASKS, task_score
+from topolm.config import UserError, cli_main, load_config, require
+from topolm.files import atomic_write, read_text
+from topolm.glue import GLUE_TASKS, task_score
 
 
 @dataclass

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from common import cli_main, load_config, one_of, require
+from topolm.config import cli_main, load_config, one_of, require
 from model import GPT, GPTConfig, configure_adamw
-from training import peak_flops
+from topolm.training import peak_flops
 from positions import random_layout
 
 SIZES = {

@@ -5,8 +5,8 @@
 The research checkpoint (`torch.save` of model, optimizer, model_args, iter_num, best_val_loss and a
 pickled OmegaConf config) and its positions (`layer.{i}.{attn,mlp}.pkl`, pickled
 `positions.LayerPositions`) are read by a restricted unpickler that runs no code from the files
-(interop.py); the optimizer state is not read. The result is a `kind: imported` checkpoint
-(checkpoint.py) that sample.py, finetune.py, blimp.py, ablate.py, export_hf.py and the analysis
+(topolm/research.py); the optimizer state is not read. The result is a `kind: imported` checkpoint
+(topolm/checkpoint.py) that sample.py, finetune.py, blimp.py, ablate.py, export_hf.py and the analysis
 load like any other. A layout that is not a permutation of the grid (the research code's
 pre-optimized sets) is kept exactly, shared cells included, and flagged (`layout.permutation`
 false): it works for sampling, for finetuning with alpha_scale=0 and for the analysis; anything
@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpoint import make_payload, save_checkpoint, tokenizer_for
-from common import UserError, cli_main, load_config, require
-from interop import convert_research
+from topolm.checkpoint import make_payload, save_checkpoint, tokenizer_for
+from topolm.config import UserError, cli_main, load_config, require
+from topolm.research import convert_research
 
 
 @dataclass

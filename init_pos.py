@@ -2,7 +2,7 @@
 
     python init_pos.py config/init_pos.yaml                        # random permutation (the paper)
     python init_pos.py config/init_pos.yaml layout=identity        # no-permutation ablation
-    python init_pos.py config/init_pos.yaml layout=swapopt         # swap pre-optimization (SPEC 4)
+    python init_pos.py config/init_pos.yaml layout=swapopt         # swap pre-optimization
 
 Writes `positions.npy` and `meta.json` into `out` (a bare name means gpt2-positions/<name>;
 empty derives `<layout>-L<n_layer>-E<n_embed>`); swapopt also writes `swapopt_summary.json`.
@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import build_gpt, find_checkpoint, load_checkpoint
-from common import (POSITIONS_DIR, REPO, UserError, atomic_write, check_seed, cli_main, load_config, open_tokens,
-                    remove_partial_writes, require, resolve_path)
+from topolm.checkpoint import build_gpt, find_checkpoint, load_checkpoint
+from topolm.config import POSITIONS_DIR, REPO, UserError, check_seed, cli_main, load_config, require, resolve_path
+from topolm.files import atomic_write, open_tokens, remove_partial_writes
 from model import GPT, GPTConfig, SheetShape
-from positions import (check_radius, grid_losses, grid_side, identity_layout, random_layout, save_positions,
-                       site_names, swap_optimize, unit_correlations)
+from topolm.position_sets import save_positions
+from topolm.swap import grid_losses, swap_optimize, unit_correlations
+from positions import check_radius, grid_side, identity_layout, random_layout, site_names
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import Checked, require
+from topolm.config import Checked, require
 from positions import CorticalSheet, check_radius, grid_side, site_names
 
 
@@ -58,7 +58,7 @@ class SheetShape(Checked):
 
 @dataclass
 class GPTConfig(SheetShape):
-    """The model: GPT-2's shape plus the spatial loss (SPEC sections 1-3)."""
+    """The model: GPT-2's shape plus the spatial loss (Rathi et al. 2025, TopoLM: nanoGPT's GPT-2 with TDANN's spatial loss)."""
     block_size: int = 1024
     """Context length in tokens."""
     dropout: float = 0.0

@@ -4,7 +4,7 @@ Every spatial site (the output of one attention or MLP sublayer) has `n_embed = 
 units. A layout gives each unit integer coordinates (x, y); every grid cell holds exactly one
 unit, so a layout is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
 Layouts imported from the research code may break that rule (its pre-optimization left shared
-and empty cells, SPEC section 7). A model keeps such a layout exactly, for sampling and analysis,
+and empty cells). A model keeps such a layout exactly, for sampling and analysis,
 but everything below that needs one unit per cell (sampling neighborhoods, hence the spatial
 loss, and swap pre-optimization) refuses it with `NOT_A_PERMUTATION`.
 
@@ -16,7 +16,7 @@ own cell order. Two facts follow, and the spatial loss is built on them:
 - the distance matrix of a neighborhood's members is the same for every neighborhood of every
   site, so the inverse-distance target is one constant vector.
 
-Spatial loss of one neighborhood (SPEC section 3), with r the Pearson correlations of the
+Spatial loss of one neighborhood (TDANN's, Margalit et al. 2024), with r the Pearson correlations of the
 members' activations over the samples and D_ij = 1 / (1 + d_ij):
     SL = 0.5 * (1 - Pearson(lower_triangle(r), lower_triangle(D)))
 Each site's sampled neighborhoods are evaluated together in batched tensor operations (one
@@ -25,9 +25,7 @@ Python loop over neighborhoods, no boolean masks, nothing that waits on the devi
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -393,149 +391,3 @@ class CorticalSheet(nn.Module):
             return per_nbhd.amax(dim=-1) if accum == "max" else per_nbhd.mean(dim=-1)
 
 
-# ----------------------------------------------------------------------------- position-set files
-
-def save_positions(folder: str | Path, coords: np.ndarray, meta: dict) -> Path:
-    """Write `positions.npy` (int16, sites x units x 2) and readable `meta.json`, each atomically."""
-    from common import atomic_write
-
-    folder = Path(folder)
-    n_sites, n_embed, _ = coords.shape
-    check_layout(coords, n_sites, n_embed)
-    info = {"format": POSITIONS_FORMAT, "side": grid_side(n_embed), "n_embed": n_embed,
-            "n_layer": n_sites // 2, "sites": site_names(n_sites // 2), **meta}
-    atomic_write(folder / "positions.npy", lambda f: np.save(f, coords.astype(np.int16), allow_pickle=False))
-    atomic_write(folder / "meta.json", json.dumps(info, indent=2) + "\n")
-    return folder
-
-
-def load_positions(folder: str | Path, n_layer: int, n_embed: int) -> tuple[np.ndarray, dict]:
-    """Read a position set and check that it fits a model of n_layer blocks and n_embed units."""
-    folder = Path(folder)
-    npy = folder / "positions.npy"
-    if not npy.is_file():
-        raise FileNotFoundError(f"position set not found: {npy} (make one with init_pos.py)")
-    try:
-        coords = np.load(npy, allow_pickle=False).astype(np.int64)
-        meta_file = folder / "meta.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (ValueError, OSError) as e:
-        raise ValueError(f"cannot read position set {folder}: {e}") from e
-    want = (2 * n_layer, n_embed, 2)
-    if coords.shape != want:
-        raise ValueError(
-            f"position set {folder} has shape {coords.shape} (n_layer={coords.shape[0] // 2}, "
-            f"n_embed={coords.shape[1] if coords.ndim > 1 else '?'}); this model needs n_layer={n_layer}, n_embed={n_embed}"
-        )
-    check_layout(coords, *want[:2])
-    return coords, meta
-
-
-# ----------------------------------------------------------------------------- swap pre-optimization
-
-def unit_correlations(acts: torch.Tensor) -> np.ndarray:
-    """Pearson correlation of every pair of units, per site: (sites, N, C) -> (sites, C, C) float64.
-
-    A unit's correlations do not depend on where it sits, so the swap search computes them once.
-    """
-    x = acts.double()
-    x = x - x.mean(dim=1, keepdim=True)
-    gram = x.transpose(1, 2) @ x
-    inv_std = torch.rsqrt(gram.diagonal(dim1=1, dim2=2) + EPS)
-    return (gram * inv_std[:, :, None] * inv_std[:, None, :]).numpy()
-
-
-def _losses_of(corr_flat: np.ndarray, n_embed: int, units: np.ndarray, target: np.ndarray, rows, cols) -> np.ndarray:
-    """SL of one neighborhood per site from unit correlations (flattened (S, C, C)), units (S, m) -> (S,)."""
-    base = (np.arange(len(units)) * n_embed * n_embed)[:, None]
-    r = np.take(corr_flat, base + units[:, rows] * n_embed + units[:, cols])
-    r = r - r.mean(axis=1, keepdims=True)
-    return 0.5 * (1.0 - (r @ target) / np.sqrt((r * r).sum(axis=1) + EPS))
-
-
-def grid_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
-    """SL of every neighborhood of every site, (sites, centres), from unit correlations."""
-    side = grid_side(coords.shape[1])
-    units = neighborhood_units(coords, side, radius)
-    rows, cols = np.tril_indices(units.shape[-1], k=-1)
-    target = distance_target(radius)
-    corr_flat = np.ascontiguousarray(corr).reshape(-1)
-    return np.stack([_losses_of(corr_flat, corr.shape[-1], units[:, c], target, rows, cols) for c in range(units.shape[1])], axis=1)
-
-
-def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborhoods: int, local_steps: int,
-                  visit_all: bool, seed: int, progress: bool = False) -> tuple[np.ndarray, dict]:
-    """Swap pre-optimization (SPEC section 4), all sites at once.
-
-    Per site: visit `n_neighborhoods` random distinct neighborhoods (or all of them in random
-    order), and in each make `local_steps` attempts to swap the cells of two of its units,
-    keeping a swap when that neighborhood's spatial loss does not increase.
-
-    Swapping permutes the members, which leaves the set of pairwise correlations, hence their
-    mean and spread, unchanged: only the cross term sum_ij r_ij * D'_ij of the Pearson numerator
-    moves, and only in the two swapped rows. Each attempt therefore costs O(members) instead of a
-    new correlation matrix.
-    Returns the new coordinates and a report with per-visit losses before and after.
-    """
-    from tqdm import tqdm
-
-    n_sites, n_embed, _ = coords.shape
-    side = grid_side(n_embed)
-    if not is_permutation(coords, n_embed):
-        raise ValueError(NOT_A_PERMUTATION)
-    cells = block_cells(side, radius)
-    n_centres, m = cells.shape
-    if not visit_all and not 1 <= n_neighborhoods <= n_centres:
-        raise ValueError(f"n_neighborhoods={n_neighborhoods} must be in [1, {n_centres}] for radius {radius} "
-                         f"on a {side}x{side} grid")
-    if m < 2:
-        raise ValueError(f"radius={radius} gives neighborhoods of one unit: nothing to swap")
-    rng = np.random.default_rng(seed)
-    n_visits = n_centres if visit_all else n_neighborhoods
-    order = np.stack([rng.permutation(n_centres)[:n_visits] for _ in range(n_sites)])
-    first = rng.integers(0, m, size=(n_visits, local_steps, n_sites))
-    second = (first + rng.integers(1, m, size=first.shape)) % m  # a different member
-
-    xy = block_offsets(radius).astype(np.float64)
-    dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
-    rows, cols = np.tril_indices(m, k=-1)
-    target = distance_target(radius)
-    weight = np.zeros((m, m))  # centred inverse distance for every ordered pair, as in `target`
-    raw = 1.0 / (1.0 + dist)
-    weight[rows, cols] = target * np.linalg.norm(raw[rows, cols] - raw[rows, cols].mean())
-    weight = weight + weight.T
-
-    inverse = cell_to_unit(coords, side)
-    s = np.arange(n_sites)
-    corr_flat = np.ascontiguousarray(corr).reshape(-1)
-    site_base = (s * n_embed * n_embed)[:, None]
-    before = np.empty((n_sites, n_visits))
-    after = np.empty((n_sites, n_visits))
-    accepted = np.zeros(n_sites, dtype=np.int64)
-    for v in tqdm(range(n_visits), desc="swap pre-optimization", unit="nbhd", disable=not progress):
-        visit_cells = cells[order[:, v]]
-        units = inverse[s[:, None], visit_cells]
-        before[:, v] = _losses_of(corr_flat, n_embed, units, target, rows, cols)
-        row_base = site_base + units
-        for a, b in zip(first[v], second[v]):
-            ua, ub = units[s, a], units[s, b]
-            w = weight[a] - weight[b]
-            w[s, a] = 0.0
-            w[s, b] = 0.0
-            row_a = np.take(corr_flat, row_base + (ua * n_embed)[:, None])
-            row_b = np.take(corr_flat, row_base + (ub * n_embed)[:, None])
-            keep = ((row_b - row_a) * w).sum(axis=1) >= 0.0
-            new_a, new_b = np.where(keep, ub, ua), np.where(keep, ua, ub)
-            units[s, a], units[s, b] = new_a, new_b
-            row_base[s, a], row_base[s, b] = site_base[:, 0] + new_a, site_base[:, 0] + new_b
-            accepted += keep
-        inverse[s[:, None], visit_cells] = units
-        after[:, v] = _losses_of(corr_flat, n_embed, units, target, rows, cols)
-
-    new_coords = np.empty_like(coords)
-    unit_cells = np.empty_like(inverse)
-    np.put_along_axis(unit_cells, inverse, np.arange(n_embed)[None].repeat(n_sites, 0), axis=1)
-    new_coords[..., 0], new_coords[..., 1] = unit_cells // side, unit_cells % side
-    report = {"visited_centres": order, "loss_before": before, "loss_after": after, "accepted": accepted,
-              "attempts": n_visits * local_steps}
-    return new_coords, report

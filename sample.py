@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_model, require_gpt2_tokenizer
-from common import (EOT_TOKEN, UserError, check_device, check_seed, cli_main, require_device, gpt2_encoding, load_config, read_text, require,
-                    require_finite)
+from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.config import (UserError, check_device, check_seed, cli_main, require_device, load_config,
+                           require, require_finite)
+from topolm.files import read_text
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
 @dataclass

@@ -22,22 +22,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, make_payload, tokenizer_for
-from common import (DATA_DIR, POSITIONS_DIR, Dist, LoopConfig, UserError, cli_main, load_config,
-                    open_tokens, print0, run_distributed, remove_partial_writes, require, resolve_path,
-                    tokens_meta)
-from corpus import token_ids_used
+from topolm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, make_payload, tokenizer_for
+from topolm.config import (DATA_DIR, POSITIONS_DIR, LoopConfig, UserError, cli_main, load_config, require,
+                           resolve_path)
+from topolm.distributed import Dist, print0, run_distributed
+from topolm.files import open_tokens, remove_partial_writes, tokens_meta
+from topolm.corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
-from positions import load_positions, random_layout
-from training import (JsonLog, Optimization, StopSignal, gather_objects, learning_rate_at,
-                      params_digest, peak_flops, resolve_dtype, restore_streams, save_run_checkpoint, check_wandb,
-                      start_wandb, stream_seed, accumulation_per_rank)
+from topolm.position_sets import load_positions
+from positions import random_layout
+from topolm.training import (JsonLog, Optimization, StopSignal, gather_objects, learning_rate_at, params_digest,
+                             peak_flops, resolve_dtype, restore_streams, save_run_checkpoint, check_wandb,
+                             start_wandb, stream_seed, accumulation_per_rank)
 
 
 @dataclass
 class TrainConfig(LoopConfig, GPTConfig):
     """train.py's keys: its own below, the model's from model.GPTConfig, the optimizer's, batches',
-    logging and system keys from common.LoopConfig (each declared once, with its docstring, there)."""
+    logging and system keys from topolm.config.LoopConfig (each declared once, with its docstring, there)."""
     # ---- I/O
     out_dir: str = "out"
     """Folder that holds run folders; each run writes into out_dir/<run name>."""

@@ -19,9 +19,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import EOT_TOKEN, atomic_write, cli_main, gpt2_encoding, read_text  # noqa: E402
-from corpus import ArgumentParser, TokenFiles, positive_int, seed_int  # noqa: E402
-from stimuli import nonwords, past, plural  # noqa: E402
+from topolm.config import cli_main
+from topolm.files import atomic_write, read_text
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
+from topolm.corpus import ArgumentParser, TokenFiles, positive_int, seed_int  # noqa: E402
+from topolm.stimuli import nonwords, past, plural  # noqa: E402
 
 third = plural  # third-person singular: the same -s/-es rule
 

@@ -2,7 +2,7 @@
 
     python stimuli/generate.py
 
-The procedure and its seeds live in the library module `stimuli.py`; the output is the same on
+The procedure and its seeds live in the library module `topolm/stimuli.py`; the output is the same on
 every run (the tests regenerate it and compare with the shipped files). Needs wordfreq
 (requirements-dev.txt) to check that the nonwords are not English words.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from stimuli import write_stimuli  # noqa: E402
+from topolm.stimuli import write_stimuli  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def write_pattern_data(folder: Path, vocab: int = 64, n_train: int = 40_000, n_v
 
 
 def numpy_spatial_loss(acts: np.ndarray, coords: np.ndarray) -> float:
-    """SPEC section 3, written from the formula: acts (N, m), coords (m, 2) of those m units."""
+    """The spatial loss written from its formula, 0.5 * (1 - Pearson(r, 1 / (1 + d))): acts (N, m), coords (m, 2) of those m units."""
     r = np.corrcoef(acts, rowvar=False)
     d = np.sqrt(((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1))
     D = 1.0 / (1.0 + d)
@@ -80,7 +80,7 @@ def torchrun(nproc: int, script: str, args: list[str]) -> list[str]:
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint through the project's single loader (format checked, older formats migrated)."""
-    from checkpoint import load_checkpoint
+    from topolm.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 

@@ -1,4 +1,4 @@
-"""The analysis measures (analysis.py) and the stimuli (stimuli.py): against esda/libpysal, scipy,
+"""The analysis measures (topolm/analysis.py) and the stimuli (topolm/stimuli.py): against esda/libpysal, scipy,
 hand-worked examples and maps whose answer is known."""
 import importlib.util
 import math
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import analysis
-import stimuli
+from topolm import analysis
+from topolm import stimuli
 from conftest import REPO
 from model import GPT, GPTConfig
-from positions import grid_losses, random_layout
+from topolm.swap import grid_losses
+from positions import random_layout
 
 
 # ----------------------------------------------------------------------------- stimuli
@@ -79,7 +80,7 @@ def test_part_of_speech_set():
     assert len(nouns) >= 80 and len(verbs) >= 80 and not nouns & verbs
     assert all(wordfreq.zipf_frequency(w, "en") >= 3.0 for w in nouns | verbs)  # common words
     assert len(rows) == len(stimuli.FRAMES) * (len(nouns) + len(verbs))
-    from common import gpt2_encoding
+    from topolm.tokenizer import gpt2_encoding
     enc = gpt2_encoding()
     ids, ranges = analysis.tokenize_items([r["text"] for r in rows], enc, [(r["start"], r["end"]) for r in rows])
     for row, x, (a, b) in zip(rows, ids, ranges):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-import analysis
+from topolm import analysis
 from conftest import PYTHON, overrides, run_script
 
 # GPT-2's vocabulary (the stimuli are GPT-2 text) and a block long enough for the longest item
@@ -71,7 +71,7 @@ def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
 
 
 def _save_untrained(folder, **config):
-    from checkpoint import make_payload, save_checkpoint, tokenizer_for
+    from topolm.checkpoint import make_payload, save_checkpoint, tokenizer_for
     from model import GPT, GPTConfig
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embed=16, radius=2, neighborhoods_per_batch=2, **config))
     payload = make_payload(gpt, kind="pretrain", config={}, iter_num=0, tokenizer=tokenizer_for(gpt.config.vocab_size),

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from common import EOT_TOKEN, gpt2_encoding
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 from conftest import PYTHON, run_script
 
 
@@ -58,7 +58,7 @@ def test_fineweb_prepare_refuses_missing_column(tmp_path):
 
 
 def test_shakespeare_markdown_is_stripped():
-    from corpus import strip_markdown
+    from topolm.corpus import strip_markdown
     md = "# Othello\n\n## ACT I\n\n_Enter RODERIGO and IAGO_\n\n**RODERIGO**  \nTush! never tell me;  \n*[Reads.]*  \n\\--odours\n"
     assert strip_markdown(md) == "Othello\n\nACT I\n\nEnter RODERIGO and IAGO\n\nRODERIGO:\nTush! never tell me;\n[Reads.]\n--odours\n"
 
@@ -68,7 +68,7 @@ def test_shakespeare_markdown_is_stripped():
 def test_shakespeare_plays_are_delimited_in_both_splits(tmp_path):
     """Each play's head (train) and tail (val) is followed by one EOT, the cut lies on a paragraph
     boundary near 90%, and head + tail is exactly the play's text."""
-    from corpus import shakespeare_plays, split_document
+    from topolm.corpus import shakespeare_plays, split_document
     run_script([PYTHON, "data/shakespeare/prepare.py", "--out_dir", str(tmp_path)])
     enc = gpt2_encoding()
     plays = [text for _, text in shakespeare_plays()]
@@ -145,8 +145,8 @@ def test_fineweb_prepare_refuses_an_empty_split_and_keeps_earlier_files(tmp_path
     assert "2 document(s) with --val_fraction 0.9 give 0 training and 2 validation documents" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # where the boundary lies: ceil(fraction * n) validation documents, at least one left for training
-    from common import UserError
-    from corpus import check_split
+    from topolm.config import UserError
+    from topolm.corpus import check_split
     assert check_split(2, 0.5) == (1, 1) and check_split(1000, 0.0005) == (999, 1)
     assert check_split(10, 0.85) == (1, 9)
     for n_docs, fraction in ((2, 0.51), (1, 0.5), (10, 0.91), (0, 0.1)):
@@ -157,7 +157,7 @@ def test_fineweb_prepare_refuses_an_empty_split_and_keeps_earlier_files(tmp_path
 def test_token_files_survive_an_interrupted_run(tmp_path, monkeypatch):
     """An interrupt in the middle of tokenizing leaves the earlier files and meta.json as they were,
     and leftovers of a killed run (*.tmp<pid>) are removed when the folder is next written."""
-    import corpus
+    from topolm import corpus
     from datasets import Dataset
     ds = Dataset.from_dict({"text": [f"document {i} " * 5 for i in range(64)]})
     out = tmp_path / "out"
@@ -196,8 +196,8 @@ def test_token_files_survive_an_interrupted_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- text is read exactly
 
 def test_read_text_is_exact_and_names_the_bad_line(tmp_path):
-    from common import UserError
-    from common import read_text as read_text_file
+    from topolm.config import UserError
+    from topolm.files import read_text as read_text_file
     exact = "line one\r\nNA\r\nnull\n\ttabbed \u00e9\u6771\n\n\ufeffmid-file mark\n"
     (tmp_path / "ok.txt").write_bytes(exact.encode("utf-8"))
     assert read_text_file(tmp_path / "ok.txt") == exact  # no newline translation, nothing guessed

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import train
-import training
-from common import Dist, UserError, load_config
+from topolm import training
+from topolm.config import UserError, load_config
+from topolm.distributed import Dist
 from conftest import PYTHON, overrides, read_checkpoint, run_script, write_pattern_data
-from positions import random_layout, save_positions
+from topolm.position_sets import save_positions
+from positions import random_layout
 
 
 def args_for(data, out, **kw):

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import finetune
-import glue
-from common import UserError
-from checkpoint import build_classifier
+from topolm import glue
+from topolm.config import UserError
+from topolm.checkpoint import build_classifier
 from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_script, start_and_wait_for_log, torchrun,
                       write_pattern_data)
-from glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
+from topolm.glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import gathered_centred_gram, neighborhood_loss, random_layout
 

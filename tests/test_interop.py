@@ -10,14 +10,15 @@ import torch
 import ablate
 import blimp
 import export_hf
-from checkpoint import load_model, make_payload, save_checkpoint
-from common import EOT_TOKEN, UserError, gpt2_encoding
+from topolm.checkpoint import load_model, make_payload, save_checkpoint
+from topolm.config import UserError
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 from conftest import PYTHON, overrides, run_script
-from interop import export_hf as export_model, load_hf_sheet
+from topolm.hf import export_hf as export_model, load_hf_sheet
 from model import GPT, GPTConfig
 from positions import random_layout
-from scoring import (encode_sentences, gpt_logits, load_blimp_local, sequence_logprobs, top_units,
-                     validation_loss, zeroed_units)
+from topolm.ablation import top_units, validation_loss, zeroed_units
+from topolm.blimp import encode_sentences, gpt_logits, load_blimp_local, sequence_logprobs
 
 transformers = pytest.importorskip("transformers")
 
@@ -369,6 +370,6 @@ def test_export_never_replaces_what_is_not_an_earlier_export(grammar, tmp_path):
 
 
 def test_an_empty_paradigm_list_is_refused():
-    from scoring import parse_paradigms
+    from topolm.blimp import parse_paradigms
     with pytest.raises(UserError, match="names no paradigm"):
         parse_paradigms(" , ", ["a", "b"])

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import numpy_spatial_loss
+from topolm.position_sets import load_positions, save_positions
 from positions import (CorticalSheet, block_cells, centres, check_layout, distance_target, identity_layout,
-                       load_positions, neighborhood_loss, neighborhood_units, random_layout, save_positions)
+                       neighborhood_loss, neighborhood_units, random_layout)
 
 
 @pytest.mark.parametrize("side,radius,n_centres", [(28, 5, 400), (28, 10, 100), (12, 3, 64), (6, 2, 16), (5, 3, 1)])

@@ -14,11 +14,12 @@ import torch
 import finetune
 import import_research
 import sample
-from checkpoint import build_gpt, load_checkpoint, load_model
-from common import UserError
+from topolm.checkpoint import build_gpt, load_checkpoint, load_model
+from topolm.config import UserError
 from conftest import PYTHON, REPO, run_script
-from interop import load_pickle, load_torch_zip, read_research_checkpoint
-from positions import neighborhood_units, site_names, swap_optimize
+from topolm.research import load_pickle, load_torch_zip, read_research_checkpoint
+from topolm.swap import swap_optimize
+from positions import neighborhood_units, site_names
 
 # shared/ beside the checkout (/work/main, /work/wt/<name>) or inside it
 FIXTURE = next((base / "shared" / "fixtures" / "research-ckpt" for base in (REPO, REPO.parent, REPO.parent.parent)

@@ -1,4 +1,4 @@
-"""Faults of nanoGPT-style trainers that users have reported (issue 12), each as the kind it stands for:
+"""Faults of nanoGPT-style trainers that users have reported, each as the kind it stands for:
 every numeric key's domain, contradictory keys, wandb without a login, a checkpoint's vocabulary,
 re-seeding on another rank count, fp16 steps the scaler skipped, leftovers of interrupted writes,
 refusals that name their fix, text read exactly, and an overwrite that replaces every output."""
@@ -17,13 +17,15 @@ import pytest
 import torch
 
 import finetune
-import glue
+from topolm import glue
 import init_pos
 import sample
 import train
-import training
-from checkpoint import GPT2_TOKENIZER, build_gpt, make_payload, save_checkpoint
-from common import SEED_MAX, Dist, UserError, load_config, read_text
+from topolm import training
+from topolm.checkpoint import GPT2_TOKENIZER, build_gpt, make_payload, save_checkpoint
+from topolm.config import SEED_MAX, UserError, load_config
+from topolm.distributed import Dist
+from topolm.files import read_text
 from conftest import (PYTHON, one_error_line, overrides, read_checkpoint, read_log, run_script, torchrun,
                       write_pattern_data)
 from glue_summary import SummaryConfig

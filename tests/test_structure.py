@@ -1,4 +1,5 @@
-"""The repository's shape: scripts are leaves, library modules stay light where promised."""
+"""The repository's shape: the top level holds the model, the sheet and the commands; the library is the
+`topolm` package; commands are leaves; the layering and the light modules stay as promised."""
 import ast
 import subprocess
 
@@ -45,10 +46,59 @@ def test_a_script_is_caught_importing_a_script(tmp_path):
     assert "train" in imported_modules(bad)
 
 
+# Every command a user runs from the repository root; a change that adds one extends this list.
+COMMANDS = {"train", "finetune", "sample", "analyze", "blimp", "ablate", "export_hf", "import_research", "init_pos",
+            "bench", "gpu_check", "glue_summary"}
+# The user's names, the model and the sheet, and the project's own files and folders.
+TOP_LEVEL = {".ci", ".gitignore", "Makefile", "README.md", "pytest.ini", "requirements.txt", "requirements-dev.txt",
+             "requirements-hf.txt", "config", "data", "docs", "finetuned", "gpt2-positions", "init-data", "out",
+             "stimuli", "tests", "topolm", "model.py", "positions.py"} | {f"{c}.py" for c in COMMANDS}
+
+
+def library_modules() -> list:
+    return sorted((REPO / "topolm").glob("*.py"))
+
+
+def test_the_top_level_holds_the_model_the_sheet_and_the_commands():
+    assert {p.stem for p in REPO.glob("*.py")} == COMMANDS | {"model", "positions"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert {line.split("/")[0] for line in tracked.splitlines()} <= TOP_LEVEL
+    for name in COMMANDS:
+        text = (REPO / f"{name}.py").read_text()
+        assert "__main__" in text and "cli_main" in text, f"{name}.py is not a command"
+    assert "__main__" not in (REPO / "model.py").read_text() + (REPO / "positions.py").read_text()
+
+
+def test_no_library_module_imports_a_command():
+    for path in library_modules():
+        assert not imported_modules(path) & COMMANDS, path.name
+
+
+def test_the_model_and_the_sheet_import_only_the_torch_free_config_of_the_package():
+    for name in ("model.py", "positions.py"):
+        tree = ast.parse((REPO / name).read_text())
+        from_package = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "topolm":
+                from_package.add(node.module)
+            elif isinstance(node, ast.Import):
+                from_package |= {a.name for a in node.names if a.name.split(".")[0] == "topolm"}
+        assert from_package <= {"topolm.config"}, (name, from_package)
+    assert "positions" in imported_modules(REPO / "model.py")
+    assert "model" not in imported_modules(REPO / "positions.py")
+
+
+def test_nothing_imports_the_stimuli_folder_as_a_module():
+    # `stimuli/` (the data) sits at the root, which is on sys.path: a bare `import stimuli` would find the folder
+    for path in [*REPO.glob("*.py"), *library_modules(), *REPO.glob("tests/*.py"), *REPO.glob("*/*.py")]:
+        assert "stimuli" not in imported_modules(path), path
+
+
 def test_light_modules_do_not_import_torch():
-    # common.py (config, errors, files) and glue.py (GLUE metrics) serve torch-free callers such as glue_summary.py
-    code = ("import sys; sys.path.insert(0, %r); import common, glue, glue_summary; "
-            "print('torch' in sys.modules)" % str(REPO))
+    # config (keys, errors), distributed setup, files, the tokenizer and GLUE serve torch-free callers such as
+    # glue_summary.py; torch is imported only when a process group is started
+    code = ("import sys; sys.path.insert(0, %r); import topolm.config, topolm.distributed, topolm.files, "
+            "topolm.tokenizer, topolm.glue, glue_summary; print('torch' in sys.modules)" % str(REPO))
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
 
@@ -60,7 +110,7 @@ def test_no_test_module_imports_another():
 
 
 def test_peak_flops_match_the_most_specific_gpu_name():
-    from training import peak_flops_for_name
+    from topolm.training import peak_flops_for_name
 
     assert peak_flops_for_name("NVIDIA L40S") == 362e12
     assert peak_flops_for_name("NVIDIA L4") == 121e12

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, numpy_spatial_loss, overrides, read_log, run_script, write_pattern_data
-from positions import (centres, check_layout, grid_losses, random_layout, swap_optimize, unit_correlations)
+from topolm.swap import grid_losses, swap_optimize, unit_correlations
+from positions import centres, check_layout, random_layout
 
 
 def structured_acts(n_sites, n_embed, n=400, seed=0):

@@ -1,4 +1,4 @@
-"""Measures of what a trained TopoLM built on its sheets (SPEC section 9); `analyze.py` is the command.
+"""Measures of what a trained TopoLM built on its sheets (the evaluation of Rathi et al. 2025); `analyze.py` is the command.
 
 Everything here takes unit coordinates (n_units, 2) as given, so a layout may be any set of
 integer cells: a permutation of the grid (this project's layouts) or one with empty and shared
@@ -36,8 +36,9 @@ import scipy.sparse
 import scipy.stats
 import torch
 
-from common import EOT_TOKEN
-from positions import EPS, centres, grid_losses
+from topolm.tokenizer import EOT_TOKEN
+from topolm.swap import grid_losses
+from positions import EPS, centres
 
 ADJACENT_MAX = 1.5  # grid distance 1 or sqrt(2)
 FAR_MIN = 6.0
@@ -416,7 +417,7 @@ def is_grid_permutation(coords: np.ndarray) -> bool:
 
 
 def neighborhood_spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
-    """Spatial loss (SPEC section 3) of every neighborhood of one site, for any layout: (n_centres,).
+    """Spatial loss (positions.py's formula) of every neighborhood of one site, for any layout: (n_centres,).
 
     corr (n_units, n_units); coords (n_units, 2). A neighborhood's members are the units whose
     cells lie in the (2r-1)^2 block around a centre (centres as in positions.centres, on the

@@ -2,7 +2,7 @@
 
 A checkpoint is a `torch.save`d dict of tensors and plain Python values, so it loads with
 `torch.load(..., weights_only=True)`; no class of ours is ever pickled. It is written under a
-temporary name and renamed into place (`common.atomic_write`), so a reader never sees a partial one.
+temporary name and renamed into place (`topolm.files.atomic_write`), so a reader never sees a partial one.
 
 Format `topolm-ckpt-v2` (the current one):
 
@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from common import EOT_TOKEN, UserError, atomic_write
+from topolm.tokenizer import EOT_TOKEN
+from topolm.config import UserError
+from topolm.files import atomic_write
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import NOT_A_PERMUTATION, is_permutation
 

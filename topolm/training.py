@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import save_checkpoint
-from common import Dist, UserError, print0
+from topolm.checkpoint import save_checkpoint
+from topolm.config import UserError
+from topolm.distributed import Dist, print0
 from model import configure_adamw
 
 # ----------------------------------------------------------------------------- precision and devices
@@ -46,7 +47,7 @@ def autocast_context(device: str, dtype: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=ptdtype)
 
 
-# Dense bf16 peak (SPEC section 11). Looked up most specific name first: "L40S" must not match "L4",
+# Dense bf16 peak (vendors' datasheets, dense, without sparsity). Looked up most specific name first: "L40S" must not match "L4",
 # nor "H100 PCIe" the SXM figure.
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -73,7 +74,7 @@ def peak_flops(device: str) -> float | None:
 def learning_rate_at(it: int, cfg) -> float:
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule).
 
-    `cfg` has learning_rate, decay_lr, warmup_iters, lr_decay_iters and min_lr (common.OptimizerConfig)."""
+    `cfg` has learning_rate, decay_lr, warmup_iters, lr_decay_iters and min_lr (topolm.config.OptimizerConfig)."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
@@ -281,7 +282,7 @@ class Optimization:
     micro-batches of one optimizer step (gradients synchronised on the last one only), unscales,
     clips, and then does one small collective that tells every rank which checked statistic (if
     any) went non-finite and whether any rank was asked to stop, so that all ranks take the same
-    branch. `cfg` has the optimizer keys (common.OptimizerConfig), `compile` and `nonfinite`.
+    branch. `cfg` has the optimizer keys (topolm.config.OptimizerConfig), `compile` and `nonfinite`.
     """
 
     def __init__(self, raw_model: torch.nn.Module, cfg, d: Dist, dtype: str):

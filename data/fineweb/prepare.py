@@ -1,4 +1,4 @@
-"""Tokenize FineWeb-Edu (`sample-10BT`) into train.bin / val.bin beside this file (SPEC section 5).
+"""Tokenize FineWeb-Edu (`sample-10BT`) into train.bin / val.bin beside this file.
 
     python data/fineweb/prepare.py                              # download through `datasets`
     python data/fineweb/prepare.py --files shard-*.parquet      # local parquet/jsonl files, offline
@@ -8,7 +8,7 @@ appended; 0.0005 of the documents (seed 42) form the validation split. Token ids
 a flat uint16 array. The reference run gave about 9.04B train and 4.43M val tokens (train.bin
 about 17 GB).
 
-Design decisions (the code is in corpus.py)
+Design decisions (the code is in topolm/corpus.py)
 - The validation documents are exactly those that `datasets`' train_test_split(test_size,
   seed=42, shuffle=True) would pick (the research code's split); both files keep the source
   order, so that the corpus is read front to back in contiguous slices.
@@ -30,9 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the repository's library modules
-from common import cli_main  # noqa: E402
-from corpus import (ArgumentParser, check_split, hub_documents, local_documents, open_fraction,  # noqa: E402
-                    output_folder, positive_int, seed_int, tokenize_to_files)
+from topolm.config import cli_main  # noqa: E402
+from topolm.corpus import (ArgumentParser, check_split, hub_documents, local_documents, open_fraction,
+                           output_folder, positive_int, seed_int, tokenize_to_files)
 
 
 def main(argv: list[str]) -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the repository's library modules
-from common import EOT_TOKEN, cli_main, gpt2_encoding  # noqa: E402
-from corpus import ArgumentParser, TokenFiles, open_fraction, output_folder, shakespeare_plays, split_document  # noqa: E402
+from topolm.config import cli_main
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
+from topolm.corpus import (ArgumentParser, TokenFiles, open_fraction, output_folder, shakespeare_plays,
+                           split_document)  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

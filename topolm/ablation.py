@@ -1,0 +1,112 @@
+"""Validation loss and units zeroed at their sites (the paper's causal test).
+
+`zeroed_units` sets chosen units of chosen sites to zero where the site's activation is, through
+forward hooks on the model's site taps (model.sites()). With with_resid=False a site is the
+sublayer's output before the residual addition, so zeroing a unit there removes exactly that
+unit's contribution; with with_resid=True the site is the residual stream itself.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from topolm.blimp import gpt_logits
+from topolm.config import UserError
+
+
+# ============================================================================= validation loss
+
+@torch.no_grad()
+def validation_loss(model, tokens: np.ndarray, n_batches: int, batch_size: int, seed: int, device: str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over `n_batches` x `batch_size` windows of block_size
+    tokens, drawn from `tokens` by a generator seeded with `seed` (the same windows on every call)."""
+    T = model.config.block_size
+    if len(tokens) < T + 1:
+        raise UserError(f"the validation tokens ({len(tokens)}) are fewer than block_size + 1 = {T + 1}")
+    g = torch.Generator().manual_seed(seed)
+    logits_fn, total = gpt_logits(model), 0.0
+    for _ in range(n_batches):
+        ix = torch.randint(len(tokens) - T, (batch_size,), generator=g).tolist()
+        x = torch.stack([torch.from_numpy(tokens[i:i + T].astype(np.int64)) for i in ix]).to(device)
+        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + T].astype(np.int64)) for i in ix]).to(device)
+        logits = logits_fn(x)
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)))
+    return total / n_batches
+
+
+# ============================================================================= ablation
+
+@contextmanager
+def zeroed_units(model, units: dict[str, torch.Tensor | np.ndarray | list[int]]):
+    """Within the block, the given units of each named site are zero where the site's activation is.
+
+    units: site name -> unit indices (into n_embed). Forward hooks on the site taps replace each
+    tap's output by a copy with those units set to exactly 0; the hooks are removed on exit."""
+    taps = model.sites()
+    unknown = [name for name in units if name not in taps]
+    if unknown:
+        raise ValueError(f"unknown site(s) {', '.join(unknown)}; the model has {', '.join(taps)}")
+    handles = []
+    try:
+        for name, idx in units.items():
+            idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+            if len(idx) == 0:
+                continue
+
+            def hook(_module, _inputs, output, idx=idx):
+                return output.index_fill(-1, idx.to(output.device), 0.0)
+            handles.append(taps[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def top_units(t: np.ndarray, k: int) -> np.ndarray:
+    """The k units with the largest t at each site, (n_sites, k), in descending order of t (ties: lower
+    unit index first; NaN never chosen before a number)."""
+    t = np.where(np.isnan(t), -np.inf, np.asarray(t, dtype=np.float64))
+    return np.argsort(-t, axis=1, kind="stable")[:, :k]
+
+
+def random_units(n_sites: int, n_embed: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct units drawn uniformly at random at each site, (n_sites, k)."""
+    return np.stack([rng.choice(n_embed, size=k, replace=False) for _ in range(n_sites)])
+
+
+UNITS_KEYS = ("site_names", "coords", "t_localizer")
+
+
+def load_units(path: Path, model) -> dict[str, np.ndarray]:
+    """The analysis's per-unit arrays (`units.npz` of analyze.py), checked against `model`.
+
+    Needs site_names (n_sites,), coords (n_sites, n_embed, 2) and t_localizer (n_sites, n_embed);
+    selective_localizer (bool, same shape) is used when present. Raises UserError when the file is
+    missing, lacks a key, or was measured on another model (other sites, shape or unit positions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"units file not found: {path} (analyze.py writes units.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    missing = [k for k in UNITS_KEYS if k not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (written by analyze.py?)")
+    names = [str(n) for n in data["site_names"]]
+    n_embed = model.config.n_embed
+    if names != list(model.site_names):
+        raise UserError(f"{path} has sites {names[:3]}...; the model has {list(model.site_names)[:3]}...: measured on "
+                        f"another model")
+    if data["t_localizer"].shape != (len(names), n_embed):
+        raise UserError(f"{path}: t_localizer has shape {data['t_localizer'].shape}; expected {(len(names), n_embed)}")
+    if not np.array_equal(data["coords"], model.sheet.unit_coords.cpu().numpy()):
+        raise UserError(f"{path} was measured on a model with other unit positions than this checkpoint")
+    if "selective_localizer" in data and data["selective_localizer"].shape != data["t_localizer"].shape:
+        raise UserError(f"{path}: selective_localizer's shape differs from t_localizer's")
+    return data

@@ -1,0 +1,150 @@
+"""Files: atomic writes, leftovers of interrupted writes, strict UTF-8 text, and the token files.
+
+Every file the code writes goes through `atomic_write`: written under a temporary name, flushed to
+disk, then renamed into place, so a reader never sees a partial file; leftovers of a killed writer
+are removed when the folder is next started (`remove_partial_writes`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from topolm.config import UserError
+from topolm.distributed import print0
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path: Path, content: str | bytes | Callable[[Any], None]) -> None:
+    """Write a file so that readers see the old file or the complete new one, never a part.
+
+    `content` is text (UTF-8), bytes, or a function that writes to the open binary file. The data go
+    to `<name>.tmp<pid>` beside the target, are flushed to disk and renamed over it; the folder entry is
+    synced too. A leftover `*.tmp*` from a killed writer is never read as a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    # The rename itself is durable only once the folder entry is on disk.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+PARTIAL_WRITE_RE = re.compile(r"\.tmp\d*$")
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the leftovers of interrupted atomic writes (`<name>.tmp<pid>`) in `folder`.
+
+    Called by rank 0 when a run or output folder is started again, before anything is written
+    there. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_file() and PARTIAL_WRITE_RE.search(p.name)]
+    for p in found:
+        p.unlink(missing_ok=True)
+    if found:
+        print0(f"removed {len(found)} unfinished write(s) of an interrupted run in {folder}: "
+               + ", ".join(p.name for p in found))
+    return found
+
+
+def decode_utf8(data: bytes, source: str, first_line: int = 1) -> str:
+    """`data` decoded as strict UTF-8, nothing translated (newlines, BOM and NUL kept as they are).
+
+    source names the input in the error (a path, or "path, row 12"); first_line is the line number of
+    the first byte (for pieces of a larger file; 0 leaves the line out). Raises UserError naming the
+    source, line and byte when `data` is not valid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = ""
+        if first_line:
+            line = first_line + data.count(b"\n", 0, e.start)
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            where = f" line {line}, byte {column}"
+        raise UserError(f"{source}{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def read_text(path: Path) -> str:
+    """A text file's content, decoded as UTF-8 exactly (no newline translation; a leading BOM dropped).
+
+    Raises UserError for a missing or unreadable file, or for bytes that are not UTF-8, naming the
+    file, the line and the byte where decoding failed."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_utf8(raw, str(path)).removeprefix("\ufeff")
+
+
+# ----------------------------------------------------------------------------- data
+
+def open_tokens(path: Path, block_size: int, vocab_size: int) -> np.memmap:
+    """Open a uint16 token file, refusing files that cannot feed the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path} (run the dataset's prepare.py first)")
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} is not a uint16 token file (odd size {size} bytes)")
+    n = size // 2
+    if n < block_size + 1:
+        raise UserError(f"{path} holds {n} tokens; block_size={block_size} needs at least {block_size + 1}: lower "
+                        f"block_size or prepare more data")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    max_id = _max_token_id(path, data)
+    if max_id >= vocab_size:
+        raise UserError(f"{path} holds token id {max_id} >= vocab_size={vocab_size}; set vocab_size >= {max_id + 1} "
+                        f"(or prepare the data with the model's tokenizer)")
+    return data
+
+
+def tokens_meta(folder: Path) -> dict:
+    """The `meta.json` that a preparer writes beside its token files ({} when missing or unreadable)."""
+    meta = Path(folder) / "meta.json"
+    try:
+        return json.loads(meta.read_text()) if meta.is_file() else {}
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return {}
+
+
+def _max_token_id(path: Path, data: np.memmap) -> int:
+    """Largest token id, from the meta.json that prepare.py writes, else by scanning the file."""
+    meta = path.parent / "meta.json"
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+            entry = info.get("files", {}).get(path.name)
+            if entry and entry.get("tokens") == len(data) and entry.get("mtime_ns") == path.stat().st_mtime_ns:
+                return int(entry["max_token_id"])
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            pass
+    chunk = 1 << 26
+    return int(max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)))
+
+

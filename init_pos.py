@@ -24,8 +24,8 @@ from topolm.config import POSITIONS_DIR, REPO, UserError, check_seed, cli_main, 
 from topolm.files import atomic_write, open_tokens, remove_partial_writes
 from model import GPT, GPTConfig, SheetShape
 from topolm.position_sets import save_positions
-from topolm.swap import grid_losses, swap_optimize, unit_correlations
-from positions import check_radius, grid_side, identity_layout, random_layout, site_names
+from topolm.swap import swap_optimize, unit_correlations
+from positions import check_radius, grid_side, identity_layout, random_layout, site_names, spatial_losses
 
 
 @dataclass
@@ -142,11 +142,11 @@ def main(argv: list[str]) -> None:
         corr = unit_correlations(acts)
         t1 = time.perf_counter()
         print(f"activations: {acts.shape[1]:,} samples x {n_sites} sites from the {source} ({t1 - t0:.1f} s)")
-        start = grid_losses(corr, coords, cfg.radius).mean(axis=1)
+        start = spatial_losses(corr, coords, cfg.radius).mean(axis=1)
         coords, report = swap_optimize(coords, corr, cfg.radius, cfg.n_neighborhoods, cfg.local_steps,
                                        cfg.visit_all, cfg.seed, progress=True)
         t2 = time.perf_counter()
-        end = grid_losses(corr, coords, cfg.radius).mean(axis=1)
+        end = spatial_losses(corr, coords, cfg.radius).mean(axis=1)
         names = site_names(cfg.n_layer)
         print(f"swap search: {t2 - t1:.2f} s; mean spatial loss over all neighborhoods, before -> after:")
         print(f"{'site':<14}{'before':>9}{'after':>9}{'accepted':>10}")

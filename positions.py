@@ -22,6 +22,10 @@ members' activations over the samples and D_ij = 1 / (1 + d_ij):
 Each site's sampled neighborhoods are evaluated together in batched tensor operations (one
 gather and one batched Gram product per site, then one loss over all sites' Gram matrices): no
 Python loop over neighborhoods, no boolean masks, nothing that waits on the device.
+
+The formula exists twice: in torch (`gram_loss`, training's sampled loss, differentiable) and in
+float64 numpy (`pair_spatial_loss`, and `spatial_losses` over every neighborhood of any layout, shared
+or empty cells included), which the analysis, the swap search and init_pos.py's reports use.
 """
 from __future__ import annotations
 
@@ -158,20 +162,92 @@ def neighborhood_units(coords: np.ndarray, side: int, radius: int) -> np.ndarray
     return inverse[:, block_cells(side, radius)]
 
 
+def block_distances(radius: int) -> np.ndarray:
+    """Grid distance of every pair of a block's cells (lower triangle, `np.tril_indices` order): (P,) float64."""
+    xy = block_offsets(radius).astype(np.float64)
+    rows, cols = np.tril_indices(len(xy), k=-1)
+    return np.sqrt(((xy[rows] - xy[cols]) ** 2).sum(-1))
+
+
 def distance_target(radius: int) -> np.ndarray:
     """Lower triangle of D = 1 / (1 + d) over a block, centred and scaled to unit norm.
 
     Pearson(r, D) = <r - mean(r), D'> / |r - mean(r)| once D' is centred and of unit norm, so
     the target is prepared once here.
     """
-    xy = block_offsets(radius).astype(np.float64)
-    d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
-    rows, cols = np.tril_indices(len(xy), k=-1)
-    target = 1.0 / (1.0 + d[rows, cols])
+    target = 1.0 / (1.0 + block_distances(radius))
     if len(target) == 0:  # radius 1: one-unit neighborhoods have no pairs
         return target
     target -= target.mean()
     return target / np.linalg.norm(target)
+
+
+# ----------------------------------------------------------------------------- the spatial loss in float64 numpy
+
+def pair_spatial_loss(r: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Spatial loss of neighborhoods from their member pairs, in float64 (the numpy twin of `gram_loss`).
+
+    r (..., P): Pearson correlation of every unordered pair of a neighborhood's members; d (..., P), or (P,)
+    shared by all: the pairs' grid distances. SL = 0.5 * (1 - Pearson(r, 1 / (1 + d))), with `EPS` added
+    to the sum of squares of r's deviations as in `gram_loss`. Returns (...), in [0, 1]; NaN where the
+    distances do not vary (fewer than three members, or all on one cell), as the Pearson is undefined."""
+    r = np.asarray(r, np.float64)
+    target = 1.0 / (1.0 + np.asarray(d, np.float64))  # (P,) stays (P,): a visit's loss is one product
+    if r.shape[-1] == 0:
+        return np.full(r.shape[:-1], np.nan)
+    rc = r - r.mean(axis=-1, keepdims=True)
+    tc = target - target.mean(axis=-1, keepdims=True)
+    t_norm = np.sqrt(np.einsum("...p,...p->...", tc, tc))
+    cross = rc @ tc if tc.ndim == 1 else np.einsum("...p,...p->...", rc, tc)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pearson = cross / (np.sqrt(np.einsum("...p,...p->...", rc, rc) + EPS) * t_norm)
+    return np.where(t_norm > 0, 0.5 * (1.0 - pearson), np.nan)
+
+
+PAIRS_PER_CHUNK = 1 << 21  # pairs gathered at once by `spatial_losses` (a few tens of MB)
+
+
+def spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
+    """Spatial loss of every neighborhood of every site, in float64, for any layout.
+
+    corr (sites, C, C) unit correlations and coords (sites, C, 2) integer cells -> (sites, centres); or one
+    site: (C, C) and (C, 2) -> (centres,). A neighborhood's members are the units whose cells lie in the
+    (2r-1)^2 block around a centre (`centres`, on the smallest square grid holding the coordinates): for a
+    permutation exactly the block's units, otherwise every unit of a shared cell and none of an empty one.
+    d are the members' own grid distances (0 between units sharing a cell). NaN as in `pair_spatial_loss`.
+    The loss of `CorticalSheet.loss` over all neighborhoods instead of sampled ones, computed from
+    correlations instead of activations."""
+    corr, coords = np.asarray(corr, np.float64), np.asarray(coords, np.int64)
+    if coords.ndim == 2:
+        return spatial_losses(corr[None], coords[None], radius)[0]
+    side = max(math.isqrt(coords.shape[1]), int(coords.max()) + 1)
+    grid_centres = centres(side, radius)
+    return np.stack([_site_spatial_losses(corr[s], coords[s], grid_centres, radius, side) for s in range(len(coords))])
+
+
+def _site_spatial_losses(corr: np.ndarray, xy: np.ndarray, grid_centres: np.ndarray, radius: int,
+                         side: int) -> np.ndarray:
+    """`spatial_losses` of one site: neighborhoods with the same number of members are evaluated together."""
+    inside = ((np.abs(xy[None, :, 0] - grid_centres[:, None, 0]) < radius)
+              & (np.abs(xy[None, :, 1] - grid_centres[:, None, 1]) < radius))  # (centres, units)
+    counts = inside.sum(axis=1)
+    cell = cells_of(xy, side)
+    out = np.full(len(grid_centres), np.nan)
+    for n in np.unique(counts[counts >= 2]):
+        which = np.flatnonzero(counts == n)
+        members = np.nonzero(inside[which])[1].reshape(len(which), n)
+        members = np.take_along_axis(members, np.argsort(cell[members], axis=1, kind="stable"), axis=1)
+        rows, cols = np.tril_indices(n, k=-1)
+        relative = xy[members] - xy[members[:, :1]]
+        shared_shape = bool((relative == relative[:1]).all())  # a permutation: every block alike, d computed once
+        d_shared = np.sqrt(((xy[members[0, rows]] - xy[members[0, cols]]) ** 2).sum(-1).astype(np.float64))
+        step = max(1, PAIRS_PER_CHUNK // len(rows))
+        for start in range(0, len(which), step):
+            part = members[start:start + step]
+            a, b = part[:, rows], part[:, cols]
+            d = d_shared if shared_shape else np.sqrt(((xy[a] - xy[b]) ** 2).sum(-1).astype(np.float64))
+            out[which[start:start + step]] = pair_spatial_loss(corr[a, b], d)
+    return out
 
 
 def _centred_gram_forward(act: torch.Tensor, units: torch.Tensor, k: int,

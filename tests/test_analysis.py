@@ -11,10 +11,9 @@ import torch
 
 from topolm import analysis
 from topolm import stimuli
-from conftest import REPO
+from conftest import REPO, numpy_spatial_loss
 from model import GPT, GPTConfig
-from topolm.swap import grid_losses
-from positions import random_layout
+from positions import centres, random_layout, spatial_losses
 
 
 # ----------------------------------------------------------------------------- stimuli
@@ -250,7 +249,9 @@ def test_morans_i_on_maps_with_known_answers():
     planted = analysis.morans_i(smooth, coords, permutations=999)
     assert planted.i > 0.9 and planted.p == 1 / 1000
     cells = analysis.SheetCells.from_coords(coords)
-    null = analysis.null_morans_i(smooth, cells, analysis.shuffled_unit_cells(cells, 200, np.random.default_rng(0)))
+    rng = np.random.default_rng(0)
+    shuffles = cells.unit_cell[np.stack([rng.permutation(side * side) for _ in range(200)])]  # as measure_model
+    null = analysis.null_morans_i(smooth, cells, shuffles)
     assert abs(null.mean() - (-1 / (side * side - 1))) < 0.01 and null.std() < 0.06
     stripes = np.where(x % 2 == 0, 1.0, -1.0)  # rows alternate: 2 same-sign and 6 opposite neighbours inside
     i_stripes = analysis.morans_i(stripes, coords, permutations=0).i
@@ -311,22 +312,28 @@ def test_correlation_falls_with_distance_on_a_planted_sheet():
     assert abs(null["adjacent"] - null["far"]) < 0.03
 
 
-def test_full_grid_spatial_loss_agrees_with_training_code():
+def test_full_grid_spatial_loss_against_the_formula_on_any_layout():
+    """positions.spatial_losses, which the analysis uses, against the oracle on raw activations: members by a
+    sup-norm search of the coordinates, on a permutation and on a layout with shared and empty cells."""
     side, radius = 8, 2
     rng = np.random.default_rng(3)
     acts = rng.normal(size=(500, 6)) @ rng.normal(size=(6, side * side)) + rng.normal(size=(500, side * side))
     corr = np.corrcoef(acts, rowvar=False)
     coords = random_layout(1, side * side, seed=2)[0]
-    ref = grid_losses(corr[None], coords[None], radius)[0]
-    np.testing.assert_allclose(analysis.neighborhood_spatial_losses(corr, coords, radius), ref, atol=1e-7)
-    assert analysis.full_grid_spatial_loss(corr, coords, radius) == pytest.approx(ref.mean(), abs=1e-12)
+    shared = coords.copy()
+    shared[:3] = shared[3]  # four units on one cell, three cells empty: not a permutation
+    for layout in (coords, shared):
+        expected = []
+        for cx, cy in centres(side, radius):
+            members = np.flatnonzero(np.maximum(abs(layout[:, 0] - cx), abs(layout[:, 1] - cy)) < radius)
+            expected.append(numpy_spatial_loss(acts[:, members], layout[members]))
+        np.testing.assert_allclose(spatial_losses(corr, layout, radius), expected, rtol=0, atol=1e-8)
+        assert analysis.full_grid_spatial_loss(corr, layout, radius) == pytest.approx(np.mean(expected), abs=1e-8)
+    both = spatial_losses(np.stack([corr, corr]), np.stack([coords, shared]), radius)  # sites batched
+    np.testing.assert_array_equal(both, [spatial_losses(corr, coords, radius), spatial_losses(corr, shared, radius)])
     # a sheet whose correlations are exactly the inverse-distance target: loss 0
     d = np.sqrt(((coords[:, None] - coords[None]) ** 2).sum(-1))
     assert analysis.full_grid_spatial_loss(1 / (1 + d), coords, radius) == pytest.approx(0.0, abs=1e-6)
-    shared = coords.copy()
-    shared[0] = shared[1]  # not a permutation: the general path
-    assert not analysis.is_grid_permutation(shared)
-    assert 0.0 <= analysis.full_grid_spatial_loss(corr, shared, radius) <= 1.0
 
 
 def test_heldout_windows():

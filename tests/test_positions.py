@@ -5,8 +5,9 @@ import torch
 
 from conftest import numpy_spatial_loss
 from topolm.position_sets import load_positions, save_positions
-from positions import (CorticalSheet, block_cells, centres, check_layout, distance_target, identity_layout,
-                       neighborhood_loss, neighborhood_units, random_layout)
+from positions import (CorticalSheet, block_cells, centres, check_layout, distance_target, gathered_centred_gram,
+                       gram_loss, identity_layout, neighborhood_loss, neighborhood_units, random_layout,
+                       spatial_losses)
 
 
 @pytest.mark.parametrize("side,radius,n_centres", [(28, 5, 400), (28, 10, 100), (12, 3, 64), (6, 2, 16), (5, 3, 1)])
@@ -72,6 +73,39 @@ def test_loss_matches_numpy_formula():
     expected = [numpy_spatial_loss(acts[:, units[c]], coords[0, units[c]]) for c in picks]
     np.testing.assert_allclose(ours, expected, atol=2e-5)
     assert np.all((ours >= 0) & (ours <= 1))
+
+
+# The spatial loss of one seeded case, pinned at full float64 precision (as esda's tests pin Moran's I): a
+# 3 x 3 sheet (one neighborhood of radius 2) with a random permutation layout, activations with structure.
+GOLDEN_SPATIAL_LOSS = 0.537042578653996
+
+
+def golden_case():
+    rng = np.random.default_rng(2025)
+    coords = random_layout(1, 9, seed=7)
+    acts = rng.normal(size=(64, 9))
+    acts[:, 1:] += 0.6 * acts[:, :-1]
+    return acts, coords, neighborhood_units(coords, 3, 2)[0, 0]
+
+
+def test_every_spatial_loss_implementation_gives_the_pinned_value():
+    acts, coords, units = golden_case()
+    # numpy, float64, from correlations (the analysis, the swap search, init_pos.py)
+    numpy_loss = spatial_losses(np.corrcoef(acts, rowvar=False), coords[0], 2)
+    assert numpy_loss.shape == (1,) and numpy_loss[0] == pytest.approx(GOLDEN_SPATIAL_LOSS, rel=1e-14, abs=0)
+    # torch in float64, the training path's two functions (Gram of the gathered columns, then the loss);
+    # EPS in its standard deviations moves the 12th digit
+    rows, cols = (torch.as_tensor(t) for t in np.tril_indices(9, k=-1))
+    gram = gathered_centred_gram(torch.tensor(acts), torch.as_tensor(units), 1)
+    torch_loss = gram_loss(gram, torch.tensor(distance_target(2)), rows, cols)
+    assert gram.dtype == torch_loss.dtype == torch.float64
+    assert torch_loss.item() == pytest.approx(GOLDEN_SPATIAL_LOSS, rel=0, abs=1e-11)
+    # the model's own float32 path
+    sheet = CorticalSheet(1, 9, 2, coords)
+    grams = sheet.site_gram(torch.tensor(acts, dtype=torch.float32), torch.as_tensor(units), 1)
+    assert sheet.loss(grams[None], "mean").item() == pytest.approx(GOLDEN_SPATIAL_LOSS, rel=0, abs=2e-6)
+    # the oracle, written from the formula without EPS: EPS in the implementations' Pearson moves the 10th digit
+    assert numpy_spatial_loss(acts[:, units], coords[0, units]) == pytest.approx(GOLDEN_SPATIAL_LOSS, rel=0, abs=1e-9)
 
 
 def sheet_loss(sheet, samples, k, accum):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import PYTHON, numpy_spatial_loss, overrides, read_log, run_script, write_pattern_data
-from topolm.swap import grid_losses, swap_optimize, unit_correlations
-from positions import centres, check_layout, random_layout
+from topolm.swap import swap_optimize, unit_correlations
+from positions import (EPS, block_cells, block_distances, cell_to_unit, centres, check_layout, pair_spatial_loss,
+                       random_layout, spatial_losses)
 
 
 def structured_acts(n_sites, n_embed, n=400, seed=0):
@@ -33,11 +34,52 @@ def test_swapopt_invariants(visit_all):
     assert not np.array_equal(coords, start)
     assert (report["loss_after"] <= report["loss_before"] + 1e-12).all()
     assert report["loss_before"].shape[1] == (36 if visit_all else 12)
-    assert (grid_losses(corr, coords, radius).mean(1) < grid_losses(corr, start, radius).mean(1)).all()
+    assert (spatial_losses(corr, coords, radius).mean(1) < spatial_losses(corr, start, radius).mean(1)).all()
     again, _ = swap_optimize(start, corr, radius, 12, 30, visit_all, seed=2)
     assert np.array_equal(coords, again)
     other, _ = swap_optimize(start, corr, radius, 12, 30, visit_all, seed=3)
     assert not np.array_equal(coords, other)
+
+
+def test_incremental_gain_against_the_full_loss_on_every_attempt():
+    """Each attempt replayed: the visited neighborhood's full loss (positions.pair_spatial_loss) before and
+    after the swap changes by exactly -gain x 0.5 / (|r - mean r| |D - mean D|), every kept swap lowers
+    or keeps it, every refused one would raise it, and the replay ends on the returned layout."""
+    n_sites, side, radius = 2, 8, 3
+    corr = unit_correlations(structured_acts(n_sites, side * side, seed=5))
+    start = random_layout(n_sites, side * side, seed=1)
+    coords, report = swap_optimize(start, corr, radius, 6, 40, False, seed=4)
+    cells, d = block_cells(side, radius), block_distances(radius)
+    rows, cols = np.tril_indices(cells.shape[1], k=-1)
+    t = 1.0 / (1.0 + d)
+    inverse = cell_to_unit(start, side)
+    kept = 0
+    for s in range(n_sites):
+        for v, centre in enumerate(report["visited_centres"][s]):
+            units = inverse[s, cells[centre]]
+            r = corr[s][units[rows], units[cols]]
+            factor = 0.5 / (np.sqrt(((r - r.mean()) ** 2).sum() + EPS) * np.linalg.norm(t - t.mean()))
+            assert pair_spatial_loss(r, d) == pytest.approx(report["loss_before"][s, v], abs=1e-15)
+            for step in range(report["gain"].shape[1]):
+                a, b = report["first"][v, step, s], report["second"][v, step, s]
+                tried = units.copy()
+                tried[[a, b]] = tried[[b, a]]
+                before = pair_spatial_loss(corr[s][units[rows], units[cols]], d)
+                after = pair_spatial_loss(corr[s][tried[rows], tried[cols]], d)
+                gain = report["gain"][v, step, s]
+                assert after - before == pytest.approx(-gain * factor, abs=1e-13)
+                if gain >= 0:
+                    assert after <= before + 1e-15
+                    units, kept = tried, kept + 1
+                else:
+                    assert after > before
+            inverse[s, cells[centre]] = units
+            assert pair_spatial_loss(corr[s][units[rows], units[cols]], d) == pytest.approx(
+                report["loss_after"][s, v], abs=1e-15)
+    assert kept == report["accepted"].sum() > 20
+    replayed = np.empty_like(inverse)
+    np.put_along_axis(replayed, inverse, np.arange(side * side)[None].repeat(n_sites, 0), axis=1)
+    assert np.array_equal(np.stack([replayed // side, replayed % side], axis=-1), coords)
 
 
 def test_reported_losses_follow_the_new_coordinates():

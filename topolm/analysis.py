@@ -37,8 +37,7 @@ import scipy.stats
 import torch
 
 from topolm.tokenizer import EOT_TOKEN
-from topolm.swap import grid_losses
-from positions import EPS, centres
+from positions import spatial_losses
 
 ADJACENT_MAX = 1.5  # grid distance 1 or sqrt(2)
 FAR_MIN = 6.0
@@ -267,11 +266,6 @@ def morans_i(values: np.ndarray, coords: np.ndarray, permutations: int = 999, se
     return Moran(i, p, -1.0 / (len(y) - 1), sims)
 
 
-def shuffled_unit_cells(cells: SheetCells, n_shuffles: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_shuffles, n_units) cell index per unit after shuffling the units' positions."""
-    return np.stack([cells.unit_cell[rng.permutation(len(cells.unit_cell))] for _ in range(n_shuffles)])
-
-
 def null_morans_i(values: np.ndarray, cells: SheetCells, shuffles: np.ndarray) -> np.ndarray:
     """Moran's I of the same unit values with shuffled positions: shuffles (n_shuffles, n_units) -> (n_shuffles,)."""
     y = np.stack([cells.cell_values(values, s) for s in shuffles])
@@ -407,51 +401,15 @@ def heldout_correlations(model, windows: np.ndarray, batch_size: int = 8) -> tup
     return acc.correlations(), acc.n
 
 
-def is_grid_permutation(coords: np.ndarray) -> bool:
-    """True if the coordinates put exactly one unit in every cell of a side x side grid."""
-    coords = np.asarray(coords)
-    side = math.isqrt(len(coords))
-    if side * side != len(coords) or coords.min() < 0 or coords.max() >= side:
-        return False
-    return len(np.unique(coords[:, 0] * side + coords[:, 1])) == len(coords)
-
-
-def neighborhood_spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
-    """Spatial loss (positions.py's formula) of every neighborhood of one site, for any layout: (n_centres,).
-
-    corr (n_units, n_units); coords (n_units, 2). A neighborhood's members are the units whose
-    cells lie in the (2r-1)^2 block around a centre (centres as in positions.centres, on the
-    smallest square grid holding the coordinates); D uses the members' own coordinates (0 between
-    units sharing a cell). Blocks with fewer than three units give NaN.
-    """
-    coords = np.asarray(coords, np.int64)
-    side = max(math.isqrt(len(coords)), int(coords.max()) + 1)
-    losses = []
-    for cx, cy in centres(side, radius):
-        members = np.flatnonzero(np.maximum(abs(coords[:, 0] - cx), abs(coords[:, 1] - cy)) < radius)
-        if len(members) < 3:
-            losses.append(math.nan)
-            continue
-        rows, cols = np.tril_indices(len(members), k=-1)
-        r = np.asarray(corr, np.float64)[members[rows], members[cols]]
-        target = 1.0 / (1.0 + _pair_distances(coords, members[rows], members[cols]))
-        r, target = r - r.mean(), target - target.mean()
-        pearson = (r @ target) / math.sqrt((r @ r + EPS) * (target @ target))
-        losses.append(0.5 * (1.0 - pearson))
-    return np.array(losses)
-
-
 def full_grid_spatial_loss(corr: np.ndarray, coords: np.ndarray, radius: int) -> float:
-    """The spatial loss averaged over every neighborhood of one site (not the 5 sampled in training).
+    """The spatial loss averaged over every neighborhood of one site (not the few sampled in training).
 
-    A permutation layout goes through positions.grid_losses, the training code's own function;
-    any other layout through `neighborhood_spatial_losses` (the same formula, members found by
-    position; tested to agree on permutations).
-    """
-    coords = np.asarray(coords, np.int64)
-    if is_grid_permutation(coords):
-        return float(grid_losses(np.asarray(corr)[None], coords[None], radius).mean())
-    return float(np.nanmean(neighborhood_spatial_losses(corr, coords, radius)))
+    corr (n_units, n_units) float64 correlations, coords (n_units, 2) any layout; the per-neighborhood
+    losses are `positions.spatial_losses` (the float64 numpy form of the training loss), neighborhoods
+    without a defined loss (fewer than two units, or all on one cell) left out of the mean."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layout with no defined neighborhood gives NaN
+        return float(np.nanmean(spatial_losses(corr, coords, radius)))
 
 
 # ----------------------------------------------------------------------------- one model, every measure

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from positions import (EPS, NOT_A_PERMUTATION, block_cells, block_offsets, cell_to_unit, distance_target,
-                       grid_side, is_permutation, neighborhood_units)
+from positions import (EPS, NOT_A_PERMUTATION, block_cells, block_distances, cell_to_unit, distance_target,
+                       grid_side, is_permutation, pair_spatial_loss)
 
 
 # ----------------------------------------------------------------------------- swap pre-optimization
@@ -23,22 +23,11 @@ def unit_correlations(acts: torch.Tensor) -> np.ndarray:
     return (gram * inv_std[:, :, None] * inv_std[:, None, :]).numpy()
 
 
-def _losses_of(corr_flat: np.ndarray, n_embed: int, units: np.ndarray, target: np.ndarray, rows, cols) -> np.ndarray:
-    """SL of one neighborhood per site from unit correlations (flattened (S, C, C)), units (S, m) -> (S,)."""
+def _visited_losses(corr_flat: np.ndarray, n_embed: int, units: np.ndarray, d: np.ndarray, rows, cols) -> np.ndarray:
+    """SL of one neighborhood per site (`positions.pair_spatial_loss`): units (S, m) in block order, d (P,)
+    the block's pair distances, corr_flat the flattened (S, C, C) correlations -> (S,)."""
     base = (np.arange(len(units)) * n_embed * n_embed)[:, None]
-    r = np.take(corr_flat, base + units[:, rows] * n_embed + units[:, cols])
-    r = r - r.mean(axis=1, keepdims=True)
-    return 0.5 * (1.0 - (r @ target) / np.sqrt((r * r).sum(axis=1) + EPS))
-
-
-def grid_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
-    """SL of every neighborhood of every site, (sites, centres), from unit correlations."""
-    side = grid_side(coords.shape[1])
-    units = neighborhood_units(coords, side, radius)
-    rows, cols = np.tril_indices(units.shape[-1], k=-1)
-    target = distance_target(radius)
-    corr_flat = np.ascontiguousarray(corr).reshape(-1)
-    return np.stack([_losses_of(corr_flat, corr.shape[-1], units[:, c], target, rows, cols) for c in range(units.shape[1])], axis=1)
+    return pair_spatial_loss(np.take(corr_flat, base + units[:, rows] * n_embed + units[:, cols]), d)
 
 
 def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborhoods: int, local_steps: int,
@@ -53,7 +42,11 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
     mean and spread, unchanged: only the cross term sum_ij r_ij * D'_ij of the Pearson numerator
     moves, and only in the two swapped rows. Each attempt therefore costs O(members) instead of a
     new correlation matrix.
-    Returns the new coordinates and a report with per-visit losses before and after.
+    Returns the new coordinates and a report: per site and visit, `visited_centres` (sites, visits) and
+    the visited neighborhood's `loss_before` / `loss_after` (`positions.pair_spatial_loss`); per attempt
+    (visits, local_steps, sites), the two members tried (`first`, `second`: indices into the block) and
+    `gain`, the rise of sum_ij r_ij D'_ij (D' the centred inverse distance) that the swap would bring: it
+    is kept when gain >= 0, and the loss changes by -gain times a positive factor fixed per visit.
     """
     from tqdm import tqdm
 
@@ -74,46 +67,45 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
     first = rng.integers(0, m, size=(n_visits, local_steps, n_sites))
     second = (first + rng.integers(1, m, size=first.shape)) % m  # a different member
 
-    xy = block_offsets(radius).astype(np.float64)
-    dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
     rows, cols = np.tril_indices(m, k=-1)
+    dist = block_distances(radius)
     target = distance_target(radius)
     weight = np.zeros((m, m))  # centred inverse distance for every ordered pair, as in `target`
     raw = 1.0 / (1.0 + dist)
-    weight[rows, cols] = target * np.linalg.norm(raw[rows, cols] - raw[rows, cols].mean())
+    weight[rows, cols] = target * np.linalg.norm(raw - raw.mean())
     weight = weight + weight.T
 
     inverse = cell_to_unit(coords, side)
     s = np.arange(n_sites)
     corr_flat = np.ascontiguousarray(corr).reshape(-1)
     site_base = (s * n_embed * n_embed)[:, None]
-    before = np.empty((n_sites, n_visits))
-    after = np.empty((n_sites, n_visits))
+    before, after = np.empty((n_sites, n_visits)), np.empty((n_sites, n_visits))
     accepted = np.zeros(n_sites, dtype=np.int64)
+    gains = np.empty(first.shape)
     for v in tqdm(range(n_visits), desc="swap pre-optimization", unit="nbhd", disable=not progress):
         visit_cells = cells[order[:, v]]
         units = inverse[s[:, None], visit_cells]
-        before[:, v] = _losses_of(corr_flat, n_embed, units, target, rows, cols)
+        before[:, v] = _visited_losses(corr_flat, n_embed, units, dist, rows, cols)
         row_base = site_base + units
-        for a, b in zip(first[v], second[v]):
+        for step, (a, b) in enumerate(zip(first[v], second[v])):
             ua, ub = units[s, a], units[s, b]
             w = weight[a] - weight[b]
-            w[s, a] = 0.0
-            w[s, b] = 0.0
+            w[s, a] = w[s, b] = 0.0  # the swapped pair's own correlation does not move
             row_a = np.take(corr_flat, row_base + (ua * n_embed)[:, None])
             row_b = np.take(corr_flat, row_base + (ub * n_embed)[:, None])
-            keep = ((row_b - row_a) * w).sum(axis=1) >= 0.0
+            gains[v, step] = ((row_b - row_a) * w).sum(axis=1)
+            keep = gains[v, step] >= 0.0
             new_a, new_b = np.where(keep, ub, ua), np.where(keep, ua, ub)
             units[s, a], units[s, b] = new_a, new_b
             row_base[s, a], row_base[s, b] = site_base[:, 0] + new_a, site_base[:, 0] + new_b
             accepted += keep
         inverse[s[:, None], visit_cells] = units
-        after[:, v] = _losses_of(corr_flat, n_embed, units, target, rows, cols)
+        after[:, v] = _visited_losses(corr_flat, n_embed, units, dist, rows, cols)
 
     new_coords = np.empty_like(coords)
     unit_cells = np.empty_like(inverse)
     np.put_along_axis(unit_cells, inverse, np.arange(n_embed)[None].repeat(n_sites, 0), axis=1)
     new_coords[..., 0], new_coords[..., 1] = unit_cells // side, unit_cells % side
     report = {"visited_centres": order, "loss_before": before, "loss_after": after, "accepted": accepted,
-              "attempts": n_visits * local_steps}
+              "attempts": n_visits * local_steps, "first": first, "second": second, "gain": gains}
     return new_coords, report

@@ -247,7 +247,7 @@ def test_fineweb_prepare_reads_only_the_text_column(tmp_path):
     _jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"body": "no text here"}])
     line = _error_line(run_script([PYTHON, FINEWEB, "--files", a, str(tmp_path / "d.jsonl"), "--out_dir",
                                    str(tmp_path / "o2")], check=False))
-    assert "d.jsonl, line 2: no 'text' column (its columns: body)" in line
+    assert "d.jsonl line 2: no 'text' column (its columns: body)" in line
     line = _error_line(run_script([PYTHON, FINEWEB, "--files", str(tmp_path / "c.parquet"), "--text_column",
                                    "body", "--out_dir", str(tmp_path / "o2")], check=False))
     assert "c.parquet: no 'body' column (its columns: meta, text)" in line

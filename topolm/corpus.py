@@ -1,9 +1,9 @@
 """Corpora to token files: exact text reading, documents from local files, the validation split,
 and the uint16 `train.bin` / `val.bin` + `meta.json` that training reads.
 
-Used by `data/*/prepare.py`, `init-data/prepare.py` and `bench.py`; other readers of text (prompt
-files, GLUE files, stimuli) use `topolm.files.read_text` / `topolm.files.decode_utf8` so that every text input of the
-project is read the same way.
+Used by `data/*/prepare.py`, `init-data/prepare.py` and `bench.py`. Every text input of the project
+(these corpora, prompt files, GLUE and BLiMP files, stimuli) is read the same way, by
+`topolm.files.read_text` (whole files) and `topolm.files.read_jsonl` (JSON lines).
 
 Design decisions
 - Text is read exactly: bytes are decoded as strict UTF-8 with no newline translation and no
@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from topolm.config import UserError
-from topolm.files import atomic_write, decode_utf8, read_text, remove_partial_writes
+from topolm.files import atomic_write, decode_utf8, read_json, read_jsonl, read_text, remove_partial_writes
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 VAL_SEED = 42
@@ -48,34 +48,21 @@ TEXT_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 # ----------------------------------------------------------------------------- reading text exactly
 
 def iter_jsonl_column(path: Path, column: str) -> Iterator[str]:
-    """The string in `column` of each record of a JSON-lines file (blank lines skipped), in order.
+    """The string in `column` of each record of a JSON-lines file (`topolm.files.read_jsonl`), in order.
 
-    A `.json` file may also hold one JSON array of records (then "row" counts the array's items).
+    A `.json` file may also hold one JSON array of records (then "item" counts the array's items).
     Raises topolm.config.UserError naming the file and line for bytes that are not UTF-8, a line that is
     not a JSON object, a record without `column`, or a value that is not a string (null included)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-        f.seek(0)
-        if path.suffix.lower() == ".json" and head.startswith(b"["):
-            try:
-                records = json.loads(decode_utf8(f.read(), str(path)).lstrip("\ufeff"))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-            for row, record in enumerate(records, 1):
+    if path.suffix.lower() == ".json":
+        with open(path, "rb") as f:
+            is_array = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        if is_array:
+            for row, record in enumerate(read_json(path), 1):
                 yield _text_of(record, column, f"{path}, item {row}")
             return
-        for lineno, raw in enumerate(f, 1):
-            line = decode_utf8(raw, str(path), lineno)
-            if lineno == 1:
-                line = line.lstrip("\ufeff")  # a byte-order mark is not part of the first record
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not a JSON record ({e.msg})") from None
-            yield _text_of(record, column, f"{path}, line {lineno}")
+    for lineno, record in read_jsonl(path):
+        yield _text_of(record, column, f"{path} line {lineno}")
 
 
 def _text_of(record, column: str, where: str) -> str:

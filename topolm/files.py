@@ -1,4 +1,4 @@
-"""Files: atomic writes, leftovers of interrupted writes, strict UTF-8 text, and the token files.
+"""Files: atomic writes, leftovers of interrupted writes, strict UTF-8 text and JSON lines, and the token files.
 
 Every file the code writes goes through `atomic_write`: written under a temporary name, flushed to
 disk, then renamed into place, so a reader never sees a partial file; leftovers of a killed writer
@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -102,6 +102,45 @@ def read_text(path: Path) -> str:
     return decode_utf8(raw, str(path)).removeprefix("\ufeff")
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each JSON object of a JSON-lines file, in order, read as it goes.
+
+    Lines are split at line feeds (b"\\n") only: str.splitlines would also split inside a string holding
+    U+2028, U+0085 or a form feed, which JSON keeps as text. Each line is strict UTF-8 (`decode_utf8`); a
+    leading byte-order mark, a trailing carriage return and blank lines are skipped. Raises UserError naming
+    the file and line for a missing file, bytes that are not UTF-8, or a line that is not one JSON object."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):  # binary files split at b"\n" only
+            line = decode_utf8(raw, str(path), lineno)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}); each line must hold one JSON object") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {lineno}: a JSON {type(record).__name__}, not an object; each line must "
+                                f"hold one JSON object")
+            yield lineno, record
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value of a whole file, read with `read_text`. Raises UserError naming the file and line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
 # ----------------------------------------------------------------------------- data
 
 def open_tokens(path: Path, block_size: int, vocab_size: int) -> np.memmap:
@@ -128,8 +167,8 @@ def tokens_meta(folder: Path) -> dict:
     """The `meta.json` that a preparer writes beside its token files ({} when missing or unreadable)."""
     meta = Path(folder) / "meta.json"
     try:
-        return json.loads(meta.read_text()) if meta.is_file() else {}
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return read_json(meta) if meta.is_file() else {}
+    except UserError:
         return {}
 
 
@@ -138,11 +177,11 @@ def _max_token_id(path: Path, data: np.memmap) -> int:
     meta = path.parent / "meta.json"
     if meta.is_file():
         try:
-            info = json.loads(meta.read_text())
+            info = read_json(meta)
             entry = info.get("files", {}).get(path.name)
             if entry and entry.get("tokens") == len(data) and entry.get("mtime_ns") == path.stat().st_mtime_ns:
                 return int(entry["max_token_id"])
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        except (UserError, AttributeError, KeyError, TypeError, ValueError):
             pass
     chunk = 1 << 26
     return int(max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from topolm.config import UserError
-from topolm.files import read_text
+from topolm.files import read_jsonl, read_text
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 # ----------------------------------------------------------------------------- tasks and metrics
@@ -134,15 +133,10 @@ def _tsv_is_quoted(lines: list[str]) -> bool:
     return False
 
 
-def _lines(text: str) -> list[str]:
-    """Lines split at line feeds only: str.splitlines would also split inside a sentence holding
-    U+2028, U+0085 or a form feed, which JSON and TSV keep as text."""
-    return text.split("\n")
-
-
 def _read_tsv(path: Path, columns: list[str], task: str) -> dict[str, list[str]]:
     text = read_text(path)
-    quoting = csv.QUOTE_MINIMAL if _tsv_is_quoted(_lines(text)) else csv.QUOTE_NONE
+    # split at line feeds only: str.splitlines would also split inside a sentence holding U+2028 or U+0085
+    quoting = csv.QUOTE_MINIMAL if _tsv_is_quoted(text.split("\n")) else csv.QUOTE_NONE
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting, strict=True)
     try:
         header = next(reader, None)
@@ -166,13 +160,7 @@ def _read_tsv(path: Path, columns: list[str], task: str) -> dict[str, list[str]]
 
 def _read_jsonl(path: Path, columns: list[str], task: str) -> dict[str, list]:
     out = {c: [] for c in columns}
-    for n, line in enumerate(_lines(read_text(path)), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not JSON ({e.msg})") from e
+    for n, record in read_jsonl(path):
         _require_columns(f"{path.parent} {path.stem}" + (f" line {n}" if out[columns[0]] else ""), list(record),
                          columns, task)
         for c in columns:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from topolm.files import atomic_write
+from topolm.config import UserError
+from topolm.files import atomic_write, read_json
 from positions import POSITIONS_FORMAT, check_layout, grid_side, site_names
 
 
@@ -35,8 +36,8 @@ def load_positions(folder: str | Path, n_layer: int, n_embed: int) -> tuple[np.n
     try:
         coords = np.load(npy, allow_pickle=False).astype(np.int64)
         meta_file = folder / "meta.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (ValueError, OSError) as e:
+        meta = read_json(meta_file) if meta_file.is_file() else {}
+    except (ValueError, OSError, UserError) as e:
         raise ValueError(f"cannot read position set {folder}: {e}") from e
     want = (2 * n_layer, n_embed, 2)
     if coords.shape != want:

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from topolm.files import read_text
 
 STIMULI_DIR = Path(__file__).resolve().parent.parent / "stimuli"
 CONDITIONS = ("S", "W", "J", "N")
@@ -349,11 +352,10 @@ def write_stimuli(folder: Path = STIMULI_DIR) -> list[Path]:
 def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"stimulus file not found: {path} (python stimuli/generate.py writes it)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if tuple(reader.fieldnames or ()) != columns:
-            raise ValueError(f"{path}: expected the columns {', '.join(columns)}; got {reader.fieldnames}")
-        return list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    if tuple(reader.fieldnames or ()) != columns:
+        raise ValueError(f"{path}: expected the columns {', '.join(columns)}; got {reader.fieldnames}")
+    return list(reader)
 
 
 def read_localizer(folder: Path = STIMULI_DIR) -> dict[str, list[str]]:

@@ -21,17 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
-from topolm.config import (DATA_DIR, UserError, check_seed, cli_main, require_device, load_config, require,
-                           resolve_path)
+from topolm.config import DATA_DIR, SeedKey, UserError, cli_main, load_config, require, resolve_device, resolve_path
 from topolm.files import atomic_write, open_tokens
+from topolm.provenance import provenance
 from topolm.tokenizer import gpt2_encoding
 from topolm.ablation import load_units, random_units, top_units, validation_loss, zeroed_units
 from topolm.blimp import BlimpKeys, load_blimp_hub, load_blimp_local, score_blimp
 
 
 @dataclass
-class AblateConfig(BlimpKeys):
-    """ablate.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from topolm.blimp.BlimpKeys."""
+class AblateConfig(BlimpKeys, SeedKey):
+    """ablate.py's keys: its own below; ckpt, device, data_dir, paradigms and batch_size from topolm.blimp.BlimpKeys,
+    seed from topolm.config.SeedKey."""
     units: str = ""
     """units.npz written by analyze.py for this checkpoint (site_names, coords, t_localizer)."""
     k: int = 10
@@ -39,7 +40,7 @@ class AblateConfig(BlimpKeys):
     draws: int = 5
     """Random draws of k units per site (at least 5)."""
     seed: int = 0
-    """Seed of the random draws (and of the validation windows)."""
+    """Seed of the random draws (and of the validation windows); default 0, the documented results' draws."""
     dataset: str = ""
     """Folder with val.bin (a bare name means data/<name>) for the validation loss; empty skips it."""
     val_batches: int = 20
@@ -54,7 +55,6 @@ class AblateConfig(BlimpKeys):
         require(bool(self.units), "units= is required: the units.npz of analyze.py for this checkpoint")
         require(self.k >= 1, f"k={self.k} must be >= 1")
         require(self.draws >= 5, f"draws={self.draws} must be >= 5 (the spread of the random control needs several)")
-        check_seed(self.seed)
         for key in ("val_batches", "val_batch_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
 
@@ -67,13 +67,18 @@ def spread(values: list[float]) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg: AblateConfig = load_config(AblateConfig, argv)
-    require_device(cfg.device)
-    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
+    device = resolve_device(cfg.device)
+    model, ckpt, path = load_model(cfg.ckpt, device)
+    source = provenance(path, ckpt, model)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
     n_embed, names = model.config.n_embed, list(model.site_names)
     if cfg.k > n_embed:
         raise UserError(f"k={cfg.k} exceeds the {n_embed} units of a site")
     units = load_units(Path(cfg.units), model)
+    units_source = json.loads(str(units["provenance"])) if "provenance" in units else None
+    if units_source and units_source["weights_sha256"] != source["weights_sha256"]:
+        print(f"note: {cfg.units} was measured on other weights ({units_source['checkpoint']}, step "
+              f"{units_source['step']}) than {path}'s; the units are chosen by that model's t-values")
     val_tokens = None
     if cfg.dataset:
         val_file = resolve_path(cfg.dataset, DATA_DIR) / "val.bin"
@@ -84,8 +89,8 @@ def main(argv: list[str]) -> None:
     def measure(chosen: np.ndarray | None, label: str) -> dict:
         sites = {} if chosen is None else {name: chosen[s] for s, name in enumerate(names)}
         with zeroed_units(model, sites):
-            r = score_blimp(model, pairs, enc, cfg.batch_size, cfg.device, progress=False)
-            loss = (validation_loss(model, val_tokens, cfg.val_batches, cfg.val_batch_size, cfg.seed, cfg.device)
+            r = score_blimp(model, pairs, enc, cfg.batch_size, device, progress=False)
+            loss = (validation_loss(model, val_tokens, cfg.val_batches, cfg.val_batch_size, cfg.seed, device)
                     if val_tokens is not None else None)
         print(f"  {label}: BLiMP {r['overall']['accuracy']:.4f}" + (f", val loss {loss:.4f}" if loss is not None else ""))
         return {"blimp": r["overall"]["accuracy"], "blimp_paradigm_mean": r["overall"]["paradigm_mean"],
@@ -121,7 +126,8 @@ def main(argv: list[str]) -> None:
     print(row(f"random {cfg.k} per site ({cfg.draws}x)", summary(rand["blimp"]), summary(rand["val_loss"])))
 
     out = Path(cfg.out) if cfg.out else path.with_name(f"{path.name}.ablation-k{cfg.k}.json")
-    record = {"checkpoint": str(path), "units_file": cfg.units, "config": asdict(cfg), "k": cfg.k,
+    record = {"checkpoint": str(path), "provenance": source, "units_file": cfg.units, "units_provenance": units_source,
+              "config": asdict(cfg), "k": cfg.k,
               "n_pairs": len(pairs), "intact": intact,
               "selective": {**top, "units": {name: selective[s].tolist() for s, name in enumerate(names)},
                             "significant_per_site": significant},

@@ -13,7 +13,9 @@
   beside the same curve with unit positions shuffled;
 - response_profile.png: mean response of the language-selective units to S, W, J and N
   (cross-validated: selected on odd items, measured on even ones and vice versa);
-- summary.json (per site and averaged), units.npz (and compare_units.npz): per-unit arrays.
+- summary.json (per site and averaged), units.npz (and compare_units.npz): per-unit arrays; both carry
+  each model's provenance (checkpoint, step, weights digest, code version; in units.npz as the JSON
+  string `provenance`).
 All keys are fields of `AnalyzeConfig`.
 """
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch
 
 from topolm.analysis import CONTRASTS, Stimuli, heldout_windows, measure_model, summarize
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
-from topolm.config import (DATA_DIR, REPO, UserError, check_seed, cli_main, require_device, load_config, require,
-                           resolve_path)
-from topolm.files import atomic_write
+from topolm.config import (DATA_DIR, REPO, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
+                           resolve_device, resolve_path)
+from topolm.files import atomic_write, read_text
+from topolm.provenance import provenance
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
 from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
@@ -39,9 +42,9 @@ from topolm.stimuli import read_localizer, read_pos
 
 
 @dataclass
-class AnalyzeConfig:
-    ckpt: str = ""
-    """Checkpoint file, or run folder whose newest checkpoint is analysed."""
+class AnalyzeConfig(InferenceKeys, SeedKey):
+    """analyze.py's keys: its own below; ckpt (the model analysed) and device from topolm.config.InferenceKeys,
+    seed from topolm.config.SeedKey."""
     compare: str = ""
     """Optional second model (e.g. the alpha=0 control), analysed the same way and drawn below the first."""
     out: str = ""
@@ -64,19 +67,15 @@ class AnalyzeConfig:
     batch_size: int = 32
     """Stimuli per forward pass."""
     seed: int = 0
-    """Seed of the permutations, the shuffles and the held-out windows."""
-    device: str = "cpu"
-    """'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    """Seed of the permutations, the shuffles and the held-out windows (default 0: the documented figures' draws)."""
 
     def __post_init__(self):
+        super().__post_init__()
         require(0 < self.q < 1, f"q={self.q} must be in (0, 1)")
         require(self.permutations >= 0, f"permutations={self.permutations} must be >= 0")
         require(self.null_shuffles >= 2, f"null_shuffles={self.null_shuffles} must be >= 2")
         require(self.heldout_tokens >= 16, f"heldout_tokens={self.heldout_tokens} must be >= 16")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        check_seed(self.seed)
-        require(self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-                f"device must be cpu, cuda, cuda:N or mps; got '{self.device}'")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -92,7 +91,7 @@ def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str
             if path.stat().st_size % 2:
                 raise UserError(f"heldout={path} is not a uint16 token file (odd size)")
             return np.fromfile(path, dtype=np.uint16), str(path)
-        return np.array(enc.encode_ordinary(path.read_text(encoding="utf-8")), dtype=np.int64), str(path)
+        return np.array(enc.encode_ordinary(read_text(path)), dtype=np.int64), str(path)
     dataset = (ckpt.get("config") or {}).get("dataset")
     if dataset:
         val = resolve_path(str(dataset), DATA_DIR) / "val.bin"
@@ -110,6 +109,7 @@ class Loaded:
     path: Path
     windows: np.ndarray
     heldout_source: str
+    provenance: dict  # topolm.provenance: checkpoint, step, weights digest, code version
 
     @property
     def name(self) -> str:
@@ -124,8 +124,8 @@ class Loaded:
         return f"{self.name} (step {self.step})"
 
 
-def load(cfg: AnalyzeConfig, label: str, arg: str, stim: Stimuli, localizer) -> Loaded:
-    model, ckpt, path = load_model(arg, cfg.device)
+def load(cfg: AnalyzeConfig, device: str, label: str, arg: str, stim: Stimuli, localizer) -> Loaded:
+    model, ckpt, path = load_model(arg, device)
     require_gpt2_tokenizer(ckpt, path, "the analysis's stimuli")
     if stim.longest + 1 > model.config.block_size:
         raise UserError(f"{path}: the longest stimulus has {stim.longest} tokens (+1 prefix), more than "
@@ -137,7 +137,8 @@ def load(cfg: AnalyzeConfig, label: str, arg: str, stim: Stimuli, localizer) -> 
     if int(tokens.max()) >= model.config.vocab_size:
         raise UserError(f"held-out text {source} holds token id {int(tokens.max())} >= vocab_size={model.config.vocab_size}")
     seq_len = min(model.config.block_size - 1, 256)
-    return Loaded(label, model, ckpt, path, heldout_windows(tokens, cfg.heldout_tokens, seq_len, cfg.seed), source)
+    return Loaded(label, model, ckpt, path, heldout_windows(tokens, cfg.heldout_tokens, seq_len, cfg.seed), source,
+                  provenance(path, ckpt, model))
 
 
 # ----------------------------------------------------------------------------- console
@@ -168,20 +169,16 @@ def print_table(loaded: Loaded, summary: dict) -> None:
 
 def main(argv: list[str]) -> None:
     cfg: AnalyzeConfig = load_config(AnalyzeConfig, argv)
-    if not cfg.ckpt:
-        raise UserError("ckpt is required: ckpt=out/<run> (a run folder or a checkpoint file)")
-    require_device(cfg.device)
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps but no MPS device is available")
+    device = resolve_device(cfg.device)
     folder = Path(cfg.stimuli) if Path(cfg.stimuli).is_absolute() else REPO / cfg.stimuli
     try:
         localizer, pos_rows = read_localizer(folder), read_pos(folder)
         stim = Stimuli.build(localizer, pos_rows, gpt2_encoding())
     except (OSError, ValueError) as e:
         raise UserError(f"stimuli={cfg.stimuli}: {e}") from e
-    models = [load(cfg, "model", cfg.ckpt, stim, localizer)]
+    models = [load(cfg, device, "model", cfg.ckpt, stim, localizer)]
     if cfg.compare:
-        models.append(load(cfg, "compare", cfg.compare, stim, localizer))
+        models.append(load(cfg, device, "compare", cfg.compare, stim, localizer))
     out = Path(cfg.out) if cfg.out else REPO / "figures" / models[0].name
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an analysis (summary.json); choose another out= or set overwrite=true")
@@ -208,12 +205,14 @@ def main(argv: list[str]) -> None:
                            "frames": int(len(pos_rows) // len(set(stim.pos_word)))}}
     for loaded, m in results:
         summary[loaded.label] = {"name": loaded.name, "checkpoint": str(loaded.path), "step": loaded.step,
+                                 "provenance": loaded.provenance,
                                  "n_layer": loaded.model.config.n_layer, "n_embed": loaded.model.config.n_embed,
                                  "with_resid": loaded.model.config.with_resid, "alpha": loaded.model.config.alpha,
                                  "heldout": {"source": loaded.heldout_source, "tokens": int(m["heldout_samples"])},
                                  **summarize(m)}
         npz = out / ("units.npz" if loaded.label == "model" else "compare_units.npz")
-        atomic_write(npz, lambda f, m=m: np.savez_compressed(f, **m))
+        arrays = {**m, "provenance": np.array(json.dumps(loaded.provenance))}  # a string: loads without pickle
+        atomic_write(npz, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
         written.append(npz)
     for contrast in CONTRASTS:
         written.append(save_figure(plot_maps(results, contrast, cfg.q), out / f"{contrast}_maps.png"))

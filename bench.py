@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from topolm.config import REPO, LoopConfig, cli_main, load_config, one_of, require
+from topolm.config import REPO, DeviceKey, LoopConfig, cli_main, load_config, one_of, require, resolve_device
 from topolm.distributed import Dist
 from topolm.tokenizer import gpt2_encoding
 from model import GPT, GPTConfig
@@ -32,7 +32,8 @@ from positions import CorticalSheet, random_layout
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(DeviceKey):
+    """bench.py's keys: its own below; device from topolm.config.DeviceKey."""
     only: str = "all"
     """'all', 'spatial', 'step', 'swap' or 'data'."""
     reps: int = 5
@@ -43,8 +44,6 @@ class BenchConfig:
     """Train step figure: timed topo/control step pairs per width, alternating which runs first."""
     widths: str = "small,paper"
     """Train step figure: the model widths to time, comma-separated ('small' 4 x 256, 'paper' 12 x 784)."""
-    device: str = "auto"
-    """'cpu', 'cuda' or 'auto'."""
     compile: bool = False
     """Also time the train step with torch.compile (on CUDA both are always timed)."""
     json: str = ""
@@ -53,6 +52,7 @@ class BenchConfig:
     """Size of the local corpus for the data-preparation figure."""
 
     def __post_init__(self):
+        super().__post_init__()
         one_of(self.only, "only", ("all", "spatial", "step", "swap", "data"))
         require(self.reps >= 1 and self.pairs >= 1 and self.warmup >= 0, "reps and pairs must be >= 1, warmup >= 0")
         for width in self.widths.split(","):
@@ -295,7 +295,7 @@ def bench_data(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg: BenchConfig = load_config(BenchConfig, argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     print(f"bench on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {"device": device, "config": asdict(cfg)}

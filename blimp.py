@@ -16,15 +16,16 @@ from pathlib import Path
 
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
-from topolm.config import cli_main, load_config, require_device
+from topolm.config import cli_main, load_config, resolve_device
 from topolm.files import atomic_write
+from topolm.provenance import provenance
 from topolm.tokenizer import gpt2_encoding
 from topolm.blimp import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
 
 @dataclass
 class BlimpConfig(BlimpKeys):
-    """blimp.py's keys: its own below; ckpt, data_dir, paradigms, batch_size and device from topolm.blimp.BlimpKeys."""
+    """blimp.py's keys: its own below; ckpt, device, data_dir, paradigms and batch_size from topolm.blimp.BlimpKeys."""
     out: str = ""
     """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint."""
     save_pairs: bool = False
@@ -33,15 +34,16 @@ class BlimpConfig(BlimpKeys):
 
 def main(argv: list[str]) -> None:
     cfg: BlimpConfig = load_config(BlimpConfig, argv)
-    require_device(cfg.device)
-    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
+    device = resolve_device(cfg.device)
+    model, ckpt, path = load_model(cfg.ckpt, device)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
-    results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, cfg.device)
+    results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, device)
     lp_good, lp_bad = results.pop("lp_good"), results.pop("lp_bad")
     print(blimp_table(results))
     out = Path(cfg.out) if cfg.out else path.with_name(path.name + ".blimp.json")
-    record = {"checkpoint": str(path), "data": cfg.data_dir or "nyu-mll/blimp", "config": asdict(cfg), **results}
+    record = {"checkpoint": str(path), "provenance": provenance(path, ckpt, model), "data": cfg.data_dir or "nyu-mll/blimp",
+              "config": asdict(cfg), **results}
     if cfg.save_pairs:
         record["pairs"] = {"paradigm": pairs.paradigm, "lp_good": lp_good.tolist(), "lp_bad": lp_bad.tolist()}
     atomic_write(out, json.dumps(record, indent=2) + "\n")

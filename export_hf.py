@@ -16,20 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topolm.checkpoint import load_model
-from topolm.config import UserError, cli_main, load_config, require
+from topolm.config import CheckpointKey, UserError, cli_main, load_config, require
 
 
 @dataclass
-class ExportConfig:
-    ckpt: str = ""
-    """Checkpoint file, or run folder whose newest checkpoint is exported."""
+class ExportConfig(CheckpointKey):
+    """export_hf.py's keys: its own below; ckpt (the checkpoint exported) from topolm.config.CheckpointKey."""
     out: str = ""
     """Folder to write."""
     overwrite: bool = False
     """Replace `out` if it exists."""
 
     def __post_init__(self):
-        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
+        super().__post_init__()
         require(bool(self.out), "out= is required: the folder to write")
 
 

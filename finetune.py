@@ -47,9 +47,10 @@ from torch.nn import functional as F
 from topolm.checkpoint import (build_classifier, find_checkpoint, load_checkpoint, make_payload,
                                require_gpt2_tokenizer, require_permutation_layout)
 from topolm.tokenizer import EOT_TOKEN
-from topolm.config import LoopConfig, UserError, cli_main, load_config, require, require_finite
+from topolm.config import CheckpointKey, LoopConfig, UserError, cli_main, load_config, require, require_finite
 from topolm.distributed import Dist, print0, run_distributed
 from topolm.files import atomic_write, remove_partial_writes
+from topolm.provenance import provenance
 from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
 from topolm.training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, check_wandb,
@@ -60,14 +61,12 @@ from topolm.training import (JsonLog, Optimization, StopSignal, accumulation_per
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class FinetuneConfig(LoopConfig):
+class FinetuneConfig(CheckpointKey, LoopConfig):
     """finetune.py's keys: its own below, the optimizer's, batches', logging and system keys from
     topolm.config.LoopConfig. Where finetuning needs another default for a shared key, it is redeclared
     here with only the default changed (the Hugging Face Trainer's AdamW, the paper's batch 64 and
     constant lr 2e-5). `max_iters` is this script's own: 0 means no limit besides max_epochs."""
-    # ---- what to finetune, on what
-    ckpt: str = ""
-    """Pretrained checkpoint (a train.py ckpt-*.pt), or a run folder whose newest checkpoint is used."""
+    # ---- what to finetune (ckpt: topolm.config.CheckpointKey), on what
     task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] = "cola"
     """GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli."""
     data_dir: str = ""
@@ -122,7 +121,6 @@ class FinetuneConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()  # the optimizer's, loop's and system keys
-        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder made by train.py")
         for key in ("max_length", "max_epochs", "patience"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
         for key in ("max_train_examples", "max_iters", "eval_interval", "alpha_scale"):
@@ -238,7 +236,8 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
         ckpt = load_checkpoint(ckpt_file)
         if "head" in ckpt:
             print0(f"note: {ckpt_file} is itself finetuned; its head is dropped and a new one trained")
-        pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"]}
+        pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"],
+                      "provenance": provenance(ckpt_file, ckpt)}
     block_size = ckpt["model_config"]["block_size"]
     if cfg.max_length > block_size:
         raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}; set "

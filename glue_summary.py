@@ -5,7 +5,9 @@
 
 A task's score is the mean of its metrics (MNLI: of matched and mismatched accuracy), as on the
 GLUE leaderboard; the average leaves WNLI out, as the paper does, and says how many tasks it covers.
-All numbers are fractions (the paper's GLUE average: TopoLM 0.68, control 0.65).
+All numbers are fractions (the paper's GLUE average: TopoLM 0.68, control 0.65). The JSON table gives each
+task's pretrained model with its provenance (checkpoint, step, weights digest, code version: topolm/provenance.py,
+as finetune.py recorded it) and the code version of the summary.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topolm.config import UserError, cli_main, load_config, require
-from topolm.files import atomic_write, read_text
+from topolm.files import atomic_write, read_json
 from topolm.glue import GLUE_TASKS, task_score
+from topolm.provenance import code_version
 
 
 @dataclass
@@ -34,10 +37,7 @@ def collect(folder: Path) -> dict[str, dict]:
     for task in GLUE_TASKS:
         path = folder / task / "metrics.json"
         if path.is_file():
-            try:
-                found[task] = json.loads(read_text(path))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} is not valid JSON: {e}") from e
+            found[task] = read_json(path)
     return found
 
 
@@ -49,7 +49,8 @@ def summarize(folder: Path) -> tuple[list[dict], float | None, int]:
                             for s in GLUE_TASKS[task].val_splits for k in GLUE_TASKS[task].metrics)
         rows.append({"task": task, "score": task_score(task, splits), "details": details,
                      "best_iter": m.get("best_iter"), "stop_reason": m.get("stop_reason"),
-                     "pretrained": (m.get("pretrained") or {}).get("path")})
+                     "pretrained": (m.get("pretrained") or {}).get("path"),
+                     "pretrained_provenance": (m.get("pretrained") or {}).get("provenance")})
     counted = [r["score"] for r in rows if r["task"] != "wnli"]
     average = sum(counted) / len(counted) if counted else None
     return rows, average, len(counted)
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> None:
         print(f"{'avg':<6} {average:>7.4f}  (mean over {n} task(s), WNLI excluded)")
     if cfg.json:
         atomic_write(Path(cfg.json), json.dumps({"rows": rows, "average_excluding_wnli": average,
-                                                 "tasks_in_average": n}, indent=2) + "\n")
+                                                 "tasks_in_average": n, "code_version": code_version()},
+                                                indent=2) + "\n")
 
 
 if __name__ == "__main__":

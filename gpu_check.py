@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from topolm.config import cli_main, load_config, one_of, require
+from topolm.config import DeviceKey, cli_main, load_config, one_of, require, resolve_device
 from model import GPT, GPTConfig, configure_adamw
 from topolm.training import peak_flops
 from positions import random_layout
@@ -44,7 +44,8 @@ ALPHA = 2.5  # the paper's
 
 
 @dataclass
-class GpuCheckConfig:
+class GpuCheckConfig(DeviceKey):
+    """gpu_check.py's keys: its own below; device from topolm.config.DeviceKey."""
     size: str = "paper"
     """'paper' (12 layers x 784 units, 16 heads) or 'tiny' (2 x 36, for a CPU smoke run)."""
     batch_size: int = 48
@@ -61,14 +62,13 @@ class GpuCheckConfig:
     """Timed topo/control step pairs per compile setting, in alternating order."""
     dtype: str = "bfloat16"
     """Autocast dtype: 'bfloat16', 'float16' or 'float32'."""
-    device: str = "auto"
-    """'cuda', 'cuda:N', 'cpu', or 'auto' (CUDA if available)."""
     loss_rtol: float = 0.02
     """Largest relative difference of a compared loss, compiled vs eager."""
     json: str = ""
     """Write all figures to this JSON file."""
 
     def __post_init__(self):
+        super().__post_init__()
         one_of(self.size, "size", tuple(SIZES))
         one_of(self.dtype, "dtype", ("bfloat16", "float16", "float32"))
         for key in ("batch_size", "block_size", "compare_steps", "pairs"):
@@ -162,7 +162,7 @@ def attention_kernels(variant: Variant, state: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg: GpuCheckConfig = load_config(GpuCheckConfig, argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     print(f"gpu_check on {device} ({name}), torch {torch.__version__}, size {cfg.size}, dtype {cfg.dtype}, "
           f"batch {cfg.batch_size} x {cfg.block_size}", flush=True)

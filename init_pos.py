@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from topolm.checkpoint import build_gpt, find_checkpoint, load_checkpoint
-from topolm.config import POSITIONS_DIR, REPO, UserError, check_seed, cli_main, load_config, require, resolve_path
+from topolm.checkpoint import load_model
+from topolm.config import (POSITIONS_DIR, REPO, CheckpointKey, SeedKey, UserError, cli_main, load_config, require,
+                           resolve_path)
 from topolm.files import atomic_write, open_tokens, remove_partial_writes
+from topolm.provenance import provenance
 from model import GPT, GPTConfig, SheetShape
 from topolm.position_sets import save_positions
 from topolm.swap import swap_optimize, unit_correlations
@@ -29,15 +31,18 @@ from positions import check_radius, grid_side, identity_layout, random_layout, s
 
 
 @dataclass
-class InitPosConfig(SheetShape):
+class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
     """init_pos.py's keys. The model's shape (n_layer, n_head, n_embed, vocab_size, with_resid) comes
-    from model.SheetShape. `radius` and `block_size` are this script's own: the swap search's
+    from model.SheetShape; `ckpt` from topolm.config.CheckpointKey, optional here: the model whose
+    activations the swap search uses (layout=swapopt only; empty: a randomly initialised model); `seed`
+    from topolm.config.SeedKey. `radius` and `block_size` are this script's own: the swap search's
     neighborhood radius (not the training radius) and the length of the activation passes (not the
     model's context length)."""
     layout: Literal["random", "identity", "swapopt"] = "random"
     """'random' (independent seeded permutation per site), 'identity', or 'swapopt'."""
     seed: int = 0
-    """Seed of the layout (and of the swap search and the random model), in [0, 2**32 - 1]."""
+    """Seed of the layout (and of the swap search and the random model), in [0, 2**32 - 1]; default 0, the
+    shipped position sets' seed."""
     out: str = ""
     """Output folder; a bare name means gpt2-positions/<name>; empty derives <layout>-L<n_layer>-E<n_embed>."""
     overwrite: bool = False
@@ -51,8 +56,6 @@ class InitPosConfig(SheetShape):
     """Swap attempts per visited neighborhood."""
     visit_all: bool = False
     """Visit every neighborhood of the grid (in random order) instead of n_neighborhoods of them."""
-    init_from: str = ""
-    """Checkpoint (file or run folder) whose model gives the activations; empty uses a randomly initialised model."""
     data: str = "init-data/train.bin"
     """Token file of the pre-optimization corpus (init-data/prepare.py makes it)."""
     n_tokens: int = 16384
@@ -60,16 +63,17 @@ class InitPosConfig(SheetShape):
     block_size: int = 128
     """Sequence length of those forward passes (not the model's context length; at most it)."""
 
+    ckpt_required: ClassVar[bool] = False
+
     def __post_init__(self):
         super().__post_init__()
-        check_seed(self.seed)
         side = grid_side(self.n_embed)
         # Each key's own domain is checked whatever the layout; what depends on the grid, for swapopt only.
         for key in ("radius", "n_neighborhoods", "local_steps", "n_tokens", "block_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        require(self.layout == "swapopt" or not self.init_from,
-                f"init_from={self.init_from} is used by layout=swapopt only; with layout={self.layout} it would be "
-                f"ignored: set layout=swapopt or init_from=''")
+        require(self.layout == "swapopt" or not self.ckpt,
+                f"ckpt={self.ckpt} is used by layout=swapopt only; with layout={self.layout} it would be "
+                f"ignored: set layout=swapopt or ckpt=''")
         if self.layout == "swapopt":
             n_centres = check_radius(side, self.radius)
             require(self.radius >= 2, f"radius={self.radius} gives one-unit neighborhoods: nothing to swap")
@@ -81,23 +85,24 @@ class InitPosConfig(SheetShape):
                     f"n_tokens={self.n_tokens} must be >= block_size={self.block_size}")
 
     def check_heads(self) -> None:
-        if self.layout == "swapopt" and not self.init_from:  # only the randomly initialised model has heads here
+        if self.layout == "swapopt" and not self.ckpt:  # only the randomly initialised model has heads here
             super().check_heads()
 
     def out_dir(self) -> Path:
         return resolve_path(self.out or f"{self.layout}-L{self.n_layer}-E{self.n_embed}", POSITIONS_DIR)
 
 
-def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str]:
-    """Site activations (sites, N, C) of the model on the pre-optimization corpus."""
-    if cfg.init_from:
-        path = find_checkpoint(cfg.init_from)
-        model = build_gpt(load_checkpoint(path))
+def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | None]:
+    """Site activations (sites, N, C) of the model on the pre-optimization corpus, a description of the
+    model, and its provenance (None for the randomly initialised model)."""
+    origin = None
+    if cfg.ckpt:
+        model, ckpt, path = load_model(cfg.ckpt)
         mc = model.config
         if (mc.n_layer, mc.n_embed) != (cfg.n_layer, cfg.n_embed):
             raise UserError(f"checkpoint {path} has n_layer={mc.n_layer}, n_embed={mc.n_embed}; "
                             f"the position set asks for n_layer={cfg.n_layer}, n_embed={cfg.n_embed}")
-        source = f"checkpoint {path}"
+        source, origin = f"checkpoint {path}", provenance(path, ckpt, model)
     else:
         torch.manual_seed(cfg.seed)
         shape = {f.name: getattr(cfg, f.name) for f in fields(SheetShape)}
@@ -120,7 +125,7 @@ def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str]:
         acts = model.site_activations(batch)
         for n in names:
             chunks[n].append(acts[n].reshape(-1, mc.n_embed))
-    return torch.stack([torch.cat(chunks[n]) for n in names]), source
+    return torch.stack([torch.cat(chunks[n]) for n in names]), source, origin
 
 
 def main(argv: list[str]) -> None:
@@ -138,7 +143,7 @@ def main(argv: list[str]) -> None:
     summary = None
     if cfg.layout == "swapopt":
         t0 = time.perf_counter()
-        acts, source = collect_activations(cfg)
+        acts, source, origin = collect_activations(cfg)
         corr = unit_correlations(acts)
         t1 = time.perf_counter()
         print(f"activations: {acts.shape[1]:,} samples x {n_sites} sites from the {source} ({t1 - t0:.1f} s)")
@@ -157,10 +162,10 @@ def main(argv: list[str]) -> None:
                          "visited_loss_after": float(report["loss_after"][i].mean()),
                          "swaps_accepted": int(report["accepted"][i]), "swaps_attempted": int(report["attempts"])})
             print(f"{name:<14}{start[i]:>9.4f}{end[i]:>9.4f}{int(report['accepted'][i]):>10}")
-        summary = {"config": asdict(cfg), "activations_from": source, "samples": int(acts.shape[1]),
+        summary = {"config": asdict(cfg), "activations_from": source, "provenance": origin, "samples": int(acts.shape[1]),
                    "seconds_activations": t1 - t0, "seconds_swaps": t2 - t1, "sites": rows}
         meta.update(radius=cfg.radius, n_neighborhoods=cfg.n_neighborhoods, local_steps=cfg.local_steps,
-                    visit_all=cfg.visit_all, activations_from=source)
+                    visit_all=cfg.visit_all, activations_from=source, provenance=origin)
     save_positions(out, coords, meta)
     if summary is not None:
         atomic_write(out / "swapopt_summary.json", json.dumps(summary, indent=2) + "\n")

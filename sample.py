@@ -13,16 +13,18 @@ from pathlib import Path
 import torch
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
-from topolm.config import (UserError, check_device, check_seed, cli_main, require_device, load_config,
-                           require, require_finite)
+from topolm.config import (InferenceKeys, SeedKey, UserError, cli_main, load_config, require, require_finite,
+                           resolve_device)
 from topolm.files import read_text
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(InferenceKeys, SeedKey):
+    """sample.py's keys: its own below; ckpt and device from topolm.config.InferenceKeys, seed (of the
+    sampling generator) from topolm.config.SeedKey."""
     ckpt: str = "out/shakespeare"
-    """Checkpoint file, or run folder whose newest checkpoint is used."""
+    """Checkpoint file, or run folder whose newest checkpoint is used (default: the quick start's run)."""
     start: str = "\n"
     """Prompt text, or FILE:<path> to read it from a file."""
     num_samples: int = 3
@@ -33,37 +35,31 @@ class SampleConfig:
     """Softmax temperature, > 0: < 1 sharper, > 1 more random."""
     top_k: int = 200
     """Sample among the k most likely tokens; 0 keeps all."""
-    seed: int = 1337
-    """Seed of the sampling generator, in [0, 2**32 - 1]."""
-    device: str = "cpu"
-    """'cpu', 'cuda' or 'cuda:N'."""
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
         require(self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
         require_finite(self.temperature, "temperature")
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0")
-        check_seed(self.seed)
-        check_device(self.device)
 
 
 def main(argv: list[str]) -> None:
     cfg: SampleConfig = load_config(SampleConfig, argv)
-    require_device(cfg.device)
+    device = resolve_device(cfg.device)
     start = cfg.start
     if start.startswith("FILE:"):  # read before the model loads: a bad file is refused at once
         prompt_file = Path(start[5:])
         if not prompt_file.is_file():
             raise UserError(f"prompt file not found: {prompt_file}")
         start = read_text(prompt_file)
-    model, ckpt, path = load_model(cfg.ckpt, cfg.device)
+    model, ckpt, path = load_model(cfg.ckpt, device)
     require_gpt2_tokenizer(ckpt, path, "sampling from a text prompt")
     enc = gpt2_encoding()
     ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
-    x = torch.tensor([ids], dtype=torch.long, device=cfg.device)
-    g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
     print(f"# samples from {path}")
     for _ in range(cfg.num_samples):
         y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None, generator=g)

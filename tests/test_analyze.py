@@ -65,6 +65,13 @@ def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
         assert 0.0 <= site["spatial_loss"] <= 1.0
     assert model["mean"]["localizer"]["morans_i"] == pytest.approx(units["moran_localizer"].mean())
     assert summary["compare"]["sites"] == model["sites"]
+    # provenance: the checkpoint, its step, its weights' digest and the code version, in both files
+    from topolm.checkpoint import load_checkpoint
+    from topolm.provenance import code_version, weights_digest
+    ckpt_file = run / "ckpt-0000002.pt"
+    expected = {"checkpoint": str(ckpt_file), "kind": "pretrain", "step": 2,
+                "weights_sha256": weights_digest(load_checkpoint(ckpt_file)["model"]), "code_version": code_version()}
+    assert model["provenance"] == expected and json.loads(str(units["provenance"])) == expected
 
     again = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={out}"], check=False)
     assert again.returncode == 2 and "overwrite" in again.stderr and again.stderr.count("\n") == 1

@@ -10,11 +10,12 @@ import torch
 import ablate
 import blimp
 import export_hf
-from topolm.checkpoint import load_model, make_payload, save_checkpoint
+from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 from conftest import PYTHON, overrides, run_script
-from topolm.hf import export_hf as export_model, load_hf_sheet
+from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
+from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
 from positions import random_layout
 from topolm.ablation import top_units, validation_loss, zeroed_units
@@ -105,6 +106,45 @@ def test_exported_model_gives_our_logits_through_transformers(grammar):
                                    ours.transformer.h[1].attn.c_attn.weight.detach().t(), rtol=0, atol=0)
 
 
+def test_checkpoint_and_export_share_the_weights_digest(grammar):
+    """The digest recorded in topolm.json is the checkpoint's, and the GPT rebuilt from the Hugging Face
+    weights (Conv1D matrices transposed back, positions from positions.npy) has the same digest."""
+    ckpt_file = find_checkpoint(grammar["run"])
+    ckpt = load_checkpoint(ckpt_file)
+    digest = weights_digest(ckpt["model"])
+    meta = json.loads((grammar["hf"] / "topolm.json").read_text())
+    assert meta["provenance"] == {"checkpoint": str(ckpt_file), "kind": "pretrain", "step": 12,
+                                  "weights_sha256": digest, "code_version": code_version()}
+    hf_weights = hf_model(grammar["hf"]).state_dict()
+    coords, _ = load_hf_sheet(grammar["hf"])
+    rebuilt = {}
+    for key in ckpt["model"]:
+        if key == "sheet.unit_coords":
+            rebuilt[key] = torch.as_tensor(coords)
+        else:
+            rebuilt[key] = hf_weights[key].t() if key.endswith(_TRANSPOSED) else hf_weights[key]
+    assert weights_digest(rebuilt) == digest
+    ours, _, _ = load_model(grammar["run"])
+    assert weights_digest(ours) == digest  # the loaded GPT, as the commands record it
+    rebuilt["transformer.h.0.mlp.c_fc.weight"] = rebuilt["transformer.h.0.mlp.c_fc.weight"].clone()
+    rebuilt["transformer.h.0.mlp.c_fc.weight"][0, 0] += 1e-6
+    assert weights_digest(rebuilt) != digest
+
+
+def test_code_version_is_the_commit_or_unknown(tmp_path, monkeypatch):
+    import subprocess
+    from conftest import REPO
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a clone: its commit; an unpacked copy: no repository
+        assert code_version.__wrapped__(REPO) == head.stdout.strip()
+    assert code_version.__wrapped__(tmp_path) == "unknown"  # a folder that is not a repository's top level
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert code_version.__wrapped__(REPO) == "unknown"
+
+
 def test_exported_tokenizer_encodes_like_ours(grammar):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(grammar["hf"]), local_files_only=True)
@@ -177,6 +217,8 @@ def test_blimp_on_local_files_and_the_same_pairs_through_the_export(grammar, tmp
     assert result["paradigms"]["word_order"]["accuracy"] == 1.0 and result["phenomena"]["word_order"]["n"] == 8
     assert result["overall"]["accuracy"] == 1.0 and result["overall"]["n"] == 16
     assert "mean over paradigms" in printed and "known_verb" in printed
+    assert result["provenance"]["weights_sha256"] == weights_digest(load_model(grammar["run"])[0])
+    assert result["provenance"]["step"] == 12 and result["provenance"]["checkpoint"] == result["checkpoint"]
 
     # the same pairs scored independently through transformers: its tokenizer, its model, the EOT prefix
     from transformers import AutoTokenizer
@@ -312,6 +354,7 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
     ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}",
                  f"dataset={grammar['data']}", "val_batches=2", "val_batch_size=4", f"out={out}", "seed=3"])
     r = json.loads(out.read_text())
+    assert r["provenance"]["weights_sha256"] == weights_digest(model) and r["units_provenance"] is None
     expected_top = top_units(t, 6)
     assert r["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
     assert r["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()

@@ -173,11 +173,43 @@ def test_contradictory_schedule_is_refused_naming_both_keys(args, keys):
         load_config(cls, [*base, *args, "decay_lr=false"])  # a constant rate uses neither: nothing to refuse
 
 
+def test_one_device_check_for_every_command():
+    import ablate
+    import analyze
+    import blimp
+    import export_hf
+    from topolm.config import resolve_device
+    trainers = [(train.TrainConfig, ["train_shakespeare.yaml"]), (finetune.FinetuneConfig, ["finetune_glue.yaml", "ckpt=x"])]
+    inference = [(sample.SampleConfig, []), (analyze.AnalyzeConfig, ["ckpt=x"]), (blimp.BlimpConfig, ["ckpt=x"]),
+                 (ablate.AblateConfig, ["ckpt=x", "units=u.npz"])]
+    for cls, base in trainers + inference:
+        for device in ("auto", "cpu", "cuda", "cuda:1"):
+            assert load_config(cls, [*base, f"device={device}"]).device == device
+        for device in ("gpu", "cuda:", "cuda:-1", "CPU", "cuda0"):
+            with pytest.raises(UserError, match=rf"^device={re.escape(device)} is not a device: use one of auto, cpu, "
+                                                rf"cuda.* \(e.g. device=cpu\)"):
+                load_config(cls, [*base, f"device={device}"])
+    for cls, base in inference:
+        assert load_config(cls, [*base, "device=mps"]).device == "mps"
+    for cls, base in trainers:
+        with pytest.raises(UserError, match=r"^device=mps is taken by the inference commands only \(sample.py"):
+            load_config(cls, [*base, "device=mps"])
+    for cls, base in inference + [(export_hf.ExportConfig, ["out=o"]), (finetune.FinetuneConfig, ["finetune_glue.yaml"])]:
+        with pytest.raises(UserError, match=r"^ckpt= is required: a checkpoint file or run folder"):
+            load_config(cls, [a for a in base if not a.startswith("ckpt=")] + ["ckpt="])
+    assert load_config(init_pos.InitPosConfig, ["init_pos.yaml"]).ckpt == ""  # optional there
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(UserError, match=r"^device=cuda:1 but no CUDA device is available; use device=cpu"):
+            resolve_device("cuda:1")
+
+
 def test_other_contradictions_are_refused_naming_both_keys():
     with pytest.raises(UserError, match="init_from=resume .* overwrite=true"):
         load_config(finetune.FinetuneConfig, ["finetune_glue.yaml", "ckpt=x", "init_from=resume", "overwrite=true"])
-    with pytest.raises(UserError, match="init_from=out/r is used by layout=swapopt only"):
-        load_config(init_pos.InitPosConfig, ["init_pos.yaml", "layout=random", "init_from=out/r"])
+    with pytest.raises(UserError, match="ckpt=out/r is used by layout=swapopt only"):
+        load_config(init_pos.InitPosConfig, ["init_pos.yaml", "layout=random", "ckpt=out/r"])
 
 
 def test_eval_only_from_scratch_warns_and_a_new_run_replaces_its_log(data, tmp_path, capsys):
@@ -431,6 +463,23 @@ def test_jsonl_text_with_unicode_line_separators_is_kept_whole(tmp_path):
         path.write_text("".join(json.dumps({"sentence": s, "label": 1}, ensure_ascii=False) + "\n"
                                 for s in sentences), encoding="utf-8")
     assert glue.load_glue("sst2", str(tmp_path))["train"]["sentence"] == sentences
+    # every JSON-lines input goes through the same reader: BLiMP pairs and corpus text keep them too
+    from topolm.blimp import load_blimp_local
+    from topolm.corpus import iter_jsonl_column
+    from topolm.files import read_jsonl
+    pairs = tmp_path / "blimp" / "wh_island.jsonl"
+    pairs.parent.mkdir()
+    pairs.write_text("".join(json.dumps({"sentence_good": s, "sentence_bad": s[::-1]}, ensure_ascii=False) + "\n"
+                             for s in sentences), encoding="utf-8")
+    assert load_blimp_local(pairs.parent).good == sentences
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\ufeff" + "".join(json.dumps({"text": s}, ensure_ascii=False) + "\r\n\n" for s in sentences),
+                    encoding="utf-8")
+    assert list(iter_jsonl_column(docs, "text")) == sentences
+    assert [n for n, _ in read_jsonl(docs)] == [1, 3, 5, 7]  # blank lines skipped, numbers are the file's
+    docs.write_text('{"text": "a"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"docs.jsonl line 2: a JSON list, not an object"):
+        list(read_jsonl(docs))
 
 
 def test_latin1_glue_file_is_refused_naming_file_and_line(gpt2_ckpt, sst2, tmp_path):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, numpy_spatial_loss, overrides, read_log, run_script, write_pattern_data
+from topolm.checkpoint import load_checkpoint
+from topolm.provenance import weights_digest
 from topolm.swap import swap_optimize, unit_correlations
 from positions import (EPS, block_cells, block_distances, cell_to_unit, centres, check_layout, pair_spatial_loss,
                        random_layout, spatial_losses)
@@ -130,14 +132,17 @@ def test_swapopt_from_a_trained_checkpoint(tmp_path):
               "vocab_size=64", "radius=2", "n_neighborhoods=5", "local_steps=20", f"data={data / 'train.bin'}",
               "n_tokens=512", "block_size=32"]
     run_script(common + [f"out={tmp_path / 'fresh'}"])
-    run_script(common + [f"out={tmp_path / 'trained'}", f"init_from={tmp_path / 'r'}"])
+    run_script(common + [f"out={tmp_path / 'trained'}", f"ckpt={tmp_path / 'r'}"])
     meta = json.loads((tmp_path / "trained" / "meta.json").read_text())
     assert meta["activations_from"] == f"checkpoint {tmp_path / 'r' / 'ckpt-0000010.pt'}"
+    weights = load_checkpoint(tmp_path / "r" / "ckpt-0000010.pt")["model"]
+    assert meta["provenance"]["step"] == 10 and meta["provenance"]["weights_sha256"] == weights_digest(weights)
+    assert json.loads((tmp_path / "fresh" / "meta.json").read_text())["provenance"] is None  # no checkpoint
     fresh, trained = (json.loads((tmp_path / name / "swapopt_summary.json").read_text())["sites"]
                       for name in ("fresh", "trained"))
     # same starting layout, other activations: the starting losses differ
     assert all(abs(a["grid_loss_before"] - b["grid_loss_before"]) > 1e-6 for a, b in zip(fresh, trained))
     check_layout(np.load(tmp_path / "trained" / "positions.npy"), 4, 36)
-    wrong = run_script(common + [f"out={tmp_path / 'wrong'}", f"init_from={tmp_path / 'r'}", "n_layer=3"], check=False)
+    wrong = run_script(common + [f"out={tmp_path / 'wrong'}", f"ckpt={tmp_path / 'r'}", "n_layer=3"], check=False)
     assert wrong.returncode == 2
     assert wrong.stderr.strip().endswith("has n_layer=2, n_embed=36; the position set asks for n_layer=3, n_embed=36")

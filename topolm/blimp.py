@@ -18,7 +18,6 @@ residual stream itself.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,8 +27,8 @@ import torch
 from torch.nn import functional as F
 
 from topolm.tokenizer import EOT_TOKEN
-from topolm.config import Checked, UserError, check_device, require
-from topolm.files import read_text
+from topolm.config import InferenceKeys, UserError, require
+from topolm.files import read_jsonl
 
 # The 67 paradigms of BLiMP (nyu-mll/blimp configurations; the jsonl names of github.com/alexwarstadt/blimp).
 BLIMP_PARADIGMS = (
@@ -61,24 +60,19 @@ BLIMP_HUB = "nyu-mll/blimp"
 # ============================================================================= BLiMP data
 
 @dataclass
-class BlimpKeys(Checked):
-    """The keys blimp.py and ablate.py share: which model, which BLiMP pairs, how they are batched."""
-    ckpt: str = ""
-    """Checkpoint file, or run folder whose newest checkpoint is used."""
+class BlimpKeys(InferenceKeys):
+    """The keys blimp.py and ablate.py share: which BLiMP pairs and how they are batched (ckpt and device
+    from topolm.config.InferenceKeys)."""
     data_dir: str = ""
     """BLiMP: folder of <paradigm>.jsonl files (BLiMP's fields); empty loads nyu-mll/blimp through datasets."""
     paradigms: str = ""
     """Comma-separated BLiMP paradigm names; empty scores all of them."""
     batch_size: int = 64
     """BLiMP sentences per forward pass."""
-    device: str = "cpu"
-    """'cpu', 'cuda' or 'cuda:N'."""
 
     def __post_init__(self):
         super().__post_init__()
-        require(bool(self.ckpt), "ckpt= is required: a checkpoint file or run folder")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        check_device(self.device)
 
 
 @dataclass
@@ -125,7 +119,8 @@ def parse_paradigms(text: str, available: Iterable[str]) -> list[str]:
 def load_blimp_local(folder: Path, paradigms: str = "") -> MinimalPairs:
     """Minimal pairs from `folder/<paradigm>.jsonl` files (BLiMP's own jsonl, or rows of nyu-mll/blimp
     written as jsonl): one JSON object per line with sentence_good and sentence_bad, and optionally
-    UID (default: the file name), linguistics_term and field. Read as exact UTF-8.
+    UID (default: the file name), linguistics_term and field. Read by `topolm.files.read_jsonl` (strict
+    UTF-8, lines split at line feeds only).
 
     Raises UserError for a missing folder, no jsonl files, unknown paradigms, bad lines."""
     folder = Path(folder)
@@ -136,17 +131,7 @@ def load_blimp_local(folder: Path, paradigms: str = "") -> MinimalPairs:
         raise UserError(f"no <paradigm>.jsonl files in {folder}")
     pairs = MinimalPairs([], [], [], [], [])
     for name in parse_paradigms(paradigms, files):
-        rows = []
-        for n, line in enumerate(read_text(files[name]).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{files[name]} line {n}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise UserError(f"{files[name]} line {n}: not a JSON object")
-            rows.append(row)
+        rows = [row for _, row in read_jsonl(files[name])]
         if not rows:
             raise UserError(f"{files[name]} holds no pairs")
         pairs.extend(rows, name, str(files[name]))

@@ -27,7 +27,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,10 +134,6 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
         raise UserError(str(e)) from e
 
 
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def require(condition: bool, message: str) -> None:
     """Validation helper for `__post_init__`: a failed check becomes a one-line error."""
     if not condition:
@@ -169,18 +165,41 @@ class Checked:
         pass
 
 
-def check_device(value: str, key: str = "device") -> None:
-    """A device name a script can run on: cpu, cuda or cuda:N."""
-    require(re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None, f"{key} must be cpu, cuda or cuda:N; got '{value}'")
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
-def require_device(device: str) -> None:
-    """Refuse a CUDA device on a machine without one (at run time, before a model is loaded)."""
+def check_device(value: str, key: str = "device", mps: bool = False) -> None:
+    """The one check of a device name: auto, cpu, cuda or cuda:N, and mps where `mps` (the inference
+    commands). Raises ValueError (one line naming the key and the fix); `resolve_device` checks the machine."""
+    forms = DEVICE_FORMS.replace(" or ", ", ") + " or mps" if mps else DEVICE_FORMS
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?" + ("|mps" if mps else ""), value):
+        return
+    what = ("is taken by the inference commands only (sample.py, analyze.py, blimp.py, ablate.py)" if value == "mps"
+            else "is not a device")
+    raise ValueError(f"{key}={value} {what}: use one of {forms} (e.g. {key}=cpu)")
+
+
+def resolve_device(device: str, key: str = "device") -> str:
+    """The device to run on, checked against this machine (at run time, before a model is loaded):
+    'auto' becomes 'cuda' when CUDA is available, else 'cpu'; anything else is returned as given.
+
+    Raises UserError (one line naming the key and the fix) for a CUDA device on a machine without one
+    or an index beyond its devices, and for mps without an MPS device."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
-            raise UserError(f"device={device} but no CUDA device is available; use device=cpu")
+            raise UserError(f"{key}={device} but no CUDA device is available; use {key}=cpu (or {key}=auto)")
+        count = torch.cuda.device_count()
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise UserError(f"{key}={device} but this machine has {count} CUDA device(s); use {key}=cuda:0 .. "
+                            f"cuda:{count - 1} (or {key}=auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}=mps but no MPS device is available; use {key}=cpu (or {key}=auto)")
+    return device
 
 
 def check_seed(value: int, key: str = "seed") -> None:
@@ -188,28 +207,67 @@ def check_seed(value: int, key: str = "seed") -> None:
 
 
 @dataclass
-class SystemConfig(Checked):
-    """Keys of every script that trains (train.py and finetune.py)."""
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """DDP backend: 'nccl', 'gloo', or 'auto' (nccl on CUDA, gloo on CPU)."""
+class DeviceKey(Checked):
+    """The device of every command that runs a model."""
     device: str = "auto"
-    """'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA if available)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """'float32', 'bfloat16', 'float16', or 'auto' (bfloat16 if the GPU has it, float16 on other GPUs, float32 on CPU)."""
-    compile: bool = False
-    """torch.compile the model."""
+    """Where the model runs: 'auto' (CUDA if available, else the CPU), 'cpu', 'cuda' or 'cuda:N'. The commands
+    that only run a trained model (sample.py, analyze.py, blimp.py, ablate.py) also take 'mps' (Apple GPUs;
+    untested)."""
+
+    accepts_mps: ClassVar[bool] = False  # True for the inference commands (InferenceKeys)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_device(self.device, "device", mps=self.accepts_mps)
+
+
+@dataclass
+class SeedKey(Checked):
+    """The seed of every command that draws random numbers."""
     seed: int = 1337
-    """Seed of every random stream (each rank and stream derives its own from it), in [0, 2**32 - 1]."""
-    nonfinite: Literal["stop", "skip"] = "stop"
-    """On a non-finite loss or gradient: 'stop' with an error, or 'skip' the optimizer step."""
-    wandb_log: bool = False
-    """Log to Weights & Biases; without a login or network it logs offline into the run folder (a notice says so)."""
+    """Seed of the command's random draws, in [0, 2**32 - 1] (a trainer's ranks and streams each derive their
+    own from it)."""
 
     def __post_init__(self):
         super().__post_init__()
         check_seed(self.seed)
-        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-                f"device must be auto, cpu, cuda or cuda:N; got '{self.device}'")
+
+
+@dataclass
+class CheckpointKey(Checked):
+    """The model of every command that loads a checkpoint."""
+    ckpt: str = ""
+    """Checkpoint file, or run folder whose newest checkpoint is used (a finetune.py task folder: its
+    ckpt-best.pt)."""
+
+    ckpt_required: ClassVar[bool] = True  # False where the checkpoint is optional (init_pos.py)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.ckpt) or not self.ckpt_required,
+                "ckpt= is required: a checkpoint file or run folder (e.g. ckpt=out/<run>)")
+
+
+@dataclass
+class InferenceKeys(CheckpointKey, DeviceKey):
+    """ckpt and device of the commands that run a trained model without training it (mps accepted)."""
+
+    accepts_mps: ClassVar[bool] = True
+
+
+@dataclass
+class SystemConfig(DeviceKey, SeedKey):
+    """Keys of every script that trains (train.py and finetune.py); device and seed from DeviceKey and SeedKey."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """DDP backend: 'nccl', 'gloo', or 'auto' (nccl on CUDA, gloo on CPU)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """'float32', 'bfloat16', 'float16', or 'auto' (bfloat16 if the GPU has it, float16 on other GPUs, float32 on CPU)."""
+    compile: bool = False
+    """torch.compile the model."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss or gradient: 'stop' with an error, or 'skip' the optimizer step."""
+    wandb_log: bool = False
+    """Log to Weights & Biases; without a login or network it logs offline into the run folder (a notice says so)."""
 
 
 @dataclass

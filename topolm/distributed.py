@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
-from topolm.config import UserError
+from topolm.config import UserError, resolve_device
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -30,15 +30,15 @@ class Dist:
 
 
 def setup_distributed(device: str = "auto", backend: str = "auto") -> Dist:
-    """Read torchrun's environment (if any), pick the device and start the process group."""
+    """Read torchrun's environment (if any), pick the device and start the process group.
+
+    The device is checked by `topolm.config.resolve_device`; under torchrun a CUDA device becomes the
+    rank's own, cuda:<LOCAL_RANK>."""
     import torch
     import torch.distributed as dist
 
     ddp = int(os.environ.get("RANK", "-1")) != -1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} but no CUDA device is available; use device=cpu")
+    device = resolve_device(device)
     if not ddp:
         return Dist(0, 0, 1, device, False)
     rank = int(os.environ["RANK"])

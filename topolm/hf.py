@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from topolm.config import UserError
+from topolm.files import read_json
+from topolm.provenance import provenance
 from topolm.tokenizer import EOT_TOKEN, GPT2_BPE_HASHES
 from model import GPT, LayerNorm
 from positions import grid_side
@@ -65,7 +67,8 @@ def site_hook_points(gpt: GPT) -> dict[str, str]:
 
 
 def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
-    """The content of `topolm.json`: the sheet and the spatial settings that travel beside the weights."""
+    """The content of `topolm.json`: the sheet and the spatial settings that travel beside the weights, and
+    the provenance of the export (topolm.provenance: its checkpoint, step, weights digest and code version)."""
     c = gpt.config
     return {
         "format": EXPORT_FORMAT,
@@ -84,7 +87,7 @@ def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
                          "formula": "0.5 * (1 - Pearson(lower triangle of unit correlations, of 1 / (1 + distance)))"},
         "layout": ckpt.get("layout"),
         "tokenizer": ckpt.get("tokenizer"),
-        "source": {"checkpoint": source, "kind": ckpt.get("kind"), "iter_num": ckpt.get("iter_num")},
+        "provenance": provenance(source, ckpt, gpt),
     }
 
 
@@ -175,6 +178,6 @@ def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool =
 def load_hf_sheet(folder: Path) -> tuple[np.ndarray, dict]:
     """The unit positions (int64, n_sites x n_embed x 2) and topolm.json of an exported folder."""
     folder = Path(folder)
-    meta = json.loads((folder / "topolm.json").read_text())
+    meta = read_json(folder / "topolm.json")
     coords = np.load(folder / meta["positions_file"], allow_pickle=False).astype(np.int64)
     return coords, meta

@@ -8,7 +8,6 @@ handling, the JSON log, rank digests, the run-checkpoint writer and the GPU peak
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from topolm.checkpoint import save_checkpoint
 from topolm.config import UserError
 from topolm.distributed import Dist, print0
+from topolm.provenance import weights_digest as params_digest  # noqa: F401  (the DDP end check: same weights on every rank)
 from model import configure_adamw
 
 # ----------------------------------------------------------------------------- precision and devices
@@ -138,15 +138,6 @@ def gather_objects(obj, d: Dist) -> list:
     out = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def params_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state_dict: equal on every rank after a correct DDP run."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_run_checkpoint(path: Path, payload: dict, generators: dict[str, torch.Generator], d: Dist) -> None:

@@ -4,7 +4,6 @@ import ast
 import dataclasses
 import importlib
 import re
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, run_script
-from test_structure import COMMANDS
+from conftest import COMMANDS, PYTHON, REPO, run_script
 from topolm.config import config_help, key_help
 
 
@@ -60,12 +58,9 @@ def test_help_lists_every_key_and_loads_nothing(name, word, capsys, nothing_load
     module = importlib.import_module(name)
     # arguments that would load a real checkpoint and data if anything ran before help
     argv = ["ckpt=tests/fixtures/v1/train-ckpt-0000002.pt", "dataset=shakespeare", word]
-    start = time.perf_counter()
     with pytest.raises(SystemExit) as stop:
         module.main(argv)
-    elapsed = time.perf_counter() - start
     assert stop.value.code == 0
-    assert elapsed < 3, f"{name}.py help took {elapsed:.1f} s"
     out = capsys.readouterr().out
     assert out.startswith(f"usage: python {name}.py ")
     lines = out.splitlines()

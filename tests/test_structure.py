@@ -3,7 +3,7 @@
 import ast
 import subprocess
 
-from conftest import PYTHON, REPO
+from conftest import COMMANDS, PYTHON, REPO
 
 
 def scripts() -> list:
@@ -46,9 +46,6 @@ def test_a_script_is_caught_importing_a_script(tmp_path):
     assert "train" in imported_modules(bad)
 
 
-# Every command a user runs from the repository root; a change that adds one extends this list.
-COMMANDS = {"train", "finetune", "sample", "analyze", "blimp", "ablate", "export_hf", "import_research", "init_pos",
-            "bench", "gpu_check", "glue_summary"}
 # The user's names, the model and the sheet, and the project's own files and folders.
 TOP_LEVEL = {".ci", ".gitignore", "Makefile", "README.md", "pytest.ini", "requirements.txt", "requirements-dev.txt",
              "requirements-hf.txt", "config", "data", "docs", "finetuned", "gpt2-positions", "init-data", "out",

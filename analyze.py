@@ -30,7 +30,7 @@ from topolm.analysis import CONTRASTS, Stimuli, heldout_windows, measure_model, 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, REPO, UserError, check_seed, cli_main, require_device, load_config, require,
                            resolve_path)
-from topolm.files import atomic_write
+from topolm.files import atomic_write, require_writable
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
 from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
@@ -195,6 +195,7 @@ def main(argv: list[str]) -> None:
     out = Path(cfg.out) if cfg.out else REPO / "figures" / models[0].name
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an analysis (summary.json); choose another out= or set overwrite=true")
+    require_writable(out)
 
     from tqdm import tqdm
 

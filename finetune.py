@@ -49,8 +49,8 @@ from topolm.checkpoint import (build_classifier, find_checkpoint, load_checkpoin
                                require_gpt2_tokenizer, require_permutation_layout)
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import LoopConfig, UserError, cli_main, load_config, require, require_finite
-from topolm.distributed import Dist, print0, run_distributed
-from topolm.files import atomic_write, remove_partial_writes
+from topolm.distributed import Dist, check_on_main, print0, run_distributed
+from topolm.files import atomic_write, remove_partial_writes, require_writable
 from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
@@ -342,6 +342,7 @@ def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
     accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
     dtype = resolve_dtype(cfg.dtype, d.device)
     inputs = check_inputs(cfg)
+    check_on_main(d, lambda: require_writable(cfg.task_dir()))  # before any work
     ckpt, resume = inputs.ckpt, cfg.init_from == "resume"
     batches = EpochBatches(inputs.train_set, cfg, d, accum_steps)
     torch.manual_seed(cfg.seed)  # identical head on every rank

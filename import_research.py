@@ -21,6 +21,7 @@ from pathlib import Path
 
 from topolm.checkpoint import data_record, make_payload, plain_dataset, save_checkpoint, tokenizer_for
 from topolm.config import UserError, cli_main, load_config, require
+from topolm.files import require_writable
 from topolm.research import convert_research
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> None:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass overwrite=true to replace it")
+    require_writable(out.parent)
     gpt, record = convert_research(Path(cfg.ckpt), Path(cfg.positions), cfg.ignore_activation_decay)
     c = gpt.config
     dataset = plain_dataset(record["config"])  # where the research code's data lived is not ours to resolve

@@ -26,8 +26,8 @@ from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, l
                                tokenizer_for)
 from topolm.config import (DATA_DIR, POSITIONS_DIR, LoopConfig, UserError, cli_main, load_config, require,
                            resolve_path)
-from topolm.distributed import Dist, print0, run_distributed
-from topolm.files import open_tokens, remove_partial_writes, tokens_meta
+from topolm.distributed import Dist, check_on_main, print0, run_distributed
+from topolm.files import open_tokens, remove_partial_writes, require_writable, tokens_meta
 from topolm.corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
 from topolm.position_sets import load_positions
@@ -252,6 +252,7 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
     record = {"tokenizer": tokenizer_for(cfg.vocab_size, data_tokenizer), "layout_source": positions_source,
               "data": data_record(cfg.dataset, data_dir, data_tokenizer)}
     check_wandb(cfg)
+    check_on_main(d, lambda: require_writable(run_dir))
     if cfg.eval_only and ckpt is None:
         print0("warning: eval_only=true with init_from=scratch evaluates a freshly initialised model; use "
                "init_from=resume to evaluate the run's newest checkpoint")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from topolm.checkpoint import list_checkpoints, save_checkpoint
 from topolm.config import UserError
-from topolm.distributed import Dist, print0
+from topolm.distributed import Dist, print0, raise_together
 from model import configure_adamw
 
 # ----------------------------------------------------------------------------- precision and devices
@@ -433,13 +433,18 @@ class RunCheckpoints:
         """Write `payload` (topolm.checkpoint.make_payload's dict), `loop_state` and every rank's random
         streams to `path`; with `resumable`, also the optimizer and scaler state. Then prune to keep_last."""
         rng = gather_objects(rng_state(self.generators, self.d.device), self.d)
-        if not self.d.is_main:
-            return
-        resume = self.opt.state_dict() if resumable else {}
-        save_checkpoint({**payload, **resume, **loop_state, "rng": rng, "world_size": self.d.world_size}, path)
-        if self.keep_last:
-            for old in list_checkpoints(self.folder)[:-self.keep_last]:
-                old.unlink()
+        error = None
+        if self.d.is_main:
+            resume = self.opt.state_dict() if resumable else {}
+            try:
+                save_checkpoint({**payload, **resume, **loop_state, "rng": rng, "world_size": self.d.world_size}, path)
+            except UserError as e:  # a full disk: the earlier checkpoints stay, and every rank stops
+                error = e
+            else:
+                if self.keep_last:
+                    for old in list_checkpoints(self.folder)[:-self.keep_last]:
+                        old.unlink()
+        raise_together(self.d, error)
 
     def restore(self, ckpt: dict, seed: int, what: str) -> None:
         """Continue the optimizer, the scaler and every random stream from a checkpoint `save` wrote

@@ -22,7 +22,7 @@ import numpy as np
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import DATA_DIR, SeedKey, UserError, cli_main, load_config, require, resolve_device, resolve_path
-from topolm.files import atomic_write, open_tokens
+from topolm.files import atomic_write, open_tokens, require_writable
 from topolm.provenance import provenance
 from topolm.tokenizer import gpt2_encoding
 from topolm.ablation import load_units, random_units, top_units, validation_loss, zeroed_units
@@ -71,6 +71,8 @@ def main(argv: list[str]) -> None:
     model, ckpt, path = load_model(cfg.ckpt, device)
     source = provenance(path, ckpt, model)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
+    out = Path(cfg.out) if cfg.out else path.with_name(f"{path.name}.ablation-k{cfg.k}.json")
+    require_writable(out.parent)
     n_embed, names = model.config.n_embed, list(model.site_names)
     if cfg.k > n_embed:
         raise UserError(f"k={cfg.k} exceeds the {n_embed} units of a site")
@@ -125,7 +127,6 @@ def main(argv: list[str]) -> None:
         return f"{s['mean']:.4f} +- {s['std']:.4f}" if s else "-"
     print(row(f"random {cfg.k} per site ({cfg.draws}x)", summary(rand["blimp"]), summary(rand["val_loss"])))
 
-    out = Path(cfg.out) if cfg.out else path.with_name(f"{path.name}.ablation-k{cfg.k}.json")
     record = {"checkpoint": str(path), "provenance": source, "units_file": cfg.units, "units_provenance": units_source,
               "config": asdict(cfg), "k": cfg.k,
               "n_pairs": len(pairs), "intact": intact,

@@ -20,11 +20,16 @@ Design decisions
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import os
 import re
 import sys
+import textwrap
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal
@@ -87,7 +92,16 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
 
     The first argument without '=' names a YAML preset (a bare name is looked up in config/).
     Later `key=value` pairs override it. Returns the validated dataclass instance.
+    An argument `help`, `--help` or `-h` prints every key (`config_help`) and exits with status 0
+    before anything else is read.
     """
+    if any(a in HELP_ARGS for a in argv):
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:
+                print(config_help(cls, argv, default_file), flush=True)
+            except BrokenPipeError:  # `help | head`: the reader has seen enough; not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     import yaml
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -132,6 +146,157 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
         raise UserError(_omegaconf_message(e)) from e
     except ValueError as e:  # raised by a dataclass's __post_init__
         raise UserError(str(e)) from e
+
+
+# ----------------------------------------------------------------------------- help
+
+HELP_ARGS = ("help", "--help", "-h")
+
+
+def _class_node(klass: type) -> ast.ClassDef | None:
+    """The `class` statement of `klass` in its source file (None where the source is not at hand)."""
+    try:
+        path = inspect.getsourcefile(klass)
+    except TypeError:  # a class defined in C or in an interactive session
+        return None
+    if not path or not os.path.isfile(path):
+        return None
+    tree = _parsed_source(path)
+    names = klass.__qualname__.split(".")
+    nodes: list = tree.body
+    found = None
+    for name in names:  # follows nesting, so two classes of one name in one file are told apart
+        found = next((n for n in nodes if isinstance(n, ast.ClassDef) and n.name == name), None)
+        if found is None:
+            return None
+        nodes = found.body
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_source(path: str) -> ast.Module:
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read(), filename=path)
+
+
+def declared_fields(klass: type) -> dict[str, str]:
+    """The fields that `klass`'s own body declares, in source order, each with its docstring ('' if none).
+
+    Python keeps no attribute docstrings at run time, so they are read from the source with `ast`:
+    the string literal that directly follows an annotated assignment `name: type = default`.
+    """
+    node = _class_node(klass)
+    if node is None:
+        return {}
+    out: dict[str, str] = {}
+    for stmt, after in zip(node.body, [*node.body[1:], None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            doc = ""
+            if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                doc = " ".join(inspect.cleandoc(after.value.value).split())
+            out[stmt.target.id] = doc
+    return out
+
+
+@dataclass
+class KeyHelp:
+    """One config key as `help` shows it."""
+    name: str
+    type: str
+    choices: tuple
+    default: Any
+    doc: str
+    owner: type
+
+
+def key_help(cls: type) -> list[KeyHelp]:
+    """Every field of the dataclass `cls`, with its type, choices, default and docstring.
+
+    A field belongs to the most derived class in `cls.__mro__` that declares it (a script that
+    redeclares a shared key to change its default owns it); its docstring is the owner's, else the
+    nearest base's that has one. Raises TypeError if `cls` is not a dataclass.
+    """
+    declared = [(k, declared_fields(k)) for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that names something the module does not import: show its text
+        hints = {}
+    out = []
+    for f in dataclasses.fields(cls):
+        owner = next((k for k, names in declared if f.name in names), cls)
+        doc = next((names[f.name] for k, names in declared if names.get(f.name)), "")
+        hint = hints.get(f.name, f.type)
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        if choices:
+            type_name = type(choices[0]).__name__
+        else:
+            type_name = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        out.append(KeyHelp(f.name, type_name, choices, default, doc, owner))
+    return out
+
+
+def _preset_values(argv: list[str], default_file: str | None) -> tuple[str, dict]:
+    """The preset `load_config` would read for `argv`, and its key: value pairs ({} if unreadable)."""
+    from omegaconf import OmegaConf
+
+    files = [a for a in argv if "=" not in a and a not in HELP_ARGS]
+    name = files[0] if files else default_file
+    if not name:
+        return "", {}
+    path = resolve_path(name, CONFIG_DIR, ".yaml")
+    try:  # read as load_config reads it, so that '3e-3' shows as the float it becomes
+        values = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # a missing or broken preset is load_config's to report; help still helps
+        return f"{name} (not readable)", {}
+    shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+    return str(shown), values if isinstance(values, dict) else {}
+
+
+def _show(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "(required)"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def config_help(cls: type, argv: list[str], default_file: str | None = None) -> str:
+    """The text `python X.py help` prints: the usage line, then every key of `cls` grouped by the
+    class that declares it (name, type, choices, default, the preset's value where it sets one, and
+    the docstring). Reads the config classes' source files and the preset; loads no model or data."""
+    module = sys.modules.get(cls.__module__)
+    script = Path(getattr(module, "__file__", "") or cls.__module__).name
+    preset, values = _preset_values(argv, default_file)
+    lines = [f"usage: python {script} [PRESET] [key=value ...]",
+             "  PRESET: a YAML file of key: value lines (a bare name is looked up in config/); "
+             "key=value overrides it.",
+             f"  preset: {preset}; a key it sets shows its value there as [preset: value]" if preset
+             else "  preset: none by default"]
+    keys = key_help(cls)
+    owners = {k.owner for k in keys}
+    for owner in [k for k in cls.__mro__ if k in owners]:  # the command's own keys first, then its bases
+        source = inspect.getsourcefile(owner) or ""
+        where = Path(source).relative_to(REPO) if Path(source).resolve().is_relative_to(REPO) else Path(source).name
+        summary = (inspect.getdoc(owner) or "").split("\n\n")[0]
+        lines += ["", textwrap.fill(f"{owner.__name__} ({where}): " + " ".join(summary.split()), width=100,
+                                    subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)]
+        own = declared_fields(owner)
+        for k in sorted((k for k in keys if k.owner is owner), key=lambda k: list(own).index(k.name)
+                        if k.name in own else len(own)):
+            kind = f"{k.type}, one of {', '.join(map(str, k.choices))}" if k.choices else k.type
+            line = f"  {k.name} ({kind}) = {_show(k.default)}"
+            if k.name in values:
+                line += f"  [preset: {_show(values[k.name])}]"
+            lines.append(line)
+            if k.doc:
+                lines.append(textwrap.fill(k.doc, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                           break_on_hyphens=False, break_long_words=False))
+    return "\n".join(lines)
 
 
 def require(condition: bool, message: str) -> None:

@@ -1,0 +1,146 @@
+"""`python X.py help` (also `--help`, `-h`): every key of every command with its type, choices, default and
+docstring, printed before anything is loaded, exit status 0."""
+import ast
+import dataclasses
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COMMANDS, PYTHON, REPO, run_script
+from topolm.config import config_help, key_help
+
+
+def config_class(name: str) -> type:
+    """The class a command's main passes to load_config, found in its source (so a command without one fails)."""
+    module = importlib.import_module(name)
+    tree = ast.parse((REPO / f"{name}.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "load_config"]
+    assert len(calls) == 1, f"{name}.py should call load_config once"
+    return getattr(module, calls[0].args[0].id)
+
+
+def docstring_by_regex(cls: type, field: str) -> str:
+    """A second reader of field docstrings, independent of the one under test: the triple-quoted string on the
+    lines after `field: type = default` in the nearest class of the MRO whose source declares it."""
+    import inspect
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        match = re.search(rf'^    {field}: [^\n]*\n    """(.*?)"""', inspect.getsource(klass), re.S | re.M)
+        if match:
+            return " ".join(match.group(1).split())
+    return ""
+
+
+def literal_choices(annotation: str) -> list[str]:
+    match = re.fullmatch(r"Literal\[(.*)\]", annotation)
+    return [str(v) for v in ast.literal_eval(f"[{match.group(1)}]")] if match else []
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Reading a checkpoint or a token file during help is a failure."""
+    def boom(*args, **kwargs):
+        raise AssertionError("help read a checkpoint or data file")
+    for owner, attr in ((torch, "load"), (np, "memmap"), (np, "fromfile"), (np, "load")):
+        monkeypatch.setattr(owner, attr, boom)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+@pytest.mark.parametrize("word", ["help", "--help", "-h"])
+def test_help_lists_every_key_and_loads_nothing(name, word, capsys, nothing_loads):
+    cls = config_class(name)
+    module = importlib.import_module(name)
+    # arguments that would load a real checkpoint and data if anything ran before help
+    argv = ["ckpt=tests/fixtures/v1/train-ckpt-0000002.pt", "dataset=shakespeare", word]
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python {name}.py ")
+    lines = out.splitlines()
+    flat = " ".join(out.split())
+    for f in dataclasses.fields(cls):
+        [line] = [x for x in lines if x.startswith(f"  {f.name} (")]
+        default = repr(f.default) if isinstance(f.default, str) else str(f.default)
+        assert f" = {default}" in line, (f.name, line)
+        doc = docstring_by_regex(cls, f.name)
+        assert doc, f"{cls.__name__}.{f.name} has no docstring"
+        assert doc in flat, (f.name, doc)
+        choices = literal_choices(str(f.type))
+        if choices:
+            assert f"one of {', '.join(choices)})" in line, (f.name, line)
+
+
+def test_choices_and_preset_values_shown(capsys):
+    import finetune
+    import train
+    with pytest.raises(SystemExit):
+        train.main(["train_gpt2.yaml", "help"])
+    out = capsys.readouterr().out
+    assert "preset: config/train_gpt2.yaml" in out
+    assert "  n_embed (int) = 784  [preset: 784]" in out
+    assert "  backend (str, one of auto, nccl, gloo) = 'auto'" in out
+    assert "  learning_rate (float) = 0.0006  [preset: 0.0006]" in out  # 6e-4 in the YAML, a float as loaded
+    with pytest.raises(SystemExit):
+        finetune.main(["help"])
+    out = capsys.readouterr().out
+    assert "one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)" in out
+    # finetune.py redeclares batch_size with its own default: listed once, under its own class, its docstring
+    assert out.count("  batch_size (") == 1
+    own = out.split("\n\n")[1]
+    assert own.startswith("FinetuneConfig (finetune.py)") and "  batch_size (int) = 64" in own
+    assert "Examples per micro-batch and rank (the paper: 64)." in own
+
+
+def test_help_with_a_missing_preset_still_helps(capsys):
+    import sample
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["no_such_preset.yaml", "-h"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "preset: no_such_preset.yaml (not readable)" in out and "  ckpt (str) = " in out
+
+
+@dataclass
+class _Base:
+    """A base config."""
+    a: int = 1
+    """The key a."""
+    b: Literal["x", "y"] = "x"
+    shape: tuple = dataclasses.field(default_factory=lambda: (2, 3))
+    """Made by a factory."""
+
+
+@dataclass
+class _Derived(_Base):
+    """A derived config."""
+    a: int = 2
+    c: str = ""
+    """The key c,
+    on two lines."""
+
+
+def test_key_help_follows_the_bases_and_redeclarations():
+    keys = {k.name: k for k in key_help(_Derived)}
+    assert list(keys) == ["a", "b", "shape", "c"]
+    assert (keys["a"].owner, keys["a"].default, keys["a"].doc) == (_Derived, 2, "The key a.")  # base's docstring
+    assert (keys["b"].owner, keys["b"].type, keys["b"].choices, keys["b"].doc) == (_Base, "str", ("x", "y"), "")
+    assert keys["shape"].default == (2, 3) and keys["c"].doc == "The key c, on two lines."
+    text = config_help(_Derived, [])
+    assert text.index("_Derived (") < text.index("_Base (")
+    assert "  b (str, one of x, y) = 'x'" in text and "  c (str) = ''" in text
+
+
+def test_help_is_a_real_exit_status_0_and_imports_no_torch():
+    # glue_summary.py needs no torch; help must not bring it in (python -X importtime lists every import)
+    proc = run_script([PYTHON, "-X", "importtime", "glue_summary.py", "--help"])
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python glue_summary.py ")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "topolm.config" in imported and "topolm.glue" in imported  # the listing is there
+    assert "torch" not in imported

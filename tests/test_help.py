@@ -131,6 +131,12 @@ class _Derived(_Base):
     on two lines."""
 
 
+@dataclass
+class _Bare:
+    x: float = 0.5
+    """The key x."""
+
+
 def test_key_help_follows_the_bases_and_redeclarations():
     keys = {k.name: k for k in key_help(_Derived)}
     assert list(keys) == ["a", "b", "shape", "c"]
@@ -140,6 +146,9 @@ def test_key_help_follows_the_bases_and_redeclarations():
     text = config_help(_Derived, [])
     assert text.index("_Derived (") < text.index("_Base (")
     assert "  b (str, one of x, y) = 'x'" in text and "  c (str) = ''" in text
+    # a class without a docstring: its header is its name and file, not the signature dataclass puts in __doc__
+    assert config_help(_Bare, []).splitlines()[4:7] == ["_Bare (tests/test_help.py)", "  x (float) = 0.5",
+                                                        "      The key x."]
 
 
 def test_help_is_a_real_exit_status_0_and_imports_no_torch():

@@ -15,8 +15,12 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, run_script
-from test_structure import COMMANDS
 from topolm.config import config_help, key_help
+
+
+# Every command: a top-level script run through cli_main (tests/test_structure.py pins the exact list).
+COMMANDS = {p.stem for p in REPO.glob("*.py") if "cli_main(main)" in p.read_text()}
+assert {"train", "finetune", "sample", "glue_summary"} <= COMMANDS
 
 
 def load_config_call(name: str) -> ast.Call:

@@ -23,7 +23,7 @@ import numpy as np
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, UserError, check_seed, cli_main, require_device, load_config, require,
                            resolve_path)
-from topolm.files import atomic_write, open_tokens
+from topolm.files import atomic_write, open_tokens, require_writable
 from topolm.tokenizer import gpt2_encoding
 from topolm.ablation import load_units, random_units, top_units, validation_loss, zeroed_units
 from topolm.blimp import BlimpKeys, load_blimp_hub, load_blimp_local, score_blimp
@@ -70,6 +70,8 @@ def main(argv: list[str]) -> None:
     require_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, cfg.device)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
+    out = Path(cfg.out) if cfg.out else path.with_name(f"{path.name}.ablation-k{cfg.k}.json")
+    require_writable(out.parent)
     n_embed, names = model.config.n_embed, list(model.site_names)
     if cfg.k > n_embed:
         raise UserError(f"k={cfg.k} exceeds the {n_embed} units of a site")
@@ -120,7 +122,6 @@ def main(argv: list[str]) -> None:
         return f"{s['mean']:.4f} +- {s['std']:.4f}" if s else "-"
     print(row(f"random {cfg.k} per site ({cfg.draws}x)", summary(rand["blimp"]), summary(rand["val_loss"])))
 
-    out = Path(cfg.out) if cfg.out else path.with_name(f"{path.name}.ablation-k{cfg.k}.json")
     record = {"checkpoint": str(path), "units_file": cfg.units, "config": asdict(cfg), "k": cfg.k,
               "n_pairs": len(pairs), "intact": intact,
               "selective": {**top, "units": {name: selective[s].tolist() for s, name in enumerate(names)},

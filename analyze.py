@@ -30,7 +30,7 @@ from topolm.analysis import CONTRASTS, Stimuli, heldout_windows, measure_model, 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, REPO, UserError, check_seed, cli_main, require_device, load_config, require,
                            resolve_path)
-from topolm.files import atomic_write
+from topolm.files import atomic_write, require_writable
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
 from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
@@ -52,7 +52,8 @@ class AnalyzeConfig:
     """Folder with localizer.tsv and pos.tsv (stimuli/generate.py writes them)."""
     heldout: str = ""
     """Held-out text for the correlations and the spatial loss: a uint16 token file (.bin) or a UTF-8 text
-    file; empty: val.bin of the model's training dataset, else the localizer's sentences."""
+    file; empty: val.bin of the text the model was trained on (the checkpoint's `data`: a finetuned
+    model's is its backbone's), else the localizer's sentences. Printed, and kept in summary.json."""
     heldout_tokens: int = 8192
     """Held-out tokens to measure correlations on (fewer if the text is shorter)."""
     q: float = 0.05
@@ -81,8 +82,10 @@ class AnalyzeConfig:
 
 # ----------------------------------------------------------------------------- inputs
 
-def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str]]) -> tuple[np.ndarray, str]:
-    """The held-out token ids and a description of where they came from."""
+def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str]]) -> tuple[np.ndarray, str, str]:
+    """The held-out token ids, their source (a file, or a description) and why that source: `heldout`,
+    else val.bin of the text the model was trained on (the checkpoint's `data` field: the folder
+    recorded there, or, where that is gone, its dataset key resolved here), else the localizer's sentences."""
     enc = gpt2_encoding()
     if cfg.heldout:
         path = Path(cfg.heldout)
@@ -91,15 +94,19 @@ def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str
         if path.suffix == ".bin":
             if path.stat().st_size % 2:
                 raise UserError(f"heldout={path} is not a uint16 token file (odd size)")
-            return np.fromfile(path, dtype=np.uint16), str(path)
-        return np.array(enc.encode_ordinary(path.read_text(encoding="utf-8")), dtype=np.int64), str(path)
-    dataset = (ckpt.get("config") or {}).get("dataset")
-    if dataset:
-        val = resolve_path(str(dataset), DATA_DIR) / "val.bin"
+            return np.fromfile(path, dtype=np.uint16), str(path), "heldout="
+        return np.array(enc.encode_ordinary(path.read_text(encoding="utf-8")), dtype=np.int64), str(path), "heldout="
+    data = ckpt.get("data") or {}
+    folders = [Path(data["path"])] if data.get("path") else []
+    if data.get("dataset"):
+        folders.append(resolve_path(str(data["dataset"]), DATA_DIR))
+    for folder in folders:
+        val = folder / "val.bin"
         if val.is_file() and val.stat().st_size >= 64:
-            return np.memmap(val, dtype=np.uint16, mode="r"), str(val)
+            return np.memmap(val, dtype=np.uint16, mode="r"), str(val), f"the checkpoint's data ({data['dataset']})"
     text = " ".join(localizer["S"])
-    return np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)"
+    return (np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)",
+            "the fallback")
 
 
 @dataclass
@@ -110,6 +117,7 @@ class Loaded:
     path: Path
     windows: np.ndarray
     heldout_source: str
+    heldout_chosen_by: str  # "heldout=", "the checkpoint's data (<dataset>)" or "the fallback"
 
     @property
     def name(self) -> str:
@@ -131,13 +139,15 @@ def load(cfg: AnalyzeConfig, label: str, arg: str, stim: Stimuli, localizer) -> 
         raise UserError(f"{path}: the longest stimulus has {stim.longest} tokens (+1 prefix), more than "
                         f"block_size={model.config.block_size}; analyse a model with block_size >= {stim.longest + 1}, "
                         f"or pass shorter stimuli with stimuli=<folder>")
-    tokens, source = heldout_tokens(cfg, ckpt, localizer)
+    tokens, source, chosen_by = heldout_tokens(cfg, ckpt, localizer)
     if len(tokens) < 16:
         raise UserError(f"held-out text {source} has only {len(tokens)} tokens")
     if int(tokens.max()) >= model.config.vocab_size:
         raise UserError(f"held-out text {source} holds token id {int(tokens.max())} >= vocab_size={model.config.vocab_size}")
+    print(f"{label} {path}: held-out text {source} (from {chosen_by})")
     seq_len = min(model.config.block_size - 1, 256)
-    return Loaded(label, model, ckpt, path, heldout_windows(tokens, cfg.heldout_tokens, seq_len, cfg.seed), source)
+    return Loaded(label, model, ckpt, path, heldout_windows(tokens, cfg.heldout_tokens, seq_len, cfg.seed), source,
+                  chosen_by)
 
 
 # ----------------------------------------------------------------------------- console
@@ -185,6 +195,7 @@ def main(argv: list[str]) -> None:
     out = Path(cfg.out) if cfg.out else REPO / "figures" / models[0].name
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an analysis (summary.json); choose another out= or set overwrite=true")
+    require_writable(out)
 
     from tqdm import tqdm
 
@@ -210,7 +221,8 @@ def main(argv: list[str]) -> None:
         summary[loaded.label] = {"name": loaded.name, "checkpoint": str(loaded.path), "step": loaded.step,
                                  "n_layer": loaded.model.config.n_layer, "n_embed": loaded.model.config.n_embed,
                                  "with_resid": loaded.model.config.with_resid, "alpha": loaded.model.config.alpha,
-                                 "heldout": {"source": loaded.heldout_source, "tokens": int(m["heldout_samples"])},
+                                 "heldout": {"source": loaded.heldout_source, "from": loaded.heldout_chosen_by,
+                                             "tokens": int(m["heldout_samples"])},
                                  **summarize(m)}
         npz = out / ("units.npz" if loaded.label == "model" else "compare_units.npz")
         atomic_write(npz, lambda f, m=m: np.savez_compressed(f, **m))

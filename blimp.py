@@ -17,7 +17,7 @@ from pathlib import Path
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import cli_main, load_config, require_device
-from topolm.files import atomic_write
+from topolm.files import atomic_write, require_writable
 from topolm.tokenizer import gpt2_encoding
 from topolm.blimp import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
@@ -36,11 +36,12 @@ def main(argv: list[str]) -> None:
     require_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, cfg.device)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
+    out = Path(cfg.out) if cfg.out else path.with_name(path.name + ".blimp.json")
+    require_writable(out.parent)
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
     results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, cfg.device)
     lp_good, lp_bad = results.pop("lp_good"), results.pop("lp_bad")
     print(blimp_table(results))
-    out = Path(cfg.out) if cfg.out else path.with_name(path.name + ".blimp.json")
     record = {"checkpoint": str(path), "data": cfg.data_dir or "nyu-mll/blimp", "config": asdict(cfg), **results}
     if cfg.save_pairs:
         record["pairs"] = {"paradigm": pairs.paradigm, "lp_good": lp_good.tolist(), "lp_bad": lp_bad.tolist()}

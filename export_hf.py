@@ -17,6 +17,7 @@ from pathlib import Path
 
 from topolm.checkpoint import load_model
 from topolm.config import UserError, cli_main, load_config, require
+from topolm.files import require_writable
 
 
 @dataclass
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> None:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass overwrite=true to replace it")
+    require_writable(out.parent)
     try:
         import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
         import transformers  # noqa: F401

@@ -23,7 +23,7 @@ Design decisions
   alike; a pair longer than `max_length` is cut longest-first, from the end of each part.
 - The loss is the task loss (cross-entropy, or mean squared error for STS-B) plus
   `alpha_scale x alpha x SL` summed over sites, SL the same sampled spatial loss as in pretraining.
-- Each epoch's shuffle comes from its own seed (seed + epoch), so the batches of any step follow
+- Each epoch's shuffle comes from its own seed (training.epoch_seed), so the batches of any step follow
   from its number alone and a resumed run needs no data-loader state.
 - Evaluation runs on the whole validation split(s), sharded over ranks and gathered. Early stopping
   watches the task loss on the first validation split (matched, for MNLI); `patience`
@@ -37,8 +37,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -48,13 +49,13 @@ from topolm.checkpoint import (build_classifier, find_checkpoint, load_checkpoin
                                require_gpt2_tokenizer, require_permutation_layout)
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import LoopConfig, UserError, cli_main, load_config, require, require_finite
-from topolm.distributed import Dist, print0, run_distributed
-from topolm.files import atomic_write, remove_partial_writes
+from topolm.distributed import Dist, check_on_main, print0, run_distributed
+from topolm.files import atomic_write, remove_partial_writes, require_writable
 from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
-from topolm.training import (JsonLog, Optimization, StopSignal, accumulation_per_rank, check_wandb,
-                             gather_objects, learning_rate_at, params_digest, resolve_dtype, restore_streams,
-                             save_run_checkpoint, start_wandb, stream_seed)
+from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
+                             check_wandb, epoch_seed, eval_seeds, gather_objects, learning_rate_at, params_digest,
+                             resolve_dtype, start_wandb, stream_seed)
 
 
 # ----------------------------------------------------------------------------- config
@@ -138,6 +139,30 @@ class FinetuneConfig(LoopConfig):
 
 # ----------------------------------------------------------------------------- data
 
+class EpochBatches:
+    """This rank's micro-batches of every optimizer step. Each epoch is its own seeded shuffle of the
+    training set (training.epoch_seed; drop-last), so the batches of any step follow from its number
+    alone, also after a resume. An optimizer step takes `per_step` examples: micro-batch m of rank r
+    is the (m x world_size + r)-th run of batch_size examples among them."""
+
+    def __init__(self, examples: Examples, cfg: FinetuneConfig, d: Dist, accum_steps: int):
+        self.examples, self.seed, self.d, self.accum_steps = examples, cfg.seed, d, accum_steps
+        self.batch_size = cfg.batch_size
+        self.per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = len(examples) // self.per_step
+        self._epoch, self._order = -1, None  # the shuffle of the latest epoch asked for
+
+    def step_indices(self, it: int) -> list[np.ndarray]:
+        """Example indices of this rank's micro-batches of optimizer step `it` (0-based), in order."""
+        epoch, step = divmod(it, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            self._epoch, self._order = epoch, torch.randperm(len(self.examples), generator=g).numpy()
+        chunk = self._order[step * self.per_step:(step + 1) * self.per_step]
+        w, r, b = self.d.world_size, self.d.rank, self.batch_size
+        return [chunk[(m * w + r) * b:][:b] for m in range(self.accum_steps)]
+
+
 def collate(examples: Examples, index: np.ndarray, device: str):
     """Right-padded token ids (B, T), lengths (B,) and labels (B,) of the examples at `index`."""
     seqs = [examples.ids[i] for i in index]
@@ -160,10 +185,11 @@ def task_loss(outputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
 
 @torch.no_grad()
 def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig, d: Dist, ctx) -> dict:
-    """Task loss, mean spatial loss and predictions over a whole split, sharded over ranks."""
+    """Task loss, mean spatial loss (model.GPT.combine_losses' alpha-weighted sum over sites) and
+    predictions over a whole split, sharded over ranks."""
     was_training = model.training
     model.eval()
-    g_nbhd = torch.Generator(device=d.device).manual_seed(cfg.seed + 104729 * (d.rank + 1))
+    g_nbhd = torch.Generator(device=d.device).manual_seed(eval_seeds(cfg.seed, d.rank)[1])
     mine = np.arange(d.rank, len(examples), d.world_size)
     rows, spatial_sum, n_batches = [], 0.0, 0
     for start in range(0, len(mine), cfg.batch_size):
@@ -171,11 +197,11 @@ def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig,
         idx, lengths, labels = collate(examples, index, d.device)
         with ctx:
             outputs, per_site = model(idx, lengths, units=model.gpt.sample_units(g_nbhd))
-        losses = task_loss(outputs, labels, reduction="none").tolist()
+        per_example = task_loss(outputs, labels, reduction="none")
         preds = (outputs.float().squeeze(-1) if outputs.size(-1) == 1 else outputs.argmax(-1)).tolist()
-        rows.extend(zip(index.tolist(), preds, losses))
+        rows.extend(zip(index.tolist(), preds, per_example.tolist()))
         if per_site is not None:
-            spatial_sum += float(model.gpt.config.alpha * per_site.sum())
+            spatial_sum += float(model.gpt.combine_losses(per_example.mean(), per_site).spatial)
             n_batches += 1
     gathered = gather_objects((rows, spatial_sum, n_batches), d)
     rows = sorted(r for part in gathered for r in part[0])
@@ -188,11 +214,7 @@ def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig,
     }
 
 
-# ----------------------------------------------------------------------------- main
-
-def main(argv: list[str]) -> None:
-    run_distributed(load_config(FinetuneConfig, argv, default_file="finetune_glue.yaml"), finetune)
-
+# ----------------------------------------------------------------------------- the run's state
 
 def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -> SequenceClassifier:
     """The classifier from a pretrained checkpoint (dropout and alpha set for finetuning, a new head),
@@ -206,16 +228,52 @@ def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -
 
 RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
                "dropout", "alpha_scale", "seed")  # a resumed run must see the same data, order and model
+CHECKS = {"task": "task", "spatial": "spatial"}  # the statistics the optimizer step checks for non-finite values
 
 
-def finetune(cfg: FinetuneConfig, d: Dist) -> None:
-    spec = GLUE_TASKS[cfg.task]
-    accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
-    dtype = resolve_dtype(cfg.dtype, d.device)
-    task_dir = cfg.task_dir()
-    last_file = task_dir / "ckpt-last.pt"
+@dataclass
+class Inputs:
+    """What a run starts from, checked before anything is written."""
+    ckpt: dict  # the pretrained checkpoint, or the ckpt-last.pt a resume continues
+    ckpt_file: Path
+    pretrained: dict  # the backbone: path, iter_num, alpha
+    train_set: Examples
+    val_sets: dict[str, Examples]
 
-    # Everything that can refuse the run is checked before anything is written.
+
+@dataclass
+class FinetuneRun:
+    """Everything the loop reads and updates, passed explicitly to each of its steps."""
+    cfg: FinetuneConfig
+    d: Dist
+    raw_model: SequenceClassifier
+    opt: Optimization
+    generators: dict[str, torch.Generator]
+    ckpts: RunCheckpoints
+    log: JsonLog
+    wandb: object  # a wandb run or training.NullRun
+    batches: EpochBatches
+    val_sets: dict[str, Examples]
+    record: dict  # the payload fields that describe the backbone: tokenizer, layout source, data, pretrained
+    accum_steps: int
+    max_iters: int
+    eval_interval: int
+    iter_num: int
+    evals_since_best: int
+    best: dict  # loss, iter and splits (metrics) of the best evaluation so far
+    wandb_id: str | None
+
+    @property
+    def patience_exhausted(self) -> bool:
+        return self.best["iter"] >= 0 and self.evals_since_best >= self.cfg.patience
+
+
+# ----------------------------------------------------------------------------- setup
+
+def check_inputs(cfg: FinetuneConfig) -> Inputs:
+    """Everything that can refuse the run, checked before anything is written: the checkpoint (or the
+    state a resume continues), its fit for the task, and the GLUE data."""
+    task_dir, last_file = cfg.task_dir(), cfg.task_dir() / "ckpt-last.pt"
     if cfg.init_from == "resume":
         if not last_file.is_file():
             raise UserError(f"init_from=resume but {task_dir} holds no ckpt-last.pt (a run that ended "
@@ -251,163 +309,195 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
     raw = load_glue(cfg.task, cfg.data_dir)
     source = str(Path(cfg.data_dir) / cfg.task) if cfg.data_dir else f"nyu-mll/glue/{cfg.task}"
     train_set = tokenize(raw["train"], cfg.task, cfg.max_length, cfg.max_train_examples, f"{source}/train")
-    val_sets = {s: tokenize(raw[s], cfg.task, cfg.max_length, 0, f"{source}/{s}") for s in spec.val_splits}
+    val_sets = {s: tokenize(raw[s], cfg.task, cfg.max_length, 0, f"{source}/{s}")
+                for s in GLUE_TASKS[cfg.task].val_splits}
     for name, ex in [("train", train_set), *val_sets.items()]:
         if len(ex) == 0:
             raise UserError(f"{source}/{name} holds no examples")
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    steps_per_epoch = len(train_set) // per_step
-    if steps_per_epoch == 0:
+    if len(train_set) < per_step:
         raise UserError(f"the training set has {len(train_set)} examples; one optimizer step needs "
                         f"{per_step} (batch_size x gradient_accumulation_steps): lower batch_size or "
                         f"gradient_accumulation_steps" + (" or raise max_train_examples" if cfg.max_train_examples
                                                           else ""))
+    return Inputs(ckpt, ckpt_file, pretrained, train_set, val_sets)
 
+
+def start_log(cfg: FinetuneConfig, d: Dist) -> JsonLog:
+    """The task folder, cleared of unfinished writes, and its log; a new run (an overwrite) first removes
+    every output of the old one (its log too), so the two are never mixed."""
+    task_dir, fresh = cfg.task_dir(), cfg.init_from == "pretrained"
+    if d.is_main:
+        task_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(task_dir)
+        if fresh:
+            for old in [p for pattern in OUTPUTS for p in task_dir.glob(pattern)]:
+                old.unlink()
+    return JsonLog(task_dir / "log.jsonl", d.is_main, fresh=fresh)
+
+
+def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
+    """The classifier, optimizer, random streams, checkpoints, log and wandb run of a new or resumed run."""
+    spec = GLUE_TASKS[cfg.task]
+    accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    inputs = check_inputs(cfg)
+    check_on_main(d, lambda: require_writable(cfg.task_dir()))  # before any work
+    ckpt, resume = inputs.ckpt, cfg.init_from == "resume"
+    batches = EpochBatches(inputs.train_set, cfg, d, accum_steps)
     torch.manual_seed(cfg.seed)  # identical head on every rank
-    raw_model = build_model(ckpt, cfg, spec.n_outputs, resume=cfg.init_from == "resume").to(d.device)
+    raw_model = build_model(ckpt, cfg, spec.n_outputs, resume=resume).to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {"nbhd": torch.Generator(device=d.device).manual_seed(stream_seed(cfg.seed, "nbhd", d.rank))}
     torch.manual_seed(stream_seed(cfg.seed, "dropout", d.rank))  # dropout differs per rank
     iter_num, evals_since_best, wandb_id = 0, 0, None
     best = {"loss": float("inf"), "iter": -1, "splits": None}
-    if cfg.init_from == "resume":
-        opt.load_state_dict(ckpt)
+    if resume:
         iter_num, evals_since_best, wandb_id = ckpt["iter_num"], ckpt["evals_since_best"], ckpt.get("wandb_id")
         best = ckpt["best"]
-        restore_streams(ckpt, generators, d, cfg.seed, str(last_file))
-    tokenizer, layout_source = ckpt["tokenizer"], ckpt["layout"]["source"]
-    del ckpt
-    opt.wrap()
-    max_iters = steps_per_epoch * cfg.max_epochs
+    max_iters = batches.steps_per_epoch * cfg.max_epochs
     if cfg.max_iters:
         max_iters = min(max_iters, cfg.max_iters)
-    eval_interval = cfg.eval_interval or steps_per_epoch
+    eval_interval = cfg.eval_interval or batches.steps_per_epoch
+    ckpts = RunCheckpoints(cfg.task_dir(), d, opt, generators, interval=eval_interval, start_iter=iter_num,
+                           last_iter=max_iters)
+    if resume:
+        ckpts.restore(ckpt, cfg.seed, str(inputs.ckpt_file))
+    record = {"tokenizer": ckpt["tokenizer"], "layout_source": ckpt["layout"]["source"], "data": ckpt["data"],
+              "pretrained": inputs.pretrained}
+    opt.wrap()
 
-    fresh = cfg.init_from == "pretrained"
-    if d.is_main:
-        task_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_writes(task_dir)
-        if fresh:  # an overwrite replaces every output of the old run (its log too), never mixes them
-            for old in [p for pattern in OUTPUTS for p in task_dir.glob(pattern)]:
-                old.unlink()
-    log = JsonLog(task_dir / "log.jsonl", d.is_main, fresh=fresh)
+    log = start_log(cfg, d)
+    train_set, val_sets, pretrained = inputs.train_set, inputs.val_sets, inputs.pretrained
     print0(f"finetuning {pretrained['path']} on {cfg.task}: {len(train_set):,} training examples "
            f"({train_set.truncated} cut to {cfg.max_length} tokens), "
            + ", ".join(f"{len(v):,} {s}" for s, v in val_sets.items())
-           + (f"; resumed at step {iter_num}" if cfg.init_from == "resume" else ""))
-    print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {steps_per_epoch} steps per epoch of "
-           f"{per_step} examples, at most {max_iters} steps; spatial weight alpha = {raw_model.gpt.config.alpha:g}; "
-           f"results in {task_dir}")
-    log.write(event="start" if cfg.init_from == "pretrained" else "resume", iter=iter_num, world_size=d.world_size,
-              config=asdict(cfg), pretrained=pretrained, n_train=len(train_set),
-              n_val={s: len(v) for s, v in val_sets.items()})
-    wandb_run = start_wandb(cfg, task_dir, run_id=wandb_id,
-                            name=cfg.wandb_run_name or f"{cfg.task}-{Path(pretrained['path']).parent.name}") \
-        if d.is_main else None
-    wandb_id = wandb_run.id if wandb_run else wandb_id
+           + (f"; resumed at step {iter_num}" if resume else ""))
+    print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {batches.steps_per_epoch} steps per epoch of "
+           f"{batches.per_step} examples, at most {max_iters} steps; spatial weight alpha = "
+           f"{raw_model.gpt.config.alpha:g}; results in {cfg.task_dir()}")
+    log.write(event="resume" if resume else "start", iter=iter_num, world_size=d.world_size, config=asdict(cfg),
+              pretrained=pretrained, n_train=len(train_set), n_val={s: len(v) for s, v in val_sets.items()})
+    wandb_run = start_wandb(cfg, cfg.task_dir(), run_id=wandb_id, enabled=d.is_main,
+                            name=cfg.wandb_run_name or f"{cfg.task}-{Path(pretrained['path']).parent.name}")
+    return FinetuneRun(cfg, d, raw_model, opt, generators, ckpts, log, wandb_run, batches, val_sets, record,
+                       accum_steps, max_iters, eval_interval, iter_num, evals_since_best, best,
+                       wandb_run.id or wandb_id)
 
-    def model_payload(it: int) -> dict:
-        return make_payload(raw_model.gpt, kind="finetune", config=asdict(cfg), iter_num=it, tokenizer=tokenizer,
-                            layout_source=layout_source, head=raw_model.head.state_dict(),
-                            task={"name": cfg.task, "n_outputs": spec.n_outputs,
-                                  "text_columns": list(spec.text_columns)},
-                            pretrained=pretrained)
 
-    def save_last(it: int) -> None:
-        """Everything a resumed run needs: weights, optimizer, best so far, patience, random streams."""
-        save_run_checkpoint(last_file, {**model_payload(it), **opt.state_dict(), "best": best,
-                                        "evals_since_best": evals_since_best, "wandb_id": wandb_id},
-                            generators, d)
+# ----------------------------------------------------------------------------- the loop's steps
 
-    def run_eval(it: int) -> None:
-        nonlocal evals_since_best
-        results = {s: evaluate(raw_model, ex, cfg, d, opt.ctx) for s, ex in val_sets.items()}
-        splits = {s: {"loss": r["task"], "spatial": r["spatial"], "n": len(val_sets[s]),
-                      **compute_metrics(cfg.task, r["pred"], val_sets[s].labels)} for s, r in results.items()}
-        watched = results[spec.val_splits[0]]["task"]
-        improved = watched < best["loss"]
-        evals_since_best = 0 if improved else evals_since_best + 1
-        text = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n")
-                         for s, m in splits.items())
-        print0(f"eval at step {it}: {text}{' (best)' if improved else ''}")
-        log.write(event="eval", iter=it, splits=splits, improved=improved)
-        if wandb_run:
-            wandb_run.log({f"{s}/{k}": v for s, m in splits.items() for k, v in m.items()}, step=it)
-        if improved:
-            best.update(loss=watched, iter=it, splits=splits)
-            save_run_checkpoint(task_dir / "ckpt-best.pt", {**model_payload(it), "best_val_loss": watched},
-                                generators, d)
-            if d.is_main:
-                write_predictions(task_dir, {s: r["pred"] for s, r in results.items()}, val_sets)
+def micro_step(run: FinetuneRun, batch_index: Iterator[np.ndarray], model) -> tuple[torch.Tensor, dict]:
+    """The next micro-batch of `batch_index` (EpochBatches.step_indices): the loss to minimise
+    (model.GPT.combine_losses: task + alpha x spatial) and the statistics to log."""
+    idx, lengths, labels = collate(run.batches.examples, next(batch_index), run.d.device)
+    outputs, per_site = model(idx, lengths, units=run.raw_model.gpt.sample_units(run.generators["nbhd"]))
+    losses = run.raw_model.gpt.combine_losses(task_loss(outputs, labels), per_site)
+    return losses.total, {"task": losses.task, "spatial": losses.spatial}
 
-    epoch_order = {}
 
-    def step_batches(it: int):
-        """This rank's micro-batches for optimizer step `it`: each epoch is its own seeded shuffle
-        (drop-last), so any step's batches follow from its number alone, also after a resume."""
-        epoch, step = divmod(it, steps_per_epoch)
-        if epoch not in epoch_order:
-            epoch_order.clear()
-            g = torch.Generator().manual_seed(cfg.seed + 7919 * epoch)
-            epoch_order[epoch] = torch.randperm(len(train_set), generator=g).numpy()
-        chunk = epoch_order[epoch][step * per_step:(step + 1) * per_step]
-        return iter([chunk[(m * d.world_size + d.rank) * cfg.batch_size:][:cfg.batch_size] for m in range(accum_steps)])
+def model_payload(run: FinetuneRun, it: int) -> dict:
+    spec = GLUE_TASKS[run.cfg.task]
+    return make_payload(run.raw_model.gpt, kind="finetune", config=asdict(run.cfg), iter_num=it,
+                        head=run.raw_model.head.state_dict(),
+                        task={"name": run.cfg.task, "n_outputs": spec.n_outputs,
+                              "text_columns": list(spec.text_columns)},
+                        **run.record)
 
-    def micro_steps(it: int):
-        """The micro-step function of optimizer step `it`: each call runs its next micro-batch."""
-        batch_index = step_batches(it)
 
-        def micro_step(model):
-            idx, lengths, labels = collate(train_set, next(batch_index), d.device)
-            outputs, per_site = model(idx, lengths, units=raw_model.gpt.sample_units(generators["nbhd"]))
-            losses = raw_model.gpt.combine_losses(task_loss(outputs, labels), per_site)
-            return losses.total, {"task": losses.task, "spatial": losses.spatial}
-        return micro_step
+def save_last(run: FinetuneRun, it: int) -> None:
+    """ckpt-last.pt: everything a resumed run needs (weights, optimizer, best so far, patience, random streams)."""
+    run.ckpts.save(run.cfg.task_dir() / "ckpt-last.pt", model_payload(run, it), best=run.best,
+                   evals_since_best=run.evals_since_best, wandb_id=run.wandb_id)
 
+
+def evaluate_and_log(run: FinetuneRun, it: int) -> None:
+    """Evaluate every validation split, log, count patience; a new best is saved as ckpt-best.pt, with its
+    predictions."""
+    cfg, d = run.cfg, run.d
+    results = {s: evaluate(run.raw_model, ex, cfg, d, run.opt.ctx) for s, ex in run.val_sets.items()}
+    splits = {s: {"loss": r["task"], "spatial": r["spatial"], "n": len(run.val_sets[s]),
+                  **compute_metrics(cfg.task, r["pred"], run.val_sets[s].labels)} for s, r in results.items()}
+    watched = results[GLUE_TASKS[cfg.task].val_splits[0]]["task"]
+    improved = watched < run.best["loss"]
+    run.evals_since_best = 0 if improved else run.evals_since_best + 1
+    text = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n")
+                     for s, m in splits.items())
+    print0(f"eval at step {it}: {text}{' (best)' if improved else ''}")
+    run.log.write(event="eval", iter=it, splits=splits, improved=improved)
+    run.wandb.log({f"{s}/{k}": v for s, m in splits.items() for k, v in m.items()}, step=it)
+    if improved:
+        run.best.update(loss=watched, iter=it, splits=splits)
+        run.ckpts.save(cfg.task_dir() / "ckpt-best.pt", model_payload(run, it), resumable=False,
+                       best_val_loss=watched)
+        if d.is_main:
+            write_predictions(cfg.task_dir(), {s: r["pred"] for s, r in results.items()}, run.val_sets)
+
+
+def log_step(run: FinetuneRun, it: int, lr: float, step: StepResult, dt: float) -> None:
+    """Print and log optimizer step `it`, which took `dt` seconds."""
+    task, spatial = step.stats["task"], step.stats["spatial"]
+    print0(f"iter {it} (epoch {it / run.batches.steps_per_epoch:.2f}): loss {task + spatial:.4f} (task {task:.4f}, "
+           f"spatial {spatial:.4f}), {dt * 1000:.0f} ms/iter" + (" (step skipped)" if step.skipped else ""))
+    run.log.write(event="train", iter=it, task=task, spatial=spatial, lr=lr, grad_norm=step.grad_norm,
+                  skipped=step.skipped, loss_scale=step.loss_scale, dt=dt)
+
+
+def finish(run: FinetuneRun) -> None:
+    """After the last step: the best model's metrics, the ranks' agreement, and no ckpt-last.pt left to resume."""
+    cfg, d, best = run.cfg, run.d, run.best
+    steps_per_epoch = run.batches.steps_per_epoch
+    reason = "max_iters" if run.max_iters < steps_per_epoch * cfg.max_epochs else "max_epochs"
+    if run.patience_exhausted:
+        reason = "early stopping"
+    if best["splits"] is None:
+        evaluate_and_log(run, run.iter_num)
+    digests = gather_objects(params_digest(run.raw_model), d)
+    if d.ddp and len(set(digests)) != 1:
+        raise UserError("ranks ended with different weights")
+    task_dir = cfg.task_dir()
+    if d.is_main:
+        write_metrics(task_dir, cfg, best, run.iter_num, steps_per_epoch, reason, run.record["pretrained"])
+        (task_dir / "ckpt-last.pt").unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    run.log.write(event="end", iter=run.iter_num, reason=reason, best_iter=best["iter"], param_sha256=digests)
+    print0(f"{reason} after {run.iter_num} steps; best at step {best['iter']}: "
+           f"{cfg.task} score {task_score(cfg.task, best['splits']):.4f}; wrote {task_dir / 'metrics.json'}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str]) -> None:
+    run_distributed(load_config(FinetuneConfig, argv, default_file="finetune_glue.yaml"), finetune)
+
+
+def finetune(cfg: FinetuneConfig, d: Dist) -> None:
+    run = setup(cfg, d)
     stop = StopSignal()
-    reason = "max_iters" if max_iters < steps_per_epoch * cfg.max_epochs else "max_epochs"
     t0 = time.time()
     try:
-        while iter_num < max_iters and not (best["iter"] >= 0 and evals_since_best >= cfg.patience):
-            lr = learning_rate_at(iter_num, cfg)
-            step = opt.step(iter_num, lr, accum_steps, micro_steps(iter_num), {"task": "task", "spatial": "spatial"},
-                            stop.requested)
-            task, spatial = step.stats["task"], step.stats["spatial"]
-            iter_num += 1
+        while run.iter_num < run.max_iters and not run.patience_exhausted:
+            it = run.iter_num
+            lr = learning_rate_at(it, cfg)
+            micro = partial(micro_step, run, iter(run.batches.step_indices(it)))
+            step = run.opt.step(it, lr, run.accum_steps, micro, CHECKS, stop.requested)
+            run.iter_num += 1
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            if (iter_num - 1) % cfg.log_interval == 0:
-                print0(f"iter {iter_num - 1} (epoch {(iter_num - 1) / steps_per_epoch:.2f}): loss "
-                       f"{task + spatial:.4f} (task {task:.4f}, spatial {spatial:.4f}), {dt * 1000:.0f} ms/iter"
-                       + (" (step skipped)" if step.skipped else ""))
-                log.write(event="train", iter=iter_num - 1, task=task, spatial=spatial, lr=lr,
-                          grad_norm=step.grad_norm, skipped=step.skipped, loss_scale=step.loss_scale, dt=dt)
-            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
-            if eval_due:
-                run_eval(iter_num)
-            if eval_due or step.stop:
-                save_last(iter_num)
+            if it % cfg.log_interval == 0:
+                log_step(run, it, lr, step, dt)
+            if run.iter_num % run.eval_interval == 0 or run.iter_num == run.max_iters:
+                evaluate_and_log(run, run.iter_num)
+            if run.ckpts.due(run.iter_num) or step.stop:
+                save_last(run, run.iter_num)
             if step.stop:
-                print0(f"stop requested: saved {last_file} at step {iter_num}; continue with init_from=resume")
-                log.write(event="stopped", iter=iter_num)
+                print0(f"stop requested: saved {cfg.task_dir() / 'ckpt-last.pt'} at step {run.iter_num}; "
+                       f"continue with init_from=resume")
+                run.log.write(event="stopped", iter=run.iter_num)
                 return
-        if evals_since_best >= cfg.patience and best["iter"] >= 0:
-            reason = "early stopping"
-        if best["splits"] is None:
-            run_eval(iter_num)
-        digests = gather_objects(params_digest(raw_model), d)
-        if d.ddp and len(set(digests)) != 1:
-            raise UserError("ranks ended with different weights")
-        if d.is_main:
-            write_metrics(task_dir, cfg, best, iter_num, steps_per_epoch, reason, pretrained)
-            last_file.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-        log.write(event="end", iter=iter_num, reason=reason, best_iter=best["iter"], param_sha256=digests)
-        print0(f"{reason} after {iter_num} steps; best at step {best['iter']}: "
-               f"{cfg.task} score {task_score(cfg.task, best['splits']):.4f}; wrote {task_dir / 'metrics.json'}")
+        finish(run)
     finally:
         stop.restore()
-        if wandb_run:
-            wandb_run.finish()
+        run.wandb.finish()
 
 
 OUTPUTS = ("ckpt-best.pt", "ckpt-last.pt", "metrics.json", "log.jsonl", "predictions-*.jsonl")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topolm.config import UserError, cli_main, load_config, require
-from topolm.files import atomic_write, read_text
+from topolm.files import atomic_write, read_text, require_writable
 from topolm.glue import GLUE_TASKS, task_score
 
 
@@ -62,6 +62,8 @@ def main(argv: list[str]) -> None:
         raise UserError(f"folder not found: {folder}")
     if cfg.json and Path(cfg.json).is_dir():
         raise UserError(f"json={cfg.json} is a folder; name a file to write the table to")
+    if cfg.json:
+        require_writable(Path(cfg.json).parent)
     rows, average, n = summarize(folder)
     if not rows:
         raise UserError(f"no <task>/metrics.json in {folder}; run finetune.py first")

@@ -15,7 +15,8 @@ Synthetic tokens (uniform over the vocabulary), no data files, no wandb, nothing
    topo/control step ratio;
 3. names the attention kernel the default path picks (profiler: the aten SDPA operator and the
    device kernels it launched).
-A step is forward + backward + gradient clipping + AdamW over `batch_size` sequences, split into
+A step is train.py's own optimizer step (topolm.training.Optimization: forward + backward under
+autocast, gradient clipping, the non-finite check, AdamW) over `batch_size` sequences, split into
 micro-batches of `micro_batch` (0: all at once; halved automatically on out-of-memory).
 Exit status 1 if compiled and eager losses disagree beyond `loss_rtol`.
 """
@@ -25,15 +26,16 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from topolm.config import cli_main, load_config, one_of, require
-from model import GPT, GPTConfig, configure_adamw
-from topolm.training import peak_flops
+from topolm.config import LoopConfig, cli_main, load_config, one_of, require
+from topolm.distributed import Dist
+from model import GPT, GPTConfig
+from topolm.training import Optimization, peak_flops
 from positions import random_layout
 
 SIZES = {
@@ -83,18 +85,19 @@ def sync(device: str) -> None:
 
 
 class Variant:
-    """One model (topo or control, eager or compiled) with its optimizer and a step function."""
+    """One model (topo or control, eager or compiled) and train.py's optimizer step for it
+    (topolm.training.Optimization: autocast, backward, unscale, clip, the non-finite check, AdamW)."""
 
     def __init__(self, cfg: GpuCheckConfig, device: str, alpha: float, compiled: bool):
         self.cfg, self.device = cfg, device
         torch.manual_seed(0)
         gcfg = GPTConfig(block_size=cfg.block_size, alpha=alpha, dropout=0.0, **SIZES[cfg.size])
         self.model = GPT(gcfg, random_layout(gcfg.n_sites, gcfg.n_embed, 0)).to(device)
-        self.opt = configure_adamw(self.model, 0.1, 6e-4, (0.9, 0.95), torch.device(device).type)
-        self.runner = torch.compile(self.model) if compiled else self.model
-        self.ctx = (nullcontext() if cfg.dtype == "float32" else
-                    torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.dtype)))
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.dtype == "float16")
+        # pretraining's AdamW (weight decay 0.1, lr 6e-4, betas 0.9 / 0.95) and grad clip 1.0
+        self.loop = LoopConfig(batch_size=cfg.batch_size, compile=compiled, device=device, dtype=cfg.dtype)
+        self.opt = Optimization(self.model, self.loop, Dist(0, 0, 1, device, False), cfg.dtype)
+        self.opt.wrap()
+        self.checks = {"task": "task", "sites": [f"spatial site {n}" for n in self.model.site_names]}
 
     def batch(self, step: int):
         """The same synthetic tokens and neighborhoods for every variant at a given step."""
@@ -107,20 +110,20 @@ class Variant:
         """One optimizer step over micro-batches of `micro` sequences; returns (task, spatial) losses."""
         x, y, units = self.batch(step)
         n = -(-self.cfg.batch_size // micro)
-        task = spatial = torch.zeros((), device=self.device)
-        for i in range(n):
-            xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
-            with self.ctx:
-                _, losses = self.runner(xs, ys, units=units)
-            self.scaler.scale(losses.total * (len(xs) / self.cfg.batch_size)).backward()
-            task = task + losses.task.detach().float() * len(xs) / self.cfg.batch_size
-            spatial = spatial + losses.spatial.detach().float() * len(xs) / self.cfg.batch_size
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        return float(task), float(spatial)
+        chunks = iter(range(n))
+        micro_step = partial(self.micro_step, x, y, units, micro, n, chunks)
+        result = self.opt.step(step, self.loop.learning_rate, n, micro_step, self.checks, False)
+        return result.stats["task"], result.stats["spatial"]
+
+    def micro_step(self, x, y, units, micro: int, n: int, chunks, model) -> tuple[torch.Tensor, dict]:
+        """The next of `n` micro-batches of `micro` sequences, weighted by its share of the batch (the
+        optimizer step divides by n; a last, shorter micro-batch counts for its length)."""
+        i = next(chunks)
+        xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
+        _, losses = model(xs, ys, units=units)
+        weight = len(xs) * n / self.cfg.batch_size
+        return losses.total * weight, {"task": losses.task * weight, "spatial": losses.spatial * weight,
+                                       "sites": losses.per_site * weight}
 
 
 def run_step(variant: Variant, step: int, state: dict) -> tuple[float, float]:
@@ -132,7 +135,7 @@ def run_step(variant: Variant, step: int, state: dict) -> tuple[float, float]:
         except torch.OutOfMemoryError:
             if state["micro"] == 1:
                 raise
-            variant.opt.zero_grad(set_to_none=True)
+            variant.opt.optimizer.zero_grad(set_to_none=True)
             state["micro"] = max(1, state["micro"] // 2)
             torch.cuda.empty_cache()
             print(f"out of memory: micro-batch now {state['micro']} (gradient accumulation)", flush=True)
@@ -145,11 +148,11 @@ def attention_kernels(variant: Variant, state: dict) -> dict:
     x, y, units = variant.batch(0)
     micro = state["micro"]
     with profile(activities=activities) as prof:
-        with variant.ctx:
+        with variant.opt.ctx:
             _, losses = variant.model(x[:micro], y[:micro], units=units)
         losses.total.backward()
         sync(variant.device)
-    variant.opt.zero_grad(set_to_none=True)
+    variant.opt.optimizer.zero_grad(set_to_none=True)
     events = prof.events()
     ops = sorted({e.name for e in events if e.name.startswith(("aten::_scaled_dot_product", "aten::_flash",
                                                                "aten::_efficient_attention", "aten::_cudnn_attention"))})

@@ -7,7 +7,8 @@ pickled OmegaConf config) and its positions (`layer.{i}.{attn,mlp}.pkl`, pickled
 `positions.LayerPositions`) are read by a restricted unpickler that runs no code from the files
 (topolm/research.py); the optimizer state is not read. The result is a `kind: imported` checkpoint
 (topolm/checkpoint.py) that sample.py, finetune.py, blimp.py, ablate.py, export_hf.py and the analysis
-load like any other. A layout that is not a permutation of the grid (the research code's
+load like any other; its `data` names the research config's dataset when that is a plain name (else
+it is null). A layout that is not a permutation of the grid (the research code's
 pre-optimized sets) is kept exactly, shared cells included, and flagged (`layout.permutation`
 false): it works for sampling, for finetuning with alpha_scale=0 and for the analysis; anything
 that needs the spatial loss refuses it. Refused with one line: head_loss or attn_proj on, or a
@@ -18,8 +19,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from topolm.checkpoint import make_payload, save_checkpoint, tokenizer_for
+from topolm.checkpoint import data_record, make_payload, plain_dataset, save_checkpoint, tokenizer_for
 from topolm.config import UserError, cli_main, load_config, require
+from topolm.files import require_writable
 from topolm.research import convert_research
 
 
@@ -47,11 +49,13 @@ def main(argv: list[str]) -> None:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass overwrite=true to replace it")
+    require_writable(out.parent)
     gpt, record = convert_research(Path(cfg.ckpt), Path(cfg.positions), cfg.ignore_activation_decay)
     c = gpt.config
+    dataset = plain_dataset(record["config"])  # where the research code's data lived is not ours to resolve
     payload = make_payload(gpt, kind="imported", config=asdict(cfg), iter_num=record["iter_num"],
                            tokenizer=tokenizer_for(c.vocab_size), layout_source=f"research positions {cfg.positions}",
-                           research=record)
+                           data=data_record(dataset, None, None) if dataset else None, research=record)
     save_checkpoint(payload, out)
     perm = payload["layout"]["permutation"]
     coords = gpt.sheet.unit_coords

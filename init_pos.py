@@ -21,7 +21,7 @@ import torch
 
 from topolm.checkpoint import build_gpt, find_checkpoint, load_checkpoint
 from topolm.config import POSITIONS_DIR, REPO, UserError, check_seed, cli_main, load_config, require, resolve_path
-from topolm.files import atomic_write, open_tokens, remove_partial_writes
+from topolm.files import atomic_write, open_tokens, remove_partial_writes, require_writable
 from model import GPT, GPTConfig, SheetShape
 from topolm.position_sets import save_positions
 from topolm.swap import grid_losses, swap_optimize, unit_correlations
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> None:
     out = cfg.out_dir()
     if (out / "positions.npy").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds a position set; pass overwrite=True to replace it, or another out")
-    remove_partial_writes(out)
+    remove_partial_writes(require_writable(out))
     n_sites = 2 * cfg.n_layer
     meta = {"layout": cfg.layout, "seed": cfg.seed}
     if cfg.layout == "identity":

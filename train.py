@@ -22,18 +22,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from topolm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, make_payload, tokenizer_for
+from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, load_checkpoint, make_payload,
+                               tokenizer_for)
 from topolm.config import (DATA_DIR, POSITIONS_DIR, LoopConfig, UserError, cli_main, load_config, require,
                            resolve_path)
-from topolm.distributed import Dist, print0, run_distributed
-from topolm.files import open_tokens, remove_partial_writes, tokens_meta
+from topolm.distributed import Dist, check_on_main, print0, run_distributed
+from topolm.files import open_tokens, remove_partial_writes, require_writable, tokens_meta
 from topolm.corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
 from topolm.position_sets import load_positions
 from positions import random_layout
-from topolm.training import (JsonLog, Optimization, StopSignal, gather_objects, learning_rate_at, params_digest,
-                             peak_flops, resolve_dtype, restore_streams, save_run_checkpoint, check_wandb,
-                             start_wandb, stream_seed, accumulation_per_rank)
+from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
+                             check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops,
+                             resolve_dtype, start_wandb, stream_seed)
 
 
 @dataclass
@@ -150,12 +151,13 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
 def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfig, d: Dist, ctx) -> dict:
     """Per split: the mean of each field of model.Losses (total as "loss", task, spatial, per-site SL
     as "sites") over eval_iters batches per rank, averaged over ranks. Its generators are re-seeded
-    identically at every evaluation, so evaluations compare."""
+    identically at every evaluation (training.eval_seeds), so evaluations compare."""
     model.eval()
     out = {}
+    batch_seed, nbhd_seed = eval_seeds(cfg.seed, d.rank)
     for split, source in batches.items():
-        g_batch = torch.Generator().manual_seed(cfg.seed + 7919 * (d.rank + 1))
-        g_nbhd = torch.Generator(device=d.device).manual_seed(cfg.seed + 104729 * (d.rank + 1))
+        g_batch = torch.Generator().manual_seed(batch_seed)
+        g_nbhd = torch.Generator(device=d.device).manual_seed(nbhd_seed)
         sums = None
         with torch.no_grad():
             for _ in range(cfg.eval_iters):
@@ -174,22 +176,64 @@ def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfi
     return out
 
 
-def main(argv: list[str]) -> None:
-    run_distributed(load_config(TrainConfig, argv, default_file="train_shakespeare.yaml"), train)
+# ----------------------------------------------------------------------------- the run's state
+
+@dataclass
+class Inputs:
+    """What a run starts from, checked before anything is written."""
+    batches: dict[str, Batches]
+    output_ids: np.ndarray | None  # output_vocab=corpus: the ids the softmax runs over
+    ckpt: dict | None  # the checkpoint a resume continues (None: a new run)
+    ckpt_file: Path | None
+    coords: np.ndarray | None  # a new run's unit positions
+    record: dict  # the payload fields that describe the model: tokenizer, layout source, data
 
 
-def train(cfg: TrainConfig, d: Dist) -> None:
-    accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
-    dtype = resolve_dtype(cfg.dtype, d.device)
-    run_dir = cfg.run_dir()
+@dataclass
+class TrainRun:
+    """Everything the loop reads and updates, passed explicitly to each of its steps."""
+    cfg: TrainConfig
+    d: Dist
+    raw_model: GPT
+    model: torch.nn.Module  # raw_model compiled and/or wrapped in DDP
+    opt: Optimization
+    batches: dict[str, Batches]
+    generators: dict[str, torch.Generator]
+    ckpts: RunCheckpoints
+    log: JsonLog
+    wandb: object  # a wandb run or training.NullRun
+    record: dict
+    accum_steps: int
+    tokens_per_iter: int
+    iter_num: int
+    start_iter: int
+    best_val_loss: float
+    wandb_id: str | None
+    peak: float | None  # the GPU's dense bf16 peak FLOP/s, for MFU (None on CPU)
+    running_mfu: float = -1.0
+
+    @property
+    def checks(self) -> dict:
+        return {"task": "task", "sites": [f"spatial site {n}" for n in self.raw_model.site_names]}
+
+    def micro_step(self, model) -> tuple[torch.Tensor, dict]:
+        """One micro-batch of this rank's stream: the loss to minimise and the statistics to log."""
+        x, y = self.batches["train"].get(self.generators["batch"])
+        _, losses = model(x, y, units=self.raw_model.sample_units(self.generators["nbhd"]), return_logits=False)
+        return losses.total, {"task": losses.task, "spatial": losses.spatial, "sites": losses.per_site}
+
+
+# ----------------------------------------------------------------------------- setup
+
+def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
+    """Everything that can refuse the run, checked before anything is written."""
     data_dir = resolve_path(cfg.dataset, DATA_DIR)
     batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
     output_ids = None
     if cfg.output_vocab == "corpus":
         output_ids = token_ids_used([source.path for source in batches.values()], cfg.vocab_size)
-
-    # Everything that can refuse the run is checked before anything is written.
-    ckpt = ckpt_file = None
+    run_dir = cfg.run_dir()
+    ckpt = ckpt_file = coords = None
     if cfg.init_from == "resume":
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
@@ -198,20 +242,44 @@ def train(cfg: TrainConfig, d: Dist) -> None:
         ckpt_file = ckpts[-1]
         ckpt = load_checkpoint(ckpt_file)
         check_resume_config(ckpt, cfg, ckpt_file, 0 if output_ids is None else len(output_ids))
-        coords, positions_source = None, ckpt["layout"]["source"]
+        positions_source = ckpt["layout"]["source"]
     else:
         coords, positions_source = positions_for(cfg)
         if list_checkpoints(run_dir):
             raise UserError(f"{run_dir} already holds checkpoints; use init_from=resume to continue it "
                             f"or another run_name/out_dir for a new run")
-    tokenizer = tokenizer_for(cfg.vocab_size, tokens_meta(data_dir).get("tokenizer", "gpt2"))
+    data_tokenizer = tokens_meta(data_dir).get("tokenizer", "gpt2")
+    record = {"tokenizer": tokenizer_for(cfg.vocab_size, data_tokenizer), "layout_source": positions_source,
+              "data": data_record(cfg.dataset, data_dir, data_tokenizer)}
     check_wandb(cfg)
+    check_on_main(d, lambda: require_writable(run_dir))
     if cfg.eval_only and ckpt is None:
         print0("warning: eval_only=true with init_from=scratch evaluates a freshly initialised model; use "
                "init_from=resume to evaluate the run's newest checkpoint")
+    return Inputs(batches, output_ids, ckpt, ckpt_file, coords, record)
 
+
+def start_log(cfg: TrainConfig, d: Dist, fresh: bool) -> JsonLog:
+    """The run folder, cleared of unfinished writes, and its log (a new run replaces a log left by an
+    earlier run that saved no checkpoint; a resume appends)."""
+    run_dir = cfg.run_dir()
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(run_dir)
+        if fresh and (run_dir / "log.jsonl").exists():
+            print0(f"note: {run_dir / 'log.jsonl'} of an earlier run that saved no checkpoint is replaced")
+    return JsonLog(run_dir / "log.jsonl", d.is_main, fresh=fresh)
+
+
+def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
+    """The model, optimizer, random streams, checkpoints, log and wandb run of a new or resumed run."""
+    accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    inputs = check_inputs(cfg, d)
+    ckpt, output_ids = inputs.ckpt, inputs.output_ids
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), coords, output_ids).to(d.device)
+    raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), inputs.coords,
+                    output_ids).to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {
         "batch": torch.Generator().manual_seed(stream_seed(cfg.seed, "batch", d.rank)),
@@ -221,119 +289,121 @@ def train(cfg: TrainConfig, d: Dist) -> None:
     iter_num, best_val_loss, wandb_id = 0, float("inf"), None
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt)
         iter_num, best_val_loss, wandb_id = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("wandb_id")
-        restore_streams(ckpt, generators, d, cfg.seed, "the checkpoint")
-        del ckpt
-    start_iter = iter_num
+    ckpts = RunCheckpoints(cfg.run_dir(), d, opt, generators, interval=cfg.save_interval, start_iter=iter_num,
+                           last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint)
+    if ckpt is not None:
+        ckpts.restore(ckpt, cfg.seed, "the checkpoint")
     model = opt.wrap()
 
-    fresh = ckpt_file is None  # a new run: a log left by an earlier run without checkpoints is replaced
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_writes(run_dir)
-        if fresh and (run_dir / "log.jsonl").exists():
-            print0(f"note: {run_dir / 'log.jsonl'} of an earlier run that saved no checkpoint is replaced")
-    log = JsonLog(run_dir / "log.jsonl", d.is_main, fresh=fresh)
+    log = start_log(cfg, d, fresh=inputs.ckpt_file is None)
     tokens_per_iter = accum_steps * d.world_size * cfg.batch_size * cfg.block_size
-    print0(f"run folder: {run_dir}")
-    print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {raw_model.get_num_params() / 1e6:.2f}M parameters, "
-           f"positions from {positions_source}")
+    print0(f"run folder: {cfg.run_dir()}")
+    print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {raw_model.get_num_params() / 1e6:.2f}M "
+           f"parameters, positions from {inputs.record['layout_source']}")
     print0(f"tokens per iteration: {tokens_per_iter:,} ({accum_steps} micro-steps x {d.world_size} ranks x "
            f"{cfg.batch_size} x {cfg.block_size})")
     log.write(event="start" if cfg.init_from == "scratch" else "resume", iter=iter_num, world_size=d.world_size,
               config=asdict(cfg))
-    wandb_run = start_wandb(cfg, run_dir, name=cfg.wandb_run_name or run_dir.name, run_id=wandb_id) if d.is_main else None
-    wandb_id = wandb_run.id if wandb_run else wandb_id
+    wandb_run = start_wandb(cfg, cfg.run_dir(), name=cfg.wandb_run_name or cfg.run_dir().name, run_id=wandb_id,
+                            enabled=d.is_main)
+    return TrainRun(cfg, d, raw_model, model, opt, inputs.batches, generators, ckpts, log, wandb_run, inputs.record,
+                    accum_steps, tokens_per_iter, iter_num, iter_num, best_val_loss, wandb_run.id or wandb_id,
+                    peak_flops(d.device))
 
-    def save(it: int) -> None:
-        payload = make_payload(raw_model, kind="pretrain", config=asdict(cfg), iter_num=it, tokenizer=tokenizer,
-                               layout_source=positions_source, **opt.state_dict(), best_val_loss=best_val_loss,
-                               wandb_id=wandb_id)
-        save_run_checkpoint(checkpoint_path(run_dir, it), payload, generators, d)
-        if d.is_main and cfg.keep_last:
-            for old in list_checkpoints(run_dir)[:-cfg.keep_last]:
-                old.unlink()
-        print0(f"saved checkpoint {checkpoint_path(run_dir, it)}")
 
-    def run_eval(it: int) -> bool:
-        """Evaluate, log, and say whether the validation loss is the best so far."""
-        nonlocal best_val_loss
-        res = evaluate(model, raw_model, batches, cfg, d, opt.ctx)
-        improved = res["val"]["loss"] < best_val_loss
-        best_val_loss = min(best_val_loss, res["val"]["loss"])
-        print0(f"step {it}: train loss {res['train']['loss']:.4f} (task {res['train']['task']:.4f}, spatial "
-               f"{res['train']['spatial']:.4f}), val loss {res['val']['loss']:.4f} (task {res['val']['task']:.4f}, "
-               f"spatial {res['val']['spatial']:.4f})")
-        log.write(event="eval", iter=it, train=res["train"], val=res["val"], lr=learning_rate_at(it, cfg))
-        if wandb_run:
-            wandb_run.log({"iter": it, **{f"{split}/{k}": res[split][k] for split in ("train", "val")
-                                          for k in ("loss", "task", "spatial")},
-                           **{f"val/sl/{n}": v for n, v in zip(raw_model.site_names, res["val"]["sites"])}}, step=it)
-        return improved
+# ----------------------------------------------------------------------------- the loop's steps
 
-    if cfg.eval_only:
-        run_eval(iter_num)
-        return
+def save(run: TrainRun, it: int) -> None:
+    """The checkpoint after `it` steps: the model, and all a resume needs."""
+    payload = make_payload(run.raw_model, kind="pretrain", config=asdict(run.cfg), iter_num=it, **run.record)
+    path = checkpoint_path(run.cfg.run_dir(), it)
+    run.ckpts.save(path, payload, best_val_loss=run.best_val_loss, wandb_id=run.wandb_id)
+    print0(f"saved checkpoint {path}")
 
+
+def evaluate_and_log(run: TrainRun, it: int) -> bool:
+    """Evaluate, log, and say whether the validation loss is the best so far (recorded in run.best_val_loss)."""
+    res = evaluate(run.model, run.raw_model, run.batches, run.cfg, run.d, run.opt.ctx)
+    improved = res["val"]["loss"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, res["val"]["loss"])
+    print0(f"step {it}: train loss {res['train']['loss']:.4f} (task {res['train']['task']:.4f}, spatial "
+           f"{res['train']['spatial']:.4f}), val loss {res['val']['loss']:.4f} (task {res['val']['task']:.4f}, "
+           f"spatial {res['val']['spatial']:.4f})")
+    run.log.write(event="eval", iter=it, train=res["train"], val=res["val"], lr=learning_rate_at(it, run.cfg))
+    run.wandb.log({"iter": it, **{f"{split}/{k}": res[split][k] for split in ("train", "val")
+                                  for k in ("loss", "task", "spatial")},
+                   **{f"val/sl/{n}": v for n, v in zip(run.raw_model.site_names, res["val"]["sites"])}}, step=it)
+    return improved
+
+
+def log_step(run: TrainRun, it: int, lr: float, step: StepResult, dt: float) -> None:
+    """Print and log optimizer step `it`, which took `dt` seconds; MFU as a running mean after 5 steps."""
+    task, spatial = step.stats["task"], step.stats["spatial"]
+    mfu_text = ""
+    if run.peak and it + 1 - run.start_iter > 5:
+        mfu = run.raw_model.estimate_mfu(run.tokens_per_iter, dt, run.peak)
+        run.running_mfu = mfu if run.running_mfu < 0 else 0.9 * run.running_mfu + 0.1 * mfu
+        mfu_text = f", mfu {run.running_mfu * 100:.1f}%"
+    print0(f"iter {it}: loss {task + spatial:.4f} (task {task:.4f}, spatial {spatial:.4f}), "
+           f"{dt * 1000:.0f} ms/iter, {run.tokens_per_iter / dt:,.0f} tok/s{mfu_text}"
+           + (" (step skipped)" if step.skipped else ""))
+    run.log.write(event="train", iter=it, loss=task + spatial, task=task, spatial=spatial, sites=step.stats["sites"],
+                  lr=lr, grad_norm=step.grad_norm, skipped=step.skipped, loss_scale=step.loss_scale, dt=dt)
+    run.wandb.log({"iter": it, "train/step_loss": task + spatial, "train/step_task": task,
+                   "train/step_spatial": spatial, "lr": lr}, step=it)
+
+
+def check_ranks_agree(run: TrainRun) -> None:
+    """Log every rank's weight digest at the end; refuse a DDP run whose ranks diverged."""
+    digests = gather_objects(params_digest(run.raw_model), run.d)
+    run.log.write(event="end", iter=run.iter_num, param_sha256=digests)
+    if run.d.ddp and len(set(digests)) != 1:
+        raise UserError("ranks ended with different weights")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str]) -> None:
+    run_distributed(load_config(TrainConfig, argv, default_file="train_shakespeare.yaml"), train)
+
+
+def train(cfg: TrainConfig, d: Dist) -> None:
+    run = setup(cfg, d)
     stop = StopSignal()
-    checks = {"task": "task", "sites": [f"spatial site {n}" for n in raw_model.site_names]}
     last_improved = True
     t0 = time.time()
-    running_mfu = -1.0
-    peak = peak_flops(d.device)
-
-    def micro_step(model):
-        x, y = batches["train"].get(generators["batch"])
-        _, losses = model(x, y, units=raw_model.sample_units(generators["nbhd"]), return_logits=False)
-        return losses.total, {"task": losses.task, "spatial": losses.spatial, "sites": losses.per_site}
-
     try:
-        while iter_num < cfg.max_iters:
-            if iter_num % cfg.eval_interval == 0:
-                last_improved = run_eval(iter_num)
-            if iter_num % cfg.save_interval == 0 and iter_num != start_iter:
-                if cfg.always_save_checkpoint or last_improved:
-                    save(iter_num)
+        if cfg.eval_only:
+            evaluate_and_log(run, run.iter_num)
+            return
+        while run.iter_num < cfg.max_iters:
+            it = run.iter_num
+            if it % cfg.eval_interval == 0:
+                last_improved = evaluate_and_log(run, it)
+            if run.ckpts.due(it, last_improved):
+                save(run, it)
 
-            lr = learning_rate_at(iter_num, cfg)
-            step = opt.step(iter_num, lr, accum_steps, micro_step, checks, stop.requested)
+            lr = learning_rate_at(it, cfg)
+            step = run.opt.step(it, lr, run.accum_steps, run.micro_step, run.checks, stop.requested)
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            iter_num += 1
-            if (iter_num - 1) % cfg.log_interval == 0:
-                task, spatial = step.stats["task"], step.stats["spatial"]
-                mfu_text = ""
-                if peak and iter_num - start_iter > 5:
-                    mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
-                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-                    mfu_text = f", mfu {running_mfu * 100:.1f}%"
-                print0(f"iter {iter_num - 1}: loss {task + spatial:.4f} (task {task:.4f}, spatial {spatial:.4f}), "
-                       f"{dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s{mfu_text}"
-                       + (" (step skipped)" if step.skipped else ""))
-                log.write(event="train", iter=iter_num - 1, loss=task + spatial, task=task, spatial=spatial,
-                          sites=step.stats["sites"], lr=lr, grad_norm=step.grad_norm, skipped=step.skipped,
-                          loss_scale=step.loss_scale, dt=dt)
-                if wandb_run:
-                    wandb_run.log({"iter": iter_num - 1, "train/step_loss": task + spatial, "train/step_task": task,
-                                   "train/step_spatial": spatial, "lr": lr}, step=iter_num - 1)
+            run.iter_num += 1
+            if it % cfg.log_interval == 0:
+                log_step(run, it, lr, step, dt)
             if step.stop:
-                print0(f"stop requested: saving a checkpoint at iteration {iter_num} and exiting")
-                save(iter_num)
-                log.write(event="stopped", iter=iter_num)
+                print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting")
+                save(run, run.iter_num)
+                run.log.write(event="stopped", iter=run.iter_num)
                 return
 
-        run_eval(iter_num)
-        if iter_num != start_iter:
-            save(iter_num)
-        digests = gather_objects(params_digest(raw_model), d)
-        log.write(event="end", iter=iter_num, param_sha256=digests)
-        if d.ddp and len(set(digests)) != 1:
-            raise UserError("ranks ended with different weights")
+        evaluate_and_log(run, run.iter_num)
+        if run.ckpts.due(run.iter_num):
+            save(run, run.iter_num)
+        check_ranks_agree(run)
     finally:
         stop.restore()
-        if wandb_run:
-            wandb_run.finish()
+        run.wandb.finish()
 
 
 if __name__ == "__main__":

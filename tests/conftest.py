@@ -12,6 +12,10 @@ sys.path.insert(0, str(REPO))
 
 PYTHON = sys.executable
 
+# Every command a user runs from the repository root; a change that adds one extends this list.
+COMMANDS = {"train", "finetune", "sample", "analyze", "blimp", "ablate", "export_hf", "import_research", "init_pos",
+            "bench", "gpu_check", "glue_summary"}
+
 
 def write_pattern_data(folder: Path, vocab: int = 64, n_train: int = 40_000, n_val: int = 4_000, seed: int = 0) -> Path:
     """A learnable token stream: short repeated phrases, so a tiny model's loss falls within a few steps."""

@@ -51,6 +51,10 @@ def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
     summary = json.loads((out / "summary.json").read_text())
     model = summary["model"]
     assert model["step"] == 2 and model["heldout"]["source"].endswith("val.bin") and model["heldout"]["tokens"] >= 500
+    data = tiny_run / "data"
+    assert model["heldout"]["source"] == str(data.resolve() / "val.bin")
+    assert model["heldout"]["from"] == f"the checkpoint's data ({data})"
+    assert f"model {run / 'ckpt-0000002.pt'}: held-out text {data.resolve() / 'val.bin'} (from" in proc.stdout
     for s, name in enumerate(units["site_names"]):
         site = model["sites"][name]
         for contrast in ("localizer", "verb_noun"):
@@ -88,3 +92,34 @@ def test_analyze_refuses_models_it_cannot_read_stimuli_with(tmp_path):
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1
     assert not (tmp_path / "fig").exists()
+
+
+def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):
+    """The analysis reads the checkpoint's `data` field (a finetuned checkpoint carries its backbone's), not the
+    writer's config, and says which text it used."""
+    from analyze import AnalyzeConfig, heldout_tokens
+    folders = {}
+    for name, first in (("recorded", 7), ("by_name", 8), ("config", 9)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        np.full(100, first, dtype=np.uint16).tofile(folders[name] / "val.bin")
+    localizer = {"S": ["The dog ran home."]}
+    cfg = AnalyzeConfig()
+
+    def held(data):
+        tokens, source, chosen_by = heldout_tokens(cfg, {"data": data, "config": {"dataset": str(folders["config"])}},
+                                                   localizer)
+        return int(tokens[0]), source, chosen_by
+
+    recorded = {"dataset": "shakespeare", "path": str(folders["recorded"]), "tokenizer": "gpt2"}
+    assert held(recorded) == (7, str(folders["recorded"] / "val.bin"), "the checkpoint's data (shakespeare)")
+    # the recorded folder is gone (e.g. another machine): the dataset key is resolved here
+    moved = {"dataset": str(folders["by_name"]), "path": str(tmp_path / "gone"), "tokenizer": "gpt2"}
+    assert held(moved)[:2] == (8, str(folders["by_name"] / "val.bin"))
+    # no data recorded: the localizer's sentences, whatever the writer's config named
+    tokens, source, chosen_by = heldout_tokens(cfg, {"data": None, "config": {"dataset": str(folders["config"])}},
+                                               localizer)
+    assert source == "the localizer's sentences (no val.bin found)" and chosen_by == "the fallback"
+    assert len(tokens) > 0 and int(tokens[0]) != 9
+    given = AnalyzeConfig(heldout=str(folders["config"] / "val.bin"))
+    assert heldout_tokens(given, {"data": recorded}, localizer)[1:] == (str(folders["config"] / "val.bin"), "heldout=")

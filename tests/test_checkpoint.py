@@ -12,15 +12,21 @@ from conftest import PYTHON, REPO, overrides, run_script, write_pattern_data
 from model import GPT, GPTConfig
 from positions import random_layout
 
-V1 = REPO / "tests" / "fixtures" / "v1"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
-def test_v1_checkpoints_written_by_the_earlier_code_load_and_give_the_same_outputs():
-    expected = np.load(V1 / "expected.npz")
-    ckpt = load_checkpoint(V1 / "train-ckpt-0000002.pt")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_checkpoints_written_by_earlier_formats_load_and_give_the_same_outputs(version):
+    """tests/fixtures/<version>/ holds a train.py and a finetune.py checkpoint written in that format, with
+    the outputs that code computed from them; both load through the one loader, migrated to the current format."""
+    folder = FIXTURES / version
+    expected = np.load(folder / "expected.npz")
+    ckpt = load_checkpoint(folder / "train-ckpt-0000002.pt")
     assert ckpt["format"] == FORMAT and ckpt["kind"] == "pretrain"
     assert ckpt["tokenizer"] is None  # vocab 64: token ids only
     assert ckpt["layout"]["permutation"] is True
+    # the dataset key as the run gave it; the folder it resolved to was not recorded then
+    assert ckpt["data"] == {"dataset": ckpt["config"]["dataset"], "path": None, "tokenizer": None}
     gpt = build_gpt(ckpt).eval()
     with torch.no_grad():
         hidden, _ = gpt.encode(torch.from_numpy(expected["ids"]), spatial=False)
@@ -28,11 +34,17 @@ def test_v1_checkpoints_written_by_the_earlier_code_load_and_give_the_same_outpu
     # The fixture's logits were computed on another CPU: the weights load bit-exactly, but the kernels' summation
     # order differs between machines by a few float32 ulps (1.5e-8 seen), so equality is to 1e-6.
     np.testing.assert_allclose(logits.numpy(), expected["train_logits"], rtol=0, atol=1e-6)
-    # the optimizer and random streams of a v1 checkpoint are still there for a resume
+    if "units" in expected:  # the unit positions too: each site's spatial loss on the recorded neighborhoods
+        ids = torch.from_numpy(expected["ids"])
+        with torch.no_grad():
+            _, losses = gpt(ids, ids, units=torch.from_numpy(expected["units"]))
+        np.testing.assert_allclose(losses.per_site.numpy(), expected["train_per_site"], rtol=0, atol=1e-6)
+    # the optimizer and random streams of the checkpoint are still there for a resume
     assert "optimizer" in ckpt and len(ckpt["rng"]) == ckpt["world_size"] == 1
 
-    ft = load_checkpoint(V1 / "finetune-ckpt-best.pt")
+    ft = load_checkpoint(folder / "finetune-ckpt-best.pt")
     assert ft["kind"] == "finetune" and ft["tokenizer"]["name"] == "gpt2" and ft["task"]["name"] == "sst2"
+    assert ft["data"] is None  # its backbone's data field did not exist yet
     clf = build_classifier(ft).eval()
     with torch.no_grad():
         out, _ = clf(torch.from_numpy(expected["ids_ft"]), torch.tensor([5]), spatial=False)
@@ -50,6 +62,7 @@ def test_checkpoints_of_train_and_finetune_load_through_the_one_loader(tmp_path)
     assert ckpt["format"] == FORMAT and ckpt["kind"] == "pretrain" and ckpt["iter_num"] == 2
     assert ckpt["tokenizer"] == {"name": "gpt2", "n_vocab": 50257}
     assert ckpt["layout"] == {"permutation": True, "source": "random(seed=1337)"}
+    assert ckpt["data"] == {"dataset": str(data), "path": str(data.resolve()), "tokenizer": "gpt2"}
     assert not gpt.training
 
     glue = tmp_path / "glue" / "sst2"
@@ -63,6 +76,7 @@ def test_checkpoints_of_train_and_finetune_load_through_the_one_loader(tmp_path)
     ft = load_checkpoint(find_checkpoint(tmp_path / "ft" / "sst2"))
     assert ft["kind"] == "finetune" and ft["task"]["n_outputs"] == 2 and ft["pretrained"]["path"] == str(path)
     assert ft["tokenizer"] == ckpt["tokenizer"] and ft["layout"] == ckpt["layout"]
+    assert ft["data"] == ckpt["data"]  # the backbone's training text, for the analysis
     backbone, _, _ = load_model(tmp_path / "ft" / "sst2")  # a finetuned folder gives its backbone
     assert torch.equal(backbone.sheet.unit_coords, gpt.sheet.unit_coords)
     proc = run_script([PYTHON, "sample.py", f"ckpt={tmp_path / 'ft' / 'sst2'}", "num_samples=1", "max_new_tokens=3"])
@@ -87,13 +101,71 @@ def test_payload_round_trip_and_atomic_write(tmp_path):
         make_payload(gpt, kind="other", config={}, iter_num=0, tokenizer=None, layout_source="")
 
 
+def test_run_checkpoints_decide_write_prune_and_restore(tmp_path):
+    from topolm.distributed import Dist
+    from topolm.training import Optimization, RunCheckpoints
+    from topolm.config import LoopConfig
+
+    d = Dist(0, 0, 1, "cpu", False)
+    gpt = tiny_gpt()
+    opt = Optimization(gpt, LoopConfig(device="cpu", dtype="float32"), d, "float32")
+    generators = {"batch": torch.Generator().manual_seed(5)}
+    ckpts = RunCheckpoints(tmp_path, d, opt, generators, interval=10, start_iter=20, last_iter=45, keep_last=2,
+                           always=False)
+    # every interval (only after an improvement, with always=False) and after the last step; never at the start
+    assert [it for it in range(19, 46) if ckpts.due(it, improved=True)] == [30, 40, 45]
+    assert [it for it in range(19, 46) if ckpts.due(it, improved=False)] == [45]
+
+    x = torch.randint(0, 32, (2, 8))
+    _, losses = gpt(x, x, units=gpt.sample_units(torch.Generator().manual_seed(0)))
+    losses.total.backward()
+    opt.optimizer.step()
+    for it in (30, 40, 45):
+        ckpts.save(tmp_path / f"ckpt-{it:07d}.pt", make_payload(gpt, kind="pretrain", config={}, iter_num=it,
+                                                                tokenizer=None, layout_source="t"), best_val_loss=1.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000040.pt", "ckpt-0000045.pt"]  # keep_last=2
+    ckpts.save(tmp_path / "best.pt", make_payload(gpt, kind="pretrain", config={}, iter_num=45, tokenizer=None,
+                                                  layout_source="t"), resumable=False)
+    saved, best = load_checkpoint(tmp_path / "ckpt-0000045.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert saved["best_val_loss"] == 1.5 and saved["world_size"] == 1 and saved["optimizer"]["state"]
+    assert "optimizer" not in best and "rng" in best  # not resumable, but with the random streams
+
+    expected = torch.randint(0, 1000, (3,), generator=generators["batch"])
+    generators["batch"].manual_seed(99)
+    fresh = Optimization(tiny_gpt(), LoopConfig(device="cpu", dtype="float32"), d, "float32")
+    RunCheckpoints(tmp_path, d, fresh, generators, interval=10, start_iter=45, last_iter=45).restore(saved, 0, "x")
+    assert torch.equal(torch.randint(0, 1000, (3,), generator=generators["batch"]), expected)
+    state, restored = opt.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k]["exp_avg"], restored[k]["exp_avg"]) for k in state)
+
+
+def test_without_wandb_the_loops_log_to_a_null_run():
+    from topolm.config import LoopConfig
+    from topolm.training import NullRun, start_wandb
+
+    cfg = LoopConfig(wandb_log=True)
+    for run in (start_wandb(LoopConfig(), "unused", "n", None), start_wandb(cfg, "unused", "n", None, enabled=False)):
+        assert isinstance(run, NullRun) and run.id is None
+        run.log({"loss": 1.0}, step=3)
+        run.finish()
+
+
+def test_only_a_plain_dataset_name_of_a_foreign_config_is_kept():
+    from topolm.checkpoint import plain_dataset
+
+    assert plain_dataset({"dataset": "fineweb"}) == "fineweb"
+    assert plain_dataset({"dataset": "data/owt-2.1"}) == "data/owt-2.1"
+    for config in ({"dataset": "'fineweb'"}, {"dataset": "os.environ['D']"}, {"dataset": 3}, {}, None, "text"):
+        assert plain_dataset(config) is None, config
+
+
 class Foreign:  # a pickled class: weights_only loading refuses to run its code
     pass
 
 
 def test_unknown_formats_and_foreign_files_are_refused(tmp_path):
     torch.save({"format": "topolm-ckpt-v99", "model": {}}, tmp_path / "future.pt")
-    with pytest.raises(UserError, match=r"format 'topolm-ckpt-v99'; readable: topolm-ckpt-v2, topolm-ckpt-v1"):
+    with pytest.raises(UserError, match=r"format 'topolm-ckpt-v99'; readable: topolm-ckpt-v3, topolm-ckpt-v1, topolm-ckpt-v2"):
         load_checkpoint(tmp_path / "future.pt")
     torch.save({"model": {}, "model_args": {}}, tmp_path / "untagged.pt")
     with pytest.raises(UserError, match="format None"):

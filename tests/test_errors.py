@@ -105,33 +105,33 @@ def test_bf16_refused_without_support(monkeypatch):
         training.resolve_dtype("bfloat16", "cuda")
 
 
-def _nan_at(monkeypatch, call_index, component):
-    calls = {"n": 0}
-    original = train.GPT.combine_losses
+def _nan_at(monkeypatch, iteration, component):
+    """Optimizer step `iteration` sees a NaN task loss or an infinite spatial loss at site 1 (layer.0.mlp),
+    injected through the loop's seam for faults, training.Optimization.forward."""
+    original = training.Optimization.forward
 
-    def poisoned(self, task, per_site):
-        calls["n"] += 1
-        if calls["n"] == call_index:
-            if component == "task":
-                task = task * float("nan")
-            else:
-                per_site = per_site.clone()
-                per_site[1] = float("inf")
-        return original(self, task, per_site)
+    def forward(self, it, micro_step):
+        loss, stats = original(self, it, micro_step)
+        if it != iteration:
+            return loss, stats
+        if component == "task":
+            return loss * float("nan"), {**stats, "task": stats["task"] * float("nan")}
+        sites = stats["sites"].clone()
+        sites[1] = float("inf")
+        return loss + float("inf"), {**stats, "spatial": stats["spatial"] + float("inf"), "sites": sites}
 
-    monkeypatch.setattr(train.GPT, "combine_losses", poisoned)
+    monkeypatch.setattr(training.Optimization, "forward", forward)
 
 
 def test_nonfinite_loss_stops_naming_iteration_and_site(tiny_data, tmp_path, monkeypatch):
-    # eval at iteration 0 runs 2 x eval_iters=2 forwards first; forward 5 + 3 is training iteration 3
-    _nan_at(monkeypatch, 8, "site")
+    _nan_at(monkeypatch, 3, "site")
     with pytest.raises(UserError, match=r"non-finite loss at iteration 3: spatial site layer.0.mlp"):
         train.main(args_for(tiny_data, tmp_path, save_interval=2, max_iters=10))
     assert (tmp_path / "r" / "ckpt-0000002.pt").is_file()
 
 
 def test_nonfinite_loss_skip(tiny_data, tmp_path, monkeypatch):
-    _nan_at(monkeypatch, 8, "task")
+    _nan_at(monkeypatch, 3, "task")
     train.main(args_for(tiny_data, tmp_path, max_iters=6, nonfinite="skip"))
     log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     skipped = [r["iter"] for r in log if r["event"] == "train" and r["skipped"]]

@@ -6,7 +6,6 @@ import ast
 import dataclasses
 import importlib
 import re
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,13 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, run_script
+from conftest import COMMANDS, PYTHON, REPO, run_script
 from topolm.config import config_help, key_help
-
-
-# Every command: a top-level script run through cli_main (tests/test_structure.py pins the exact list).
-COMMANDS = {p.stem for p in REPO.glob("*.py") if "cli_main(main)" in p.read_text()}
-assert {"train", "finetune", "sample", "glue_summary"} <= COMMANDS
 
 
 def load_config_call(name: str) -> ast.Call:
@@ -73,12 +67,9 @@ def test_help_lists_every_key_and_loads_nothing(name, word, capsys, nothing_load
     module = importlib.import_module(name)
     # arguments that would load a real checkpoint and data if anything ran before help
     argv = ["ckpt=tests/fixtures/v1/train-ckpt-0000002.pt", "dataset=shakespeare", word]
-    start = time.perf_counter()
     with pytest.raises(SystemExit) as stop:
         module.main(argv)
-    elapsed = time.perf_counter() - start
     assert stop.value.code == 0
-    assert elapsed < 3, f"{name}.py help took {elapsed:.1f} s"
     out = capsys.readouterr().out
     assert out.startswith(f"usage: python {name}.py ")
     lines = out.splitlines()

@@ -72,6 +72,8 @@ def test_imported_model_reproduces_the_research_logits_and_coordinates(imported,
     assert ckpt["kind"] == "imported" and ckpt["tokenizer"]["name"] == "gpt2" and ckpt["iter_num"] == 5
     assert ckpt["research"]["best_val_loss"] == pytest.approx(9.0)
     assert ckpt["research"]["config"]["gradient_accumulation_steps"] == "5 * 4"  # an expression stays text
+    dataset = ckpt["research"]["config"]["dataset"]  # a plain name in the research config: kept as the data field
+    assert isinstance(dataset, str) and ckpt["data"] == {"dataset": dataset, "path": None, "tokenizer": None}
     distinct = [len(np.unique(site, axis=0)) for site in coords]
     if layout == "perm":
         assert ckpt["layout"]["permutation"] and distinct == [36] * 4

@@ -281,17 +281,20 @@ class InfGradient(torch.autograd.Function):
         return grad * INF
 
 
+def overflow_at(monkeypatch, iteration=None):
+    """Every micro-batch of optimizer step `iteration` (None: of every step) gets an infinite gradient,
+    injected through the loop's seam for faults, training.Optimization.forward."""
+    original = training.Optimization.forward
+
+    def forward(self, it, micro_step):
+        loss, stats = original(self, it, micro_step)
+        return (InfGradient.apply(loss), stats) if iteration in (None, it) else (loss, stats)
+
+    monkeypatch.setattr(training.Optimization, "forward", forward)
+
+
 def test_fp16_overflowed_step_is_logged_as_skipped_and_changes_no_weight(data, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = train.GPT.combine_losses
-
-    def overflow_once(self, task, per_site):
-        losses = original(self, task, per_site)
-        calls["n"] += 1
-        # the evaluation at iteration 0 makes 2 splits x eval_iters=2 forwards; forward 4 + 3 is iteration 2
-        return losses._replace(total=InfGradient.apply(losses.total)) if calls["n"] == 7 else losses
-
-    monkeypatch.setattr(train.GPT, "combine_losses", overflow_once)
+    overflow_at(monkeypatch, iteration=2)
     train.main(train_argv(data, tmp_path, dtype="float16", max_iters=4, save_interval=1))
     steps = [r for r in read_log(tmp_path / "r") if r["event"] == "train"]
     assert [r["iter"] for r in steps] == [0, 1, 2, 3]
@@ -315,9 +318,7 @@ def test_fp16_overflowed_step_is_logged_as_skipped_and_changes_no_weight(data, t
 
 
 def test_fp16_gradients_that_overflow_at_any_scale_stop_the_run(data, tmp_path, monkeypatch):
-    original = train.GPT.combine_losses
-    monkeypatch.setattr(train.GPT, "combine_losses", lambda self, task, per_site: (
-        lambda losses: losses._replace(total=InfGradient.apply(losses.total)))(original(self, task, per_site)))
+    overflow_at(monkeypatch)
     # 65536 = 2**16 halves to 0.5 after 17 skipped steps: below 1 the scale cannot be the cause
     with pytest.raises(UserError, match=r"non-finite loss at iteration 17: gradient norm \(at fp16 loss scale 0.5\)"):
         train.main(train_argv(data, tmp_path, dtype="float16", max_iters=30, save_interval=100))

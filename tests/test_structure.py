@@ -3,7 +3,7 @@
 import ast
 import subprocess
 
-from conftest import PYTHON, REPO
+from conftest import COMMANDS, PYTHON, REPO
 
 
 def scripts() -> list:
@@ -46,9 +46,6 @@ def test_a_script_is_caught_importing_a_script(tmp_path):
     assert "train" in imported_modules(bad)
 
 
-# Every command a user runs from the repository root; a change that adds one extends this list.
-COMMANDS = {"train", "finetune", "sample", "analyze", "blimp", "ablate", "export_hf", "import_research", "init_pos",
-            "bench", "gpu_check", "glue_summary"}
 # The user's names, the model and the sheet, and the project's own files and folders.
 TOP_LEVEL = {".ci", ".gitignore", "Makefile", "README.md", "pytest.ini", "requirements.txt", "requirements-dev.txt",
              "requirements-hf.txt", "config", "data", "docs", "finetuned", "gpt2-positions", "init-data", "out",
@@ -107,6 +104,45 @@ def test_no_test_module_imports_another():
     tests = {p.stem for p in (REPO / "tests").glob("test_*.py")}
     for path in (REPO / "tests").glob("*.py"):
         assert not (imported_modules(path) & tests), path.name
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def function_faults(source: str, name: str = "<source>") -> list[str]:
+    """Every function of `source` longer than MAX_FUNCTION_LINES lines (def to last line, decorators
+    excluded), and every function that holds a nested function using `nonlocal` (a closure over the
+    loop's state, which should be passed in explicitly)."""
+    faults = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        if length > MAX_FUNCTION_LINES:
+            faults.append(f"{name}:{node.lineno} {node.name} has {length} lines")
+        inner = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                 and n is not node]
+        if any(isinstance(x, ast.Nonlocal) for f in inner for x in ast.walk(f)):
+            faults.append(f"{name}:{node.lineno} {node.name} holds a nested function using nonlocal")
+    return faults
+
+
+def test_no_long_function_and_no_closure_over_nonlocal_state():
+    paths = [*REPO.glob("*.py"), *library_modules(), *REPO.glob("data/*/prepare.py"), REPO / "init-data" / "prepare.py"]
+    assert {"train.py", "finetune.py", "training.py", "prepare.py"} <= {p.name for p in paths}
+    faults = [f for path in sorted(paths) for f in function_faults(path.read_text(), str(path.relative_to(REPO)))]
+    assert faults == []
+
+
+def test_the_function_checker_finds_a_long_function_and_a_closure():
+    long_body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))  # def line + 80 = 81 lines
+    closure = ("def outer():\n    n = 0\n    def bump():\n        nonlocal n\n        n += 1\n"
+               "    bump()\n    return n\n")
+    fine = "def short():\n    def helper(y):\n        return y + 1\n    return helper(1)\n"
+    assert function_faults(f"def long():\n{long_body}") == ["<source>:1 long has 81 lines"]
+    assert function_faults(closure) == ["<source>:1 outer holds a nested function using nonlocal"]
+    assert function_faults(fine) == []
+    assert function_faults("def edge():\n" + "".join(f"    x{i} = {i}\n" for i in range(79))) == []
 
 
 def test_peak_flops_match_the_most_specific_gpu_name():

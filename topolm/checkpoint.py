@@ -4,24 +4,29 @@ A checkpoint is a `torch.save`d dict of tensors and plain Python values, so it l
 `torch.load(..., weights_only=True)`; no class of ours is ever pickled. It is written under a
 temporary name and renamed into place (`topolm.files.atomic_write`), so a reader never sees a partial one.
 
-Format `topolm-ckpt-v2` (the current one):
+Format `topolm-ckpt-v3` (the current one):
 
 | key | what |
 |---|---|
-| `format` | `"topolm-ckpt-v2"` |
+| `format` | `"topolm-ckpt-v3"` |
 | `kind` | `"pretrain"` (train.py), `"finetune"` (finetune.py) or `"imported"` (converted from elsewhere) |
 | `model` | the un-compiled, un-wrapped GPT's `state_dict`; the unit positions are its buffer `sheet.unit_coords` |
 | `model_config` | `dataclasses.asdict(GPTConfig)` |
 | `tokenizer` | `{"name": "gpt2", "n_vocab": 50257}` when token ids are GPT-2 BPE ids, else `None` (ids only: no text) |
 | `layout` | `{"permutation": bool, "source": str}`: whether every site's coordinates are a permutation of the grid (the spatial loss needs one), and where they came from |
+| `data` | the text the GPT was trained on, `{"dataset": str or None, "path": str or None, "tokenizer": str or None}`: the dataset key as given, the folder it resolved to (absolute), the tokenizer its token files name (`meta.json`; "gpt2" when it names none). A finetuned checkpoint carries its backbone's; an imported one the research config's dataset when that is a plain name (path and tokenizer None); `None` when unknown |
 | `config` | the writing script's config (a dict) |
 | `iter_num` | optimizer steps taken |
 | `head`, `task`, `pretrained` | finetuned checkpoints only: the classifier head's `state_dict`, the task, the source checkpoint |
-| others | resume state owned by the writing script (optimizer, scaler, rng, best so far, ...) |
+| `optimizer`, `scaler`, `rng`, `world_size` | the resume state (topolm.training.RunCheckpoints): AdamW's and the fp16 grad scaler's `state_dict`s (scaler None without fp16), every rank's random streams, the rank count; `rng` and `world_size` are in every checkpoint a run writes, the optimizer's only in those it resumes from |
+| others | the writing loop's own state (`best_val_loss`, `wandb_id`; finetuning's `best`, `evals_since_best`) |
 
-Older formats are migrated on load (`_MIGRATIONS`): `topolm-ckpt-v1` (train.py and finetune.py of
-before the tokenizer and layout fields) gains `kind`, `tokenizer` and `layout`. To grow the format,
-bump `FORMAT`, add the old tag with a migration function, and every reader keeps working.
+Older formats are migrated on load (`_MIGRATIONS`, one step at a time): `topolm-ckpt-v1` (train.py and
+finetune.py of before the tokenizer and layout fields) gains `kind`, `tokenizer` and `layout`;
+`topolm-ckpt-v2` gains `data` (a pretrained one: its config's dataset, path and tokenizer unknown; a
+finetuned one: None, its backbone's is not in the file; an imported one: the research config's plain
+dataset name). To grow the format, bump `FORMAT`, add the old tag with a migration function to the
+next one, and every reader keeps working.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from topolm.files import atomic_write
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import NOT_A_PERMUTATION, is_permutation
 
-FORMAT = "topolm-ckpt-v2"
+FORMAT = "topolm-ckpt-v3"
 GPT2_TOKENIZER = {"name": "gpt2", "n_vocab": EOT_TOKEN + 1}
 KINDS = ("pretrain", "finetune", "imported")
 
@@ -88,9 +93,16 @@ def tokenizer_for(vocab_size: int, dataset_tokenizer: str | None = "gpt2") -> di
     return None
 
 
+def data_record(dataset: str | None, path: Path | str | None, tokenizer: str | None) -> dict:
+    """The `data` field: the dataset key as given, the folder it resolved to (made absolute), and the
+    tokenizer its token files name."""
+    return {"dataset": dataset, "path": None if path is None else str(Path(path).resolve()), "tokenizer": tokenizer}
+
+
 def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer: dict | None,
-                 layout_source: str, **extra) -> dict:
-    """The checkpoint dict for `gpt` (un-compiled and un-wrapped); `extra` holds the writer's own fields."""
+                 layout_source: str, data: dict | None = None, **extra) -> dict:
+    """The checkpoint dict for `gpt` (un-compiled and un-wrapped); `data` is the `data` field
+    (`data_record`; None: the training text is unknown); `extra` holds the writer's own fields."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
     coords = gpt.sheet.unit_coords.cpu().numpy()
@@ -101,6 +113,7 @@ def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer:
         "model_config": dataclasses.asdict(gpt.config),
         "tokenizer": tokenizer,
         "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed)), "source": layout_source},
+        "data": data,
         "config": config,
         "iter_num": iter_num,
         **extra,
@@ -125,11 +138,33 @@ def _from_v1(ckpt: dict) -> dict:
     ckpt["kind"] = "finetune" if "head" in ckpt else "pretrain"
     ckpt["tokenizer"] = tokenizer_for(mc["vocab_size"])
     ckpt["layout"] = {"permutation": bool(is_permutation(coords, mc["n_embed"])), "source": "topolm-ckpt-v1"}
+    ckpt["format"] = "topolm-ckpt-v2"
+    return ckpt
+
+
+PLAIN_NAME = re.compile(r"[\w.\-/]+")
+
+
+def plain_dataset(config: dict | None) -> str | None:
+    """A config's `dataset` when it is a plain name or path (not a Python expression in text), else None."""
+    value = (config or {}).get("dataset") if isinstance(config, dict) else None
+    return value if isinstance(value, str) and PLAIN_NAME.fullmatch(value) else None
+
+
+def _from_v2(ckpt: dict) -> dict:
+    """v2 had no data field. A pretrained checkpoint's config names its dataset (resolved at the time
+    of writing to a folder it no longer records); a finetuned one's config has none of its backbone."""
+    if ckpt["kind"] == "pretrain" and (ckpt.get("config") or {}).get("dataset"):
+        ckpt["data"] = data_record(str(ckpt["config"]["dataset"]), None, None)
+    elif ckpt["kind"] == "imported" and plain_dataset((ckpt.get("research") or {}).get("config")):
+        ckpt["data"] = data_record(plain_dataset(ckpt["research"]["config"]), None, None)
+    else:
+        ckpt["data"] = None
     ckpt["format"] = FORMAT
     return ckpt
 
 
-_MIGRATIONS = {"topolm-ckpt-v1": _from_v1}
+_MIGRATIONS = {"topolm-ckpt-v1": _from_v1, "topolm-ckpt-v2": _from_v2}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -145,9 +180,10 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]} (a checkpoint of the "
                         f"research code? convert it with import_research.py)") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if fmt in _MIGRATIONS:
+    while fmt in _MIGRATIONS:
         ckpt = _MIGRATIONS[fmt](ckpt)
-    elif fmt != FORMAT:
+        fmt = ckpt["format"]
+    if fmt != FORMAT:
         known = ", ".join([FORMAT, *_MIGRATIONS])
         raise UserError(f"{path} is not a checkpoint of this code (format {fmt!r}; readable: {known})")
     return ckpt

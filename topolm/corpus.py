@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from topolm.config import UserError
-from topolm.files import atomic_write, decode_utf8, read_text, remove_partial_writes
+from topolm.files import atomic_write, decode_utf8, read_text, remove_partial_writes, write_error
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 VAL_SEED = 42
@@ -246,17 +246,23 @@ class TokenFiles:
             if top >= 2 ** 16 or int(ids.min()) < 0:
                 raise ValueError(f"token id {top} does not fit uint16")
             self.max_id[name] = max(self.max_id[name], top)
-        self.files[name].write(ids.astype(np.uint16, copy=False).tobytes())
+        try:
+            self.files[name].write(ids.astype(np.uint16, copy=False).tobytes())
+        except OSError as e:
+            raise write_error(self.paths[name], e) from None
         self.counts[name] += int(ids.size)
 
     def commit(self, extra: dict | None = None) -> None:
         empty = [n for n in self.names if self.counts[n] == 0]
         if empty:
             raise UserError(f"the {' and '.join(empty)} split would be empty; nothing was written")
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        for n in self.names:
+            try:
+                self.files[n].flush()
+                os.fsync(self.files[n].fileno())
+                self.files[n].close()
+            except OSError as e:  # the last buffered bytes can still find the disk full
+                raise write_error(self.paths[n], e) from None
         for n in self.names:
             os.replace(self.tmps[n], self.paths[n])
         files = {f"{n}.bin": {"tokens": self.counts[n], "max_token_id": self.max_id[n],

@@ -77,3 +77,31 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+
+
+def raise_together(d: Dist, error: UserError | None) -> None:
+    """Collective: when any rank hit `error` (e.g. rank 0 could not write a checkpoint), every rank raises it,
+    instead of the others waiting in the next collective for a rank that has stopped. All ranks must call."""
+    if not d.ddp:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    messages = [None] * d.world_size
+    dist.all_gather_object(messages, None if error is None else str(error))
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise UserError(first)
+
+
+def check_on_main(d: Dist, check: Callable[[], Any]) -> None:
+    """Collective: run `check()` on rank 0 only (e.g. that the run folder takes files); the UserError it
+    raises is raised on every rank."""
+    error = None
+    if d.is_main:
+        try:
+            check()
+        except UserError as e:
+            error = e
+    raise_together(d, error)

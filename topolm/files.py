@@ -2,10 +2,13 @@
 
 Every file the code writes goes through `atomic_write`: written under a temporary name, flushed to
 disk, then renamed into place, so a reader never sees a partial file; leftovers of a killed writer
-are removed when the folder is next started (`remove_partial_writes`).
+are removed when the folder is next started (`remove_partial_writes`). A write the system refuses
+(full disk, quota, `ulimit -f`) is one `error:` line naming the file (`write_error`); commands check
+with `require_writable` that their output folder takes files before they start the work.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,33 +23,91 @@ from topolm.distributed import print0
 
 # ----------------------------------------------------------------------------- files
 
+# A full disk, a quota or a file-size limit (`ulimit -f`): the user's to fix, not a fault of the code.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    """The one-line refusal for a file that could not be written: names `path`, the system's reason
+    and, for a full disk, a quota or a file-size limit, what to do."""
+    reason = err.strerror or str(err)
+    if err.errno in _NO_ROOM:
+        return UserError(f"cannot write {path}: {reason} (the disk, a quota or a file-size limit is full); free "
+                         f"space or write elsewhere, then run again; an earlier {Path(path).name}, if any, is kept")
+    return UserError(f"cannot write {path}: {reason}; check that the folder exists and can be written")
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write. Writers such as torch.save report a
+    failed write as their own RuntimeError; the recorded error says what really happened."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: Path, content: str | bytes | Callable[[Any], None]) -> None:
     """Write a file so that readers see the old file or the complete new one, never a part.
 
     `content` is text (UTF-8), bytes, or a function that writes to the open binary file. The data go
     to `<name>.tmp<pid>` beside the target, are flushed to disk and renamed over it; the folder entry is
-    synced too. A leftover `*.tmp*` from a killed writer is never read as a result."""
+    synced too. A leftover `*.tmp*` from a killed writer is never read as a result.
+    Raises UserError (`write_error`) when the system refuses the write (full disk, quota, file-size
+    limit, no permission); the partial file is removed and an earlier file at `path` stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    recorder = None
     try:
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as raw:
+            recorder = _RecordingFile(raw)
             if callable(content):
-                content(f)
+                content(recorder)
             else:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
+                recorder.write(content.encode("utf-8") if isinstance(content, str) else content)
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+        # The rename itself is durable only once the folder entry is on disk.
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except Exception as e:
+        cause = recorder.error if recorder is not None and recorder.error is not None else e
+        if isinstance(cause, OSError):
+            raise write_error(path, cause) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
-    # The rename itself is durable only once the folder entry is on disk.
-    fd = os.open(path.parent, os.O_RDONLY)
+
+
+def require_writable(folder: Path) -> Path:
+    """Check, before any work, that files can be created in `folder` (made if missing): a probe file is
+    written and removed. Raises UserError naming the folder. Returns the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; give a folder (or remove the file)")
+    probe = folder / f".write-probe.tmp{os.getpid()}"
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another folder or fix its "
+                        f"permissions (nothing was done)") from None
+    probe.unlink()
+    return folder
 
 
 PARTIAL_WRITE_RE = re.compile(r"\.tmp\d*$")

@@ -146,13 +146,21 @@ def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool =
     try:
         hf = GPT2LMHeadModel(hf_config(gpt))
         hf.load_state_dict(hf_state_dict(gpt), strict=True)
-        hf.save_pretrained(str(tmp))
-        if (ckpt.get("tokenizer") or {}).get("name") == "gpt2":
-            write_tokenizer(tmp, gpt.config.block_size)
-        coords = gpt.sheet.unit_coords.cpu().numpy().astype(np.int16)
-        with open(tmp / "positions.npy", "wb") as f:
-            np.save(f, coords, allow_pickle=False)
-        (tmp / "topolm.json").write_text(json.dumps(sheet_description(gpt, ckpt, source), indent=2) + "\n")
+        try:
+            hf.save_pretrained(str(tmp))
+            if (ckpt.get("tokenizer") or {}).get("name") == "gpt2":
+                write_tokenizer(tmp, gpt.config.block_size)
+            coords = gpt.sheet.unit_coords.cpu().numpy().astype(np.int16)
+            with open(tmp / "positions.npy", "wb") as f:
+                np.save(f, coords, allow_pickle=False)
+            (tmp / "topolm.json").write_text(json.dumps(sheet_description(gpt, ckpt, source), indent=2) + "\n")
+        except Exception as e:
+            # safetensors reports a full disk or a file-size limit as its own SafetensorError
+            if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise UserError(f"cannot write the export {folder}: {reason} (the disk, a quota or a file-size limit "
+                            f"is full?); free space or write elsewhere; an earlier export there is kept") from None
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.iterdir():  # readable as any file we write, and durable before the rename shows the folder

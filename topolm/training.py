@@ -3,7 +3,8 @@
 Each script keeps its own readable loop; this module holds what both loops call: the optimizer
 step with DDP / autocast / fp16 grad scaler / torch.compile and the non-finite check
 (`Optimization`), the learning-rate schedule, the random streams and their state, SIGTERM
-handling, the JSON log, rank digests, the run-checkpoint writer and the GPU peak-FLOPs table.
+handling, the JSON log and wandb (or its null stand-in), rank digests, the owner of a run's
+checkpoints (`RunCheckpoints`) and the GPU peak-FLOPs table.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from topolm.checkpoint import save_checkpoint
+from topolm.checkpoint import list_checkpoints, save_checkpoint
 from topolm.config import UserError
-from topolm.distributed import Dist, print0
+from topolm.distributed import Dist, print0, raise_together
 from model import configure_adamw
 
 # ----------------------------------------------------------------------------- precision and devices
@@ -88,6 +89,22 @@ def learning_rate_at(it: int, cfg) -> float:
 
 STREAMS = {"batch": 1, "nbhd": 2, "dropout": 3}
 
+# Strides of the seeds that evaluation and finetuning's epochs derive from the run's seed (the 1,000th and
+# the 10,000th prime). Their values are part of every result: another value would move the published
+# losses and figures, and would change the epoch order of a finetuning resumed from an earlier checkpoint.
+BATCH_SEED_STRIDE = 7919
+NBHD_SEED_STRIDE = 104729
+
+
+def eval_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """(batch seed, neighborhood seed) of one rank's evaluation generators, the same at every evaluation."""
+    return seed + BATCH_SEED_STRIDE * (rank + 1), seed + NBHD_SEED_STRIDE * (rank + 1)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of finetuning's shuffle of the training set in `epoch` (0-based)."""
+    return seed + BATCH_SEED_STRIDE * epoch
+
 
 def stream_seed(seed: int, stream: str, rank: int, iteration: int = 0) -> int:
     """Seed of one training stream of one rank, started at `iteration`.
@@ -147,13 +164,6 @@ def params_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def save_run_checkpoint(path: Path, payload: dict, generators: dict[str, torch.Generator], d: Dist) -> None:
-    """Write a checkpoint with every rank's random streams (a collective: all ranks call it; rank 0 writes)."""
-    rng = gather_objects(rng_state(generators, d.device), d)
-    if d.is_main:
-        save_checkpoint({**payload, "rng": rng, "world_size": d.world_size}, path)
 
 
 def accumulation_per_rank(total: int, d: Dist) -> int:
@@ -226,15 +236,26 @@ def _keep_wandb_in(folder: Path) -> None:
     os.environ.setdefault("WANDB_CACHE_DIR", str(folder / "cache"))
 
 
-def start_wandb(cfg, run_dir: Path, name: str, run_id: str | None):
-    """A wandb run for `cfg` (None when cfg.wandb_log is off); rank 0 only.
+class NullRun:
+    """What a loop logs to when there is no wandb run (wandb_log off, or a rank other than 0): nothing."""
+    id = None
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def start_wandb(cfg, run_dir: Path, name: str, run_id: str | None, enabled: bool = True):
+    """A wandb run for `cfg` on rank 0 (`enabled`), else a `NullRun`: also when cfg.wandb_log is off.
 
     Without credentials (and without WANDB_MODE set) it logs offline into `run_dir/wandb` with a
     one-line notice, so a preset with wandb_log=true never needs the network or an account; an
     online start that fails (no network: after wandb's init_timeout, WANDB_INIT_TIMEOUT) falls back
     to offline the same way. Offline, everything wandb writes stays under `run_dir/wandb`."""
-    if not cfg.wandb_log:
-        return None
+    if not (cfg.wandb_log and enabled):
+        return NullRun()
     import wandb
 
     folder = Path(run_dir) / "wandb"
@@ -314,6 +335,14 @@ class Optimization:
             self.model = DDP(self.model, device_ids=device_ids)
         return self.model
 
+    def forward(self, it: int, micro_step: MicroStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch of optimizer step `it`: `micro_step(model)` under autocast.
+
+        The one place a micro-batch's losses pass through on their way to backward: a test injects a
+        fault at a named iteration by wrapping this method (e.g. a non-finite loss when `it` is 3)."""
+        with self.ctx:
+            return micro_step(self.model)
+
     def step(self, it: int, lr: float, accum_steps: int, micro_step: MicroStep, checks: dict[str, str | list[str]],
              stop_requested: bool) -> StepResult:
         """One optimizer step at learning rate `lr`.
@@ -326,8 +355,7 @@ class Optimization:
         for micro in range(accum_steps):
             sync = nullcontext() if (not self.d.ddp or micro == accum_steps - 1) else self.model.no_sync()
             with sync:
-                with self.ctx:
-                    loss, stats = micro_step(self.model)
+                loss, stats = self.forward(it, micro_step)
                 self.scaler.scale(loss / accum_steps).backward()
             for name, value in stats.items():
                 scalar[name] = value.dim() == 0
@@ -373,3 +401,53 @@ class Optimization:
         means = {name: (v / accum_steps).tolist() for name, v in sums.items()}
         stats = {name: v[0] if scalar[name] else v for name, v in means.items()}
         return StepResult(stats, float(grad_norm), skipped, scale, flags[-1] > 0)
+
+
+# ----------------------------------------------------------------------------- a run's checkpoints
+
+class RunCheckpoints:
+    """The one owner of a run's checkpoints: when one is due, what goes in, writing, pruning.
+
+    `folder` is the run's folder, `interval` the steps between periodic checkpoints, `start_iter`
+    the iteration the run (re)started at and `last_iter` its final one. `keep_last` > 0 keeps only
+    the newest that many `ckpt-<iter>.pt` files of the folder; `always=False` writes a periodic
+    checkpoint only after an evaluation that improved. Every checkpoint carries every rank's
+    random streams and the rank count; a resumable one also the optimizer and scaler state and the
+    loop's own state, so that `restore` continues the run bit-exactly. Writing is a collective: all
+    ranks call `save`; rank 0 writes, atomically (topolm.checkpoint.save_checkpoint)."""
+
+    def __init__(self, folder: Path, d: Dist, opt: Optimization, generators: dict[str, torch.Generator], *,
+                 interval: int, start_iter: int, last_iter: int, keep_last: int = 0, always: bool = True):
+        self.folder, self.d, self.opt, self.generators = Path(folder), d, opt, generators
+        self.interval, self.start_iter, self.last_iter = interval, start_iter, last_iter
+        self.keep_last, self.always = keep_last, always
+
+    def due(self, it: int, improved: bool = True) -> bool:
+        """Whether a checkpoint is due after `it` steps: every `interval` steps (with always=False only
+        if the last evaluation `improved`) and after the last step; never at the step the run started from."""
+        if it == self.start_iter:
+            return False
+        return it == self.last_iter or (it % self.interval == 0 and (self.always or improved))
+
+    def save(self, path: Path, payload: dict, resumable: bool = True, **loop_state) -> None:
+        """Write `payload` (topolm.checkpoint.make_payload's dict), `loop_state` and every rank's random
+        streams to `path`; with `resumable`, also the optimizer and scaler state. Then prune to keep_last."""
+        rng = gather_objects(rng_state(self.generators, self.d.device), self.d)
+        error = None
+        if self.d.is_main:
+            resume = self.opt.state_dict() if resumable else {}
+            try:
+                save_checkpoint({**payload, **resume, **loop_state, "rng": rng, "world_size": self.d.world_size}, path)
+            except UserError as e:  # a full disk: the earlier checkpoints stay, and every rank stops
+                error = e
+            else:
+                if self.keep_last:
+                    for old in list_checkpoints(self.folder)[:-self.keep_last]:
+                        old.unlink()
+        raise_together(self.d, error)
+
+    def restore(self, ckpt: dict, seed: int, what: str) -> None:
+        """Continue the optimizer, the scaler and every random stream from a checkpoint `save` wrote
+        (`what` names it in the warning of a resume on another number of ranks)."""
+        self.opt.load_state_dict(ckpt)
+        restore_streams(ckpt, self.generators, self.d, seed, what)

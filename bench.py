@@ -234,7 +234,7 @@ def bench_step(cfg: BenchConfig, device: str) -> dict:
 def bench_swap(cfg: BenchConfig) -> dict:
     out = {}
     cases = {
-        "seed defaults (24 sites, radius 10, 50 x 50)": dict(n_sites=24, radius=10, n=50, visit_all=False),
+        "research README defaults (24 sites, radius 10, 50 x 50)": dict(n_sites=24, radius=10, n=50, visit_all=False),
         "research init_pos.yaml (32 sites, radius 5, all 400 x 50)": dict(n_sites=32, radius=5, n=400, visit_all=True),
     }
     for name, c in cases.items():
@@ -246,7 +246,7 @@ def bench_swap(cfg: BenchConfig) -> dict:
                   max(1, cfg.reps // 2), min(1, cfg.warmup), "cpu")
         out[name] = t
         print(f"swap search, {name}: {fmt(t)}")
-    print("  targets on 2 CPU cores: seed defaults a few seconds; research config < 7 s (research code: ~224 s)")
+    print("  targets on 2 CPU cores: research README defaults a few seconds; research config < 7 s (research code: ~224 s)")
     return out
 
 

@@ -111,7 +111,7 @@ def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):
         folders[name].mkdir()
         np.full(100, first, dtype=np.uint16).tofile(folders[name] / "val.bin")
     localizer = {"S": ["The dog ran home."]}
-    cfg = AnalyzeConfig()
+    cfg = AnalyzeConfig(ckpt="x")  # ckpt is required; heldout_tokens does not read it
 
     def held(data):
         tokens, source, chosen_by = heldout_tokens(cfg, {"data": data, "config": {"dataset": str(folders["config"])}},
@@ -128,5 +128,5 @@ def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):
                                                localizer)
     assert source == "the localizer's sentences (no val.bin found)" and chosen_by == "the fallback"
     assert len(tokens) > 0 and int(tokens[0]) != 9
-    given = AnalyzeConfig(heldout=str(folders["config"] / "val.bin"))
+    given = AnalyzeConfig(ckpt="x", heldout=str(folders["config"] / "val.bin"))
     assert heldout_tokens(given, {"data": recorded}, localizer)[1:] == (str(folders["config"] / "val.bin"), "heldout=")

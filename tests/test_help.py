@@ -1,5 +1,7 @@
 """`python X.py help` (also `--help`, `-h`): every key of every command with its type, choices, default and
-docstring, printed before anything is loaded, exit status 0."""
+docstring, printed before anything is loaded, exit status 0. And the docs that rely on it: every command line in
+the README and docs/ is accepted by its command's config, every docs/ link resolves, the README's file tree
+names every file it should."""
 import ast
 import dataclasses
 import importlib
@@ -15,13 +17,20 @@ from conftest import COMMANDS, PYTHON, REPO, run_script
 from topolm.config import config_help, key_help
 
 
-def config_class(name: str) -> type:
-    """The class a command's main passes to load_config, found in its source (so a command without one fails)."""
-    module = importlib.import_module(name)
+def load_config_call(name: str) -> ast.Call:
     tree = ast.parse((REPO / f"{name}.py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "load_config"]
     assert len(calls) == 1, f"{name}.py should call load_config once"
-    return getattr(module, calls[0].args[0].id)
+    return calls[0]
+
+
+def config_class(name: str) -> type:
+    """The class a command's main passes to load_config, found in its source (so a command without one fails)."""
+    return getattr(importlib.import_module(name), load_config_call(name).args[0].id)
+
+
+def default_preset(name: str) -> str | None:
+    return next((k.value.value for k in load_config_call(name).keywords if k.arg == "default_file"), None)
 
 
 def docstring_by_regex(cls: type, field: str) -> str:
@@ -126,6 +135,12 @@ class _Derived(_Base):
     on two lines."""
 
 
+@dataclass
+class _Bare:
+    x: float = 0.5
+    """The key x."""
+
+
 def test_key_help_follows_the_bases_and_redeclarations():
     keys = {k.name: k for k in key_help(_Derived)}
     assert list(keys) == ["a", "b", "shape", "c"]
@@ -135,6 +150,9 @@ def test_key_help_follows_the_bases_and_redeclarations():
     text = config_help(_Derived, [])
     assert text.index("_Derived (") < text.index("_Base (")
     assert "  b (str, one of x, y) = 'x'" in text and "  c (str) = ''" in text
+    # a class without a docstring: its header is its name and file, not the signature dataclass puts in __doc__
+    assert config_help(_Bare, []).splitlines()[4:7] == ["_Bare (tests/test_help.py)", "  x (float) = 0.5",
+                                                        "      The key x."]
 
 
 def test_help_is_a_real_exit_status_0_and_imports_no_torch():
@@ -144,3 +162,71 @@ def test_help_is_a_real_exit_status_0_and_imports_no_torch():
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "topolm.config" in imported and "topolm.glue" in imported  # the listing is there
     assert "torch" not in imported
+
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# a command as the docs show it: after `python`, after torchrun and its flags, or at the start of inline code
+COMMAND_LINE = re.compile(r"(?:\bpython |\btorchrun [^\n`|#]*?|`)(?:[\w./-]*/)?(" + "|".join(sorted(COMMANDS))
+                          + r")\.py\b([^\n`|#]*)")
+
+
+def documented_command_lines() -> list[tuple[str, str, list[str]]]:
+    import shlex
+    lines = []
+    for path in DOCS:
+        text = path.read_text().replace("\\\n", " ")  # a command continued on the next line
+        for match in COMMAND_LINE.finditer(text):
+            args = [a for a in shlex.split(match.group(2).split("&&")[0]) if not a.startswith("-")]
+            lines.append((path.name, match.group(1), args))
+    return lines
+
+
+def test_the_docs_show_command_lines():
+    # the parser below must find the commands it checks: every command appears with its keys somewhere
+    found = {name for _, name, args in documented_command_lines() if any("=" in a for a in args)}
+    assert found == COMMANDS, COMMANDS - found
+
+
+def test_every_command_line_in_the_docs_is_accepted_by_its_config():
+    from topolm.config import UserError, load_config
+    refused = []
+    for doc, name, args in documented_command_lines():
+        if not args or set(args) & {"help", "--help", "-h"}:  # a command named in prose, or its help
+            continue
+        try:
+            load_config(config_class(name), args, default_file=default_preset(name))
+        except UserError as e:
+            refused.append(f"{doc}: {name}.py {' '.join(args)}: {e}")
+    assert refused == [], "\n".join(refused)
+
+
+def test_every_link_to_a_file_in_the_docs_resolves():
+    missing = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            if not resolved.exists():
+                missing.append(f"{path.name}: {target}")
+            elif anchor and resolved.suffix == ".md" and anchor not in github_anchors(resolved.read_text()):
+                missing.append(f"{path.name}: {target} (no such heading)")
+    assert missing == []
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The ids GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"^#+ (.+)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_the_readme_tree_names_every_command_module_and_preset_with_a_comment():
+    readme = (REPO / "README.md").read_text()
+    tree = readme[readme.index("\n.\n├──"):]
+    tree = tree[:tree.index("```")]
+    commented = {m.group(1) for m in re.finditer(r"── (\S+?)/?\s+# \S", tree)}
+    wanted = ({f"{c}.py" for c in COMMANDS} | {"model.py", "positions.py", "Makefile", "topolm"}
+              | {p.name for p in (REPO / "topolm").glob("*.py")} | {p.name for p in (REPO / "config").glob("*.yaml")}
+              | {f"{p.parent.name}/prepare.py" for p in (REPO / "data").glob("*/prepare.py")})
+    assert wanted <= commented, sorted(wanted - commented)

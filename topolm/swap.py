@@ -1,4 +1,4 @@
-"""Swap pre-optimization of a layout (the seed README's 'pre-optimization', after Margalit et al. 2024).
+"""Swap pre-optimization of a layout ('pre-optimization' in the TopoLM research code's README, after Margalit et al. 2024).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _visited_losses(corr_flat: np.ndarray, n_embed: int, units: np.ndarray, d: n
 
 def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborhoods: int, local_steps: int,
                   visit_all: bool, seed: int, progress: bool = False) -> tuple[np.ndarray, dict]:
-    """Swap pre-optimization (the seed README's pre-optimization: swaps kept when a neighborhood's loss does not rise), all sites at once.
+    """Swap pre-optimization (the research code README's pre-optimization: swaps kept when a neighborhood's loss does not rise), all sites at once.
 
     Per site: visit `n_neighborhoods` random distinct neighborhoods (or all of them in random
     order), and in each make `local_steps` attempts to swap the cells of two of its units,

@@ -132,6 +132,23 @@ def _from_v1(ckpt: dict) -> dict:
 _MIGRATIONS = {"topolm-ckpt-v1": _from_v1}
 
 
+# torch's own words for what is wrong with a file it cannot read, and ours (first match wins)
+_TORCH_LOAD_ERRORS = [
+    (re.compile(r"resize storage that is not resizable|out of bounds for storage"),
+     lambda m: "a tensor in it is larger than its storage (the file is damaged or was not written by torch.save)"),
+]
+
+
+def torch_load_reason(error: Exception) -> str:
+    """What is wrong with a file, in one line, from the exception `torch.load(..., weights_only=True)` raised."""
+    text = str(error)
+    for pattern, reason in _TORCH_LOAD_ERRORS:
+        if m := pattern.search(text):
+            return reason(m)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint of any supported format, migrated to the current one.
 
@@ -142,7 +159,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]} (a checkpoint of the "
+        raise UserError(f"cannot load checkpoint {path}: {torch_load_reason(e)} (a checkpoint of the "
                         f"research code? convert it with import_research.py)") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt in _MIGRATIONS:

@@ -98,12 +98,32 @@ class _LazyTensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
 
+def check_view(size, stride, offset, numel: int, where: str = "") -> None:
+    """Refuse a strided view (sizes, strides, storage offset, in elements) that is not whole numbers >= 0
+    or reaches past the `numel` elements of its storage; a view of n > 0 elements reaches element
+    offset + sum((size_i - 1) * stride_i). Raises pickle.UnpicklingError, so nothing is read out of bounds."""
+    size, stride = tuple(size), tuple(stride)
+    numbers = (*size, *stride, offset)
+    if len(size) != len(stride) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in numbers):
+        raise pickle.UnpicklingError(f"a tensor{where} has size {list(size)}, stride {list(stride)} and offset "
+                                     f"{offset!r}: not a view of a storage")
+    if 0 not in size:
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= numel:
+            raise pickle.UnpicklingError(
+                f"a tensor{where} of size {list(size)} (stride {list(stride)}, offset {offset}) is larger than its "
+                f"storage: it needs element {last} of {numel}; the file is damaged or was not written by torch.save")
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    """Stand-in for `torch._utils._rebuild_tensor(_v2)`: a strided view of a flat storage (or a lazy one)."""
+    """Stand-in for `torch._utils._rebuild_tensor(_v2)`: a strided view of a flat storage (or a lazy one),
+    checked to lie inside it."""
     if isinstance(storage, _LazyStorage):
+        check_view(size, stride, storage_offset, storage.numel, f" in storage record {storage.key}")
         return _LazyTensor(storage, storage_offset, size, stride)
     if not isinstance(storage, torch.Tensor):
         raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
+    check_view(size, stride, storage_offset, storage.numel())
     return storage.as_strided(tuple(size), tuple(stride), storage_offset)
 
 
@@ -188,13 +208,14 @@ def _materialize(obj, cache: dict, skip: tuple = (), seen: set | None = None):
     seen = set() if seen is None else seen
     if isinstance(obj, _LazyTensor):
         s = obj.storage
-        if s.key not in cache:
+        if (s.key, s.dtype, s.numel) not in cache:  # the same record may be named with two element counts
             raw = s.read(s.key)
             want = s.numel * torch.empty(0, dtype=s.dtype).element_size()
             if len(raw) != want:
                 raise UserError(f"storage record {s.key} holds {len(raw)} bytes; expected {want}")
-            cache[s.key] = torch.frombuffer(bytearray(raw), dtype=s.dtype) if want else torch.empty(0, dtype=s.dtype)
-        return cache[s.key].as_strided(obj.size, obj.stride, obj.offset)
+            cache[s.key, s.dtype, s.numel] = (torch.frombuffer(bytearray(raw), dtype=s.dtype) if want
+                                              else torch.empty(0, dtype=s.dtype))
+        return cache[s.key, s.dtype, s.numel].as_strided(obj.size, obj.stride, obj.offset)
     if isinstance(obj, dict):
         return type(obj)((k, None if k in skip else _materialize(v, cache, (), seen)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):

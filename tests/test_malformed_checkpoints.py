@@ -1,0 +1,128 @@
+"""Malformed checkpoint files, foreign and our own: each refused with one `error:` line that says what is
+wrong with the file (exit 2), nothing read out of bounds, no advice to load a file with code execution.
+
+The malformed files are made here from the small research-format fixture (copied, its pickle edited op by
+op, re-zipped) or from a tiny checkpoint of our own."""
+import io
+import os
+import pickletools
+import shutil
+import struct
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import import_research
+import sample
+from topolm.checkpoint import make_payload, save_checkpoint
+from topolm.config import cli_main
+from conftest import REPO
+from model import GPT, GPTConfig
+
+FIXTURE = REPO / "tests" / "fixtures" / "research-ckpt-small"
+CKPT = FIXTURE / "ckpt-preresid.pt"
+POSITIONS = FIXTURE / "positions-preresid"
+
+
+# ----------------------------------------------------------------------------- running a command in process
+
+def refusal(capsys, monkeypatch, main, argv: list[str]) -> str:
+    """Run a command's `main` under `cli_main` as its command line would; return its one `error:` line (exit 2)."""
+    monkeypatch.setattr(sys, "argv", ["command", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli_main(main)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def import_refusal(capsys, monkeypatch, tmp_path, ckpt: Path, positions: Path = POSITIONS) -> str:
+    out = tmp_path / "imported.pt"
+    line = refusal(capsys, monkeypatch, import_research.main, [f"ckpt={ckpt}", f"positions={positions}", f"out={out}"])
+    assert not out.exists()
+    return line
+
+
+def sample_refusal(capsys, monkeypatch, ckpt: Path) -> str:
+    return refusal(capsys, monkeypatch, sample.main, [f"ckpt={ckpt}", "max_new_tokens=1", "num_samples=1"])
+
+
+# ----------------------------------------------------------------------------- making malformed files
+
+def _encode(name: str, arg) -> bytes:
+    """One pickle opcode with its argument, in the widest form of its kind (so any value fits)."""
+    if name in ("BINUNICODE", "SHORT_BINUNICODE"):
+        data = arg.encode()
+        return b"X" + struct.pack("<I", len(data)) + data
+    if name in ("BINBYTES", "SHORT_BINBYTES"):
+        return b"B" + struct.pack("<I", len(arg)) + arg
+    if name in ("BININT1", "BININT2", "BININT"):
+        return b"J" + struct.pack("<i", arg)
+    raise ValueError(f"no encoder for {name}")
+
+
+def rewrite_pickle(data: bytes, edit) -> bytes:
+    """`data` with ops replaced: `edit(i, name, arg, ops)` returns a new argument for op i, or None to keep it.
+
+    Frames (protocol 4) are dropped: they are optional and their lengths would be stale."""
+    ops = list(pickletools.genops(data))
+    out = bytearray()
+    for i, (op, arg, pos) in enumerate(ops):
+        end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
+        if op.name == "FRAME":
+            continue
+        new = edit(i, op.name, arg, ops)
+        out += data[pos:end] if new is None else _encode(op.name, new)
+    return bytes(out)
+
+
+def rezip(src: Path, dst: Path, edit) -> Path:
+    """A copy of the torch.save zip `src` whose data.pkl is rewritten by `edit` (see rewrite_pickle)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, rewrite_pickle(data, edit) if info.filename.endswith("/data.pkl") else data)
+    return dst
+
+
+def first_size_grown(i, name, arg, ops):
+    """The first dimension of the first tensor one larger: in torch's pickle a tensor's persistent storage
+    id is followed by its storage offset and then its sizes."""
+    if name in ("BININT1", "BININT2", "BININT") and i >= 2 and ops[i - 2][0].name == "BINPERSID" \
+            and not getattr(first_size_grown, "done", False):
+        first_size_grown.done = True
+        return arg + 1
+    return None
+
+
+def grow_first_size(src: Path, dst: Path) -> Path:
+    first_size_grown.done = False
+    return rezip(src, dst, first_size_grown)
+
+
+def own_checkpoint(path: Path) -> Path:
+    """A tiny checkpoint of our own format (vocabulary 64)."""
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embed=36, block_size=16, vocab_size=64, radius=2, neighborhoods_per_batch=3)
+    save_checkpoint(make_payload(GPT(cfg), kind="pretrain", config={}, iter_num=0, tokenizer=None,
+                                 layout_source="random"), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- tensors outside their storage
+
+def test_a_research_tensor_larger_than_its_storage_is_refused_without_reading_past_it(capsys, monkeypatch, tmp_path):
+    bad = grow_first_size(CKPT, tmp_path / "grown.pt")
+    line = import_refusal(capsys, monkeypatch, tmp_path, bad)
+    assert str(bad) in line and "larger than its storage" in line, line
+
+
+def test_our_own_tensor_larger_than_its_storage_is_refused_with_the_reason(capsys, monkeypatch, tmp_path):
+    bad = grow_first_size(own_checkpoint(tmp_path / "own.pt"), tmp_path / "grown.pt")
+    line = sample_refusal(capsys, monkeypatch, bad)
+    assert str(bad) in line and "larger than its storage" in line, line

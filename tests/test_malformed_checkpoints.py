@@ -126,3 +126,26 @@ def test_our_own_tensor_larger_than_its_storage_is_refused_with_the_reason(capsy
     bad = grow_first_size(own_checkpoint(tmp_path / "own.pt"), tmp_path / "grown.pt")
     line = sample_refusal(capsys, monkeypatch, bad)
     assert str(bad) in line and "larger than its storage" in line, line
+
+
+# ----------------------------------------------------------------------------- wrapper prefixes
+
+@pytest.mark.parametrize("prefix", ["module.", "module._orig_mod.", "_orig_mod.module._orig_mod.", "module.module."])
+def test_any_nesting_of_the_ddp_and_compile_prefixes_imports(capsys, monkeypatch, tmp_path, prefix):
+    import numpy as np
+    from topolm.checkpoint import load_model
+
+    def rename(i, name, arg, ops):  # the fixture's keys all start with _orig_mod.
+        if name in ("BINUNICODE", "SHORT_BINUNICODE") and arg.startswith("_orig_mod."):
+            return prefix + arg[len("_orig_mod."):]
+        return None
+
+    wrapped, out = rezip(CKPT, tmp_path / "wrapped.pt", rename), tmp_path / "imported.pt"
+    monkeypatch.setattr(sys, "argv", ["import_research.py", f"ckpt={wrapped}", f"positions={POSITIONS}", f"out={out}"])
+    cli_main(import_research.main)
+    model, _, _ = load_model(out)
+    ids = torch.from_numpy(np.load(FIXTURE / "input_ids-preresid.npy"))
+    with torch.no_grad():
+        logits = model.lm_head(model.encode(ids, spatial=False)[0])[:, -4:]
+    expected = torch.from_numpy(np.load(FIXTURE / "logits-preresid.npy"))
+    assert (logits - expected).abs().max().item() < 1e-5

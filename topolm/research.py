@@ -369,13 +369,22 @@ def read_research_checkpoint(path: Path) -> dict:
     }
 
 
+def strip_prefixes(key: str) -> str:
+    """A state_dict key without the wrappers' prefixes, in any nesting and order (`module._orig_mod.` is
+    DDP around a compiled model, `_orig_mod.module.` a compiled DDP model)."""
+    while key.startswith(RESEARCH_PREFIXES):
+        key = key[len(next(p for p in RESEARCH_PREFIXES if key.startswith(p))):]
+    return key
+
+
 def _strip_prefixes(state: dict) -> dict:
     out = {}
     for key, value in state.items():
-        for prefix in RESEARCH_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
+        bare = strip_prefixes(key)
+        if bare in out:
+            raise UserError(f"two weights are both {bare!r} once the wrappers' prefixes are removed "
+                            f"(one of them is {key!r}): the checkpoint holds two models")
+        out[bare] = value
     return out
 
 

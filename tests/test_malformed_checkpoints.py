@@ -64,6 +64,8 @@ def _encode(name: str, arg) -> bytes:
         return b"B" + struct.pack("<I", len(arg)) + arg
     if name in ("BININT1", "BININT2", "BININT"):
         return b"J" + struct.pack("<i", arg)
+    if name == "GLOBAL":
+        return b"c" + arg.replace(" ", "\n").encode() + b"\n"
     raise ValueError(f"no encoder for {name}")
 
 
@@ -149,3 +151,53 @@ def test_any_nesting_of_the_ddp_and_compile_prefixes_imports(capsys, monkeypatch
         logits = model.lm_head(model.encode(ids, spatial=False)[0])[:, -4:]
     expected = torch.from_numpy(np.load(FIXTURE / "logits-preresid.npy"))
     assert (logits - expected).abs().max().item() < 1e-5
+
+
+# ----------------------------------------------------------------------------- globals that are refused
+
+class NamesAFunction:
+    """Pickles as a call of os.getcwd: a global that no checkpoint needs (harmless if it ever ran)."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def legacy_bytes_naming_a_function() -> bytes:
+    buf = io.BytesIO()
+    torch.save(NamesAFunction(), buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+def refused_global_is_named(line: str, path: Path) -> None:
+    assert str(path) in line and "getcwd" in line, line
+    assert "weights_only" not in line and "trusted" not in line, line  # never the advice to run the file's code
+
+
+def test_a_refused_global_inside_research_positions_is_named_without_torchs_advice(capsys, monkeypatch, tmp_path):
+    positions = tmp_path / "positions"
+    shutil.copytree(POSITIONS, positions)
+    pkl = positions / "layer.1.mlp.pkl"
+    payload = legacy_bytes_naming_a_function()
+    pkl.write_bytes(rewrite_pickle(pkl.read_bytes(), lambda i, name, arg, ops:  # the first tensor's bytes
+                                   payload if name in ("BINBYTES", "SHORT_BINBYTES") and i < 40 else None))
+    refused_global_is_named(import_refusal(capsys, monkeypatch, tmp_path, CKPT, positions), pkl)
+
+
+def test_a_refused_global_in_a_research_checkpoint_is_named(capsys, monkeypatch, tmp_path):
+    bad = rezip(CKPT, tmp_path / "global.pt",
+                lambda i, name, arg, ops: "os getcwd" if name == "GLOBAL" and arg == "collections OrderedDict" else None)
+    refused_global_is_named(import_refusal(capsys, monkeypatch, tmp_path, bad), bad)
+
+
+def test_a_refused_global_in_our_own_format_is_named_without_torchs_advice(capsys, monkeypatch, tmp_path):
+    bad = tmp_path / "global.pt"
+    torch.save({"format": "topolm-ckpt-v2", "model": NamesAFunction()}, bad)
+    line = sample_refusal(capsys, monkeypatch, bad)
+    refused_global_is_named(line, bad)
+    assert "import_research" not in line  # no research class in it: not a research checkpoint
+
+
+def test_a_research_checkpoint_given_as_ours_gets_the_import_command(capsys, monkeypatch):
+    line = sample_refusal(capsys, monkeypatch, CKPT)
+    assert str(CKPT) in line and "omegaconf" in line and "python import_research.py ckpt=" in line, line
+    assert "weights_only" not in line and "trusted" not in line, line

@@ -151,13 +151,13 @@ class Evil:
 def test_restricted_unpickler_runs_no_code(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"coordinates": Evil(marker)}))
-    with pytest.raises(UserError, match=r"refused to load (posix|nt)\.system"):
+    with pytest.raises(UserError, match=r"it names (posix|nt)\.system"):
         load_pickle(tmp_path / "evil.pkl")
     torch.save({"model": {}, "model_args": {"n_layer": Evil(marker)}}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match=r"refused to load (posix|nt)\.system"):
+    with pytest.raises(UserError, match=r"it names (posix|nt)\.system"):
         load_torch_zip(tmp_path / "evil.pt")
     (tmp_path / "eval.pkl").write_bytes(pickle.dumps(eval))
-    with pytest.raises(UserError, match="refused to load builtins.eval"):
+    with pytest.raises(UserError, match="it names builtins.eval"):
         load_pickle(tmp_path / "eval.pkl")
     assert not marker.exists()
 

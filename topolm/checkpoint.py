@@ -136,17 +136,36 @@ _MIGRATIONS = {"topolm-ckpt-v1": _from_v1}
 _TORCH_LOAD_ERRORS = [
     (re.compile(r"resize storage that is not resizable|out of bounds for storage"),
      lambda m: "a tensor in it is larger than its storage (the file is damaged or was not written by torch.save)"),
+    (re.compile(r"GLOBAL ([\w.]+)"), lambda m: refused_global(m.group(1))),
 ]
+RESEARCH_MODULES = ("omegaconf", "positions")  # what only a research-code checkpoint pickles
+
+
+def refused_global(name: str) -> str:
+    """Why a pickled global `name` (module.qualname) is not loaded, in words."""
+    return (f"it names {name}, which is not a tensor or a plain value; it is refused because unpickling it could "
+            f"run code")
 
 
 def torch_load_reason(error: Exception) -> str:
-    """What is wrong with a file, in one line, from the exception `torch.load(..., weights_only=True)` raised."""
+    """What is wrong with a file, in one line, from the exception `torch.load(..., weights_only=True)` raised.
+
+    torch's own advice to load the file with weights_only=False (running its code) is never repeated."""
     text = str(error)
     for pattern, reason in _TORCH_LOAD_ERRORS:
         if m := pattern.search(text):
             return reason(m)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+             and not line.startswith(("Check the documentation", "Please file an issue"))]
+    return lines[0].removeprefix("WeightsUnpickler error:").strip() if lines else type(error).__name__
+
+
+def _research_hint(error: Exception, path: Path) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if not (m and m.group(1).split(".")[0] in RESEARCH_MODULES):
+        return ""
+    return (f"; it is a checkpoint of the research code: convert it with import_research.py: "
+            f"python import_research.py ckpt={path} positions=<its positions folder> out=<new checkpoint file>")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -159,8 +178,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {torch_load_reason(e)} (a checkpoint of the "
-                        f"research code? convert it with import_research.py)") from e
+        raise UserError(f"cannot load checkpoint {path}: {torch_load_reason(e)}{_research_hint(e, path)}") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt in _MIGRATIONS:
         ckpt = _MIGRATIONS[fmt](ckpt)

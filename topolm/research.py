@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from topolm.checkpoint import refused_global, torch_load_reason
 from topolm.config import UserError
 from model import GPT, GPTConfig
 from positions import grid_side, site_names
@@ -137,7 +138,11 @@ def _storage_from_bytes(data: bytes) -> torch.Tensor:
         raise pickle.UnpicklingError("torch.storage._load_from_bytes called without bytes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation notices of torch's legacy format
-        storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        try:
+            storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's messages span lines and advise weights_only=False
+            raise pickle.UnpicklingError(f"the bytes of a tensor (torch.storage._load_from_bytes): "
+                                         f"{torch_load_reason(e)}") from e
         if isinstance(storage, torch.Tensor):
             return storage.reshape(-1)
         if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
@@ -189,8 +194,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return "typing.Any"
         if module == "positions" or module == "omegaconf" or module.startswith("omegaconf."):
             return _stand_in(full)
-        raise pickle.UnpicklingError(f"refused to load {full}: not a tensor, a plain value, or a research/OmegaConf "
-                                     f"class this importer knows")
+        raise pickle.UnpicklingError(refused_global(full))
 
     def persistent_load(self, pid):
         if self.storage_reader is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):

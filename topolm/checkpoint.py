@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -133,7 +134,29 @@ _MIGRATIONS = {"topolm-ckpt-v1": _from_v1}
 
 
 # torch's own words for what is wrong with a file it cannot read, and ours (first match wins)
+ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's format before torch 1.6: a protocol-2 pickle of torch's magic number (a 10-byte long)
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+TRUNCATED = "the file is truncated (an interrupted copy, download or save?); copy it again"
+
+
+def file_problem(path: Path) -> str | None:
+    """What is wrong with a file meant to be a `torch.save` file, from its bytes alone; None when it has
+    the shape of one: a complete zip file, or torch's legacy format (which the caller may refuse)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_MAGIC))
+    if head.startswith(ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        return f"it is a zip file without its end: {TRUNCATED}"
+    return None
+
+
+def _truncated(_m) -> str:
+    return f"it ends early: {TRUNCATED}"
+
+
 _TORCH_LOAD_ERRORS = [
+    (re.compile(r"unexpected EOF|pickle data was truncated|Ran out of input"), _truncated),
     (re.compile(r"resize storage that is not resizable|out of bounds for storage"),
      lambda m: "a tensor in it is larger than its storage (the file is damaged or was not written by torch.save)"),
     (re.compile(r"GLOBAL ([\w.]+)"), lambda m: refused_global(m.group(1))),
@@ -152,6 +175,8 @@ def torch_load_reason(error: Exception) -> str:
 
     torch's own advice to load the file with weights_only=False (running its code) is never repeated."""
     text = str(error)
+    if isinstance(error, EOFError):
+        return _truncated(None)
     for pattern, reason in _TORCH_LOAD_ERRORS:
         if m := pattern.search(text):
             return reason(m)
@@ -178,7 +203,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {torch_load_reason(e)}{_research_hint(e, path)}") from e
+        why = file_problem(path) or torch_load_reason(e)
+        raise UserError(f"cannot load checkpoint {path}: {why}{_research_hint(e, path)}") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt in _MIGRATIONS:
         ckpt = _MIGRATIONS[fmt](ckpt)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.checkpoint import refused_global, torch_load_reason
+from topolm.checkpoint import LEGACY_MAGIC, file_problem, refused_global, torch_load_reason
 from topolm.config import UserError
 from model import GPT, GPTConfig
 from positions import grid_side, site_names
@@ -239,6 +239,12 @@ def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"research checkpoint not found: {path}")
+    if problem := file_problem(path):
+        raise UserError(f"cannot read {path}: {problem}")
+    with open(path, "rb") as f:
+        if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
+            raise UserError(f"cannot read {path}: it is in torch's legacy format (torch < 1.6), which this importer does "
+                            f"not read; save it again with torch >= 1.6 where it was written")
     try:
         with zipfile.ZipFile(path) as z:
             pickles = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
@@ -252,10 +258,10 @@ def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
                 return _LazyStorage(lambda k: z.read(f"{prefix}data/{k}"), key, dtype, numel)
             obj = RestrictedUnpickler(io.BytesIO(z.read(pickles[0])), reader).load()
             return _materialize(obj, {}, skip_keys)
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{path} is not a torch.save zip file ({e}); checkpoints of torch < 1.6 are not supported") from e
+    except zipfile.BadZipFile as e:  # a record that fails its CRC, a damaged header, or no zip at all
+        raise UserError(f"{path} is not a torch.save zip file ({e})") from e
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        raise UserError(f"cannot read {path}: {torch_load_reason(e)}") from e
 
 
 def load_pickle(path: Path) -> object:
@@ -267,7 +273,7 @@ def load_pickle(path: Path) -> object:
     except FileNotFoundError as e:
         raise UserError(f"file not found: {path}") from e
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        raise UserError(f"cannot read {path}: {torch_load_reason(e)}") from e
 
 
 def to_plain(obj, _depth: int = 0):

@@ -249,3 +249,49 @@ def test_a_research_checkpoint_in_torchs_legacy_format_is_named_so(capsys, monke
     torch.save({"model": {"w": torch.zeros(2)}, "model_args": {}}, legacy, _use_new_zipfile_serialization=False)
     line = import_refusal(capsys, monkeypatch, tmp_path, legacy)
     assert "legacy format" in reason(line, legacy) and "torch < 1.6" in line, line
+
+
+# ----------------------------------------------------------------------------- files that are no checkpoint
+
+def not_a_checkpoint(kind: str, path: Path) -> Path:
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":  # 'i' is pickle opcode 105, which torch's loader reports as a bare number
+        path.write_text("in the beginning was the word\n" * 20)
+    elif kind == "npy":
+        import numpy as np
+
+        np.save(path.with_suffix(".npy"), np.arange(10))
+        path.with_suffix(".npy").rename(path)
+    else:  # a zip file that torch.save did not write
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "no checkpoint in here")
+    return path
+
+
+KINDS = ["empty", "text", "npy", "zip"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_that_is_no_checkpoint_is_named_so_by_our_loader(capsys, monkeypatch, tmp_path, kind):
+    bad = not_a_checkpoint(kind, tmp_path / "file.pt")
+    said = reason(sample_refusal(capsys, monkeypatch, bad), bad)
+    assert "not a checkpoint" in said or "empty" in said, said
+    assert "105" not in said and "truncated" not in said, said
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_that_is_no_checkpoint_is_named_so_by_the_importer(capsys, monkeypatch, tmp_path, kind):
+    bad = not_a_checkpoint(kind, tmp_path / "file.pt")
+    said = reason(import_refusal(capsys, monkeypatch, tmp_path, bad), bad)
+    assert "not a checkpoint" in said or "empty" in said, said
+    assert "1.6" not in said and "truncated" not in said, said
+
+
+@pytest.mark.parametrize("kind", ["empty", "text"])
+def test_a_positions_file_that_is_no_pickle_is_named_so(capsys, monkeypatch, tmp_path, kind):
+    positions = tmp_path / "positions"
+    shutil.copytree(POSITIONS, positions)
+    not_a_checkpoint(kind, positions / "layer.1.attn.pkl")
+    said = reason(import_refusal(capsys, monkeypatch, tmp_path, CKPT, positions), positions / "layer.1.attn.pkl")
+    assert "not a pickle" in said or "empty" in said, said

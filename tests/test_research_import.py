@@ -222,7 +222,7 @@ def test_command_line_errors_are_one_line(tmp_path):
                        f"positions={tmp_path / 'nowhere'}", f"out={tmp_path / 'o.pt'}"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: positions folder not found: {tmp_path / 'nowhere'}"]
-    with pytest.raises(UserError, match="is not a torch.save zip file"):
+    with pytest.raises(UserError, match="is not a checkpoint"):
         import_research.main([f"ckpt={FIXTURE / 'README.md'}", f"positions={FIXTURE / LAYOUTS['perm']}",
                               f"out={tmp_path / 'o.pt'}"])
     # our own loader says where research checkpoints go

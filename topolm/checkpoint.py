@@ -140,15 +140,33 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "litt
 TRUNCATED = "the file is truncated (an interrupted copy, download or save?); copy it again"
 
 
+def first_bytes(head: bytes) -> str:
+    """The first bytes of a file in words: as text when they are printable ASCII, else in hex."""
+    if head and all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        return f"text {head.decode('ascii')!r}"
+    return f"bytes {head[:8].hex(' ')}"
+
+
 def file_problem(path: Path) -> str | None:
     """What is wrong with a file meant to be a `torch.save` file, from its bytes alone; None when it has
-    the shape of one: a complete zip file, or torch's legacy format (which the caller may refuse)."""
+    the shape of one: a complete zip file holding one `<name>/data.pkl`, or torch's legacy format (which
+    the caller may refuse)."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_MAGIC))
-    if head.startswith(ZIP_MAGIC) and not zipfile.is_zipfile(path):
-        return f"it is a zip file without its end: {TRUNCATED}"
-    return None
+    if not head:
+        return "it is empty (0 bytes), not a checkpoint"
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return f"it is a zip file without its end: {TRUNCATED}"
+        with zipfile.ZipFile(path) as z:
+            if len([n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]) != 1:
+                return "it is a zip file that torch.save did not write (no single <name>/data.pkl), not a checkpoint"
+        return None
+    if head == LEGACY_MAGIC:
+        return None
+    return (f"it is not a checkpoint: neither a torch.save zip file nor torch's legacy format (it begins with "
+            f"{first_bytes(head)})")
 
 
 def _truncated(_m) -> str:

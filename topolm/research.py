@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.checkpoint import LEGACY_MAGIC, file_problem, refused_global, torch_load_reason
+from topolm.checkpoint import LEGACY_MAGIC, file_problem, first_bytes, refused_global, torch_load_reason
 from topolm.config import UserError
 from model import GPT, GPTConfig
 from positions import grid_side, site_names
@@ -237,6 +237,8 @@ def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
 
     Raises UserError for a file that is not such a zip, or for a global outside the allow-list."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; ckpt= takes the research checkpoint file inside it (e.g. {path}/ckpt.pt)")
     if not path.is_file():
         raise UserError(f"research checkpoint not found: {path}")
     if problem := file_problem(path):
@@ -258,8 +260,8 @@ def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
                 return _LazyStorage(lambda k: z.read(f"{prefix}data/{k}"), key, dtype, numel)
             obj = RestrictedUnpickler(io.BytesIO(z.read(pickles[0])), reader).load()
             return _materialize(obj, {}, skip_keys)
-    except zipfile.BadZipFile as e:  # a record that fails its CRC, a damaged header, or no zip at all
-        raise UserError(f"{path} is not a torch.save zip file ({e})") from e
+    except zipfile.BadZipFile as e:  # a record that fails its CRC, a damaged header
+        raise UserError(f"cannot read {path}: it is damaged ({e}); copy it again") from e
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read {path}: {torch_load_reason(e)}") from e
 
@@ -269,6 +271,12 @@ def load_pickle(path: Path) -> object:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            head = f.read(16)
+            if not head.startswith(b"\x80"):  # the PROTO opcode of every pickle of protocol 2 or later
+                what = first_bytes(head) if head else "nothing (0 bytes)"
+                raise UserError(f"cannot read {path}: it is not a pickle (it begins with {what}; a pickle of "
+                                f"protocol 2 or later begins with byte 0x80)")
+            f.seek(0)
             return RestrictedUnpickler(f).load()
     except FileNotFoundError as e:
         raise UserError(f"file not found: {path}") from e

@@ -295,3 +295,68 @@ def test_a_positions_file_that_is_no_pickle_is_named_so(capsys, monkeypatch, tmp
     not_a_checkpoint(kind, positions / "layer.1.attn.pkl")
     said = reason(import_refusal(capsys, monkeypatch, tmp_path, CKPT, positions), positions / "layer.1.attn.pkl")
     assert "not a pickle" in said or "empty" in said, said
+
+
+# ----------------------------------------------------------------------------- readable files with malformed contents
+
+@pytest.fixture(scope="module")
+def research_parts():
+    from topolm.research import read_research_checkpoint
+
+    research = read_research_checkpoint(CKPT)
+    return {k: v.clone() for k, v in research["model"].items()}, research["model_args"]
+
+
+RESEARCH_CONTENTS = {  # name: (edit of (model, model_args, extra top-level keys), what the line must say)
+    "model_args a list": (lambda m, a: (m, [1], {}), "model_args"),
+    "model a tensor": (lambda m, a: (torch.zeros(3), a, {}), "'model'"),
+    "n_layer text": (lambda m, a: (m, {**a, "n_layer": "two"}, {}), "n_layer"),
+    "n_embed text": (lambda m, a: (m, {**a, "n_embed": "36x"}, {}), "n_embed"),
+    "n_layer huge": (lambda m, a: (m, {**a, "n_layer": 10**9}, {}), "n_layer"),
+    "n_layer zero": (lambda m, a: (m, {**a, "n_layer": 0}, {}), "n_layer"),
+    "n_embed huge": (lambda m, a: (m, {**a, "n_embed": 10**10}, {}), "n_embed"),
+    "a weight not a tensor": (lambda m, a: ({**m, "_orig_mod.lm_head.weight": 3}, a, {}), "lm_head.weight"),
+    "a weight name not text": (lambda m, a: ({**m, 5: torch.zeros(1)}, a, {}), "5"),
+    "iter_num text": (lambda m, a: (m, a, {"iter_num": "x"}), "iter_num"),
+    "best_val_loss a vector": (lambda m, a: (m, a, {"best_val_loss": torch.zeros(3)}), "best_val_loss"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESEARCH_CONTENTS))
+def test_a_research_checkpoint_with_malformed_contents_is_refused_with_what_is_wrong(
+        capsys, monkeypatch, tmp_path, research_parts, case):
+    edit, fragment = RESEARCH_CONTENTS[case]
+    model, args, extra = edit(*research_parts)
+    bad = tmp_path / "research.pt"
+    torch.save({"model": model, "model_args": args, **extra}, bad)
+    assert fragment in reason(import_refusal(capsys, monkeypatch, tmp_path, bad), bad)
+
+
+def own_payload():
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embed=36, block_size=16, vocab_size=64, radius=2, neighborhoods_per_batch=3)
+    return make_payload(GPT(cfg), kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="random")
+
+
+def _wrong_shape(p):
+    return {**p, "model": {**p["model"], "lm_head.weight": torch.zeros(3, 3)}}
+
+
+OWN_CONTENTS = {  # name: (edit of a valid payload, what the line must say)
+    "no model": (lambda p: {k: v for k, v in p.items() if k != "model"}, "'model'"),
+    "no model_config": (lambda p: {k: v for k, v in p.items() if k != "model_config"}, "model_config"),
+    "model a list": (lambda p: {**p, "model": [1]}, "'model'"),
+    "model_config impossible": (lambda p: {**p, "model_config": {**p["model_config"], "n_embed": 49}}, "n_embed=49"),
+    "model_config unknown key": (lambda p: {**p, "model_config": {**p["model_config"], "zzz": 1}}, "zzz"),
+    "a weight of the wrong shape": (_wrong_shape, "lm_head.weight"),
+    "a weight missing": (lambda p: {**p, "model": {k: v for k, v in p["model"].items() if k != "lm_head.weight"}},
+                         "lm_head.weight"),
+    "no layout": (lambda p: {k: v for k, v in p.items() if k != "layout"}, "layout"),
+}
+
+
+@pytest.mark.parametrize("case", list(OWN_CONTENTS))
+def test_a_checkpoint_of_ours_with_malformed_contents_is_refused_with_what_is_wrong(capsys, monkeypatch, tmp_path, case):
+    edit, fragment = OWN_CONTENTS[case]
+    bad = tmp_path / "own.pt"
+    torch.save(edit(own_payload()), bad)
+    assert fragment in reason(sample_refusal(capsys, monkeypatch, bad), bad)

@@ -201,7 +201,7 @@ def test_older_checkpoint_without_with_resid_takes_sites_after_the_residual_add(
     (dict(attn_proj=True), "model_args attn_proj=True; this trainer has no attn_proj"),
     (dict(activation_decay=0.1), "activation_decay=0.1; this trainer has no activation decay.*ignore_activation_decay"),
     (dict(config_radius=3), "gives radius=2 but the checkpoint's config says radius=3"),
-    (dict(n_embed=49), "coordinates of shape \\(36, 2\\); the checkpoint needs \\(49, 2\\)"),
+    (dict(n_embed=49), "transformer.wte.weight has shape \\(50304, 36\\) but model_args vocab_size=50304, n_embed=49"),
 ])
 def test_what_cannot_be_converted_is_refused(research, tmp_path, changes, match):
     path = synthetic_research_checkpoint(tmp_path / "r.pt", research, **changes)

@@ -224,12 +224,40 @@ def load_checkpoint(path: Path) -> dict:
         why = file_problem(path) or torch_load_reason(e)
         raise UserError(f"cannot load checkpoint {path}: {why}{_research_hint(e, path)}") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if fmt in _MIGRATIONS:
-        ckpt = _MIGRATIONS[fmt](ckpt)
-    elif fmt != FORMAT:
+    if fmt not in (FORMAT, *_MIGRATIONS):
         known = ", ".join([FORMAT, *_MIGRATIONS])
         raise UserError(f"{path} is not a checkpoint of this code (format {fmt!r}; readable: {known})")
+    _check_fields(ckpt, path, migrated=False)
+    if fmt in _MIGRATIONS:
+        ckpt = _MIGRATIONS[fmt](ckpt)
+    _check_fields(ckpt, path, migrated=True)
     return ckpt
+
+
+def _check_fields(ckpt: dict, path: Path, migrated: bool) -> None:
+    """Refuse a checkpoint whose fields are missing or not of their kind, naming the field; before
+    migration only what every format has (`model`, `model_config`), after it the current format's."""
+    fields = {"model": dict, "model_config": dict, "iter_num": int}
+    if migrated:
+        fields.update(kind=str, layout=dict, tokenizer=(dict, type(None)), config=dict)
+    for key, kind in fields.items():
+        if key not in ckpt:
+            raise UserError(f"{path}: the checkpoint has no {key!r} field; it is damaged or not written by this code")
+        if not isinstance(ckpt[key], kind):
+            raise UserError(f"{path}: the checkpoint's {key!r} is a {type(ckpt[key]).__name__}; it is damaged")
+    bad = next(((k, v) for k, v in ckpt["model"].items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
+               None)
+    if bad:
+        raise UserError(f"{path}: the checkpoint's 'model' holds {bad[0]!r}: {type(bad[1]).__name__}, not a weight")
+    if "sheet.unit_coords" not in ckpt["model"]:
+        raise UserError(f"{path}: the checkpoint's 'model' has no sheet.unit_coords (the unit positions); it is damaged")
+    if migrated:
+        try:
+            GPTConfig(**ckpt["model_config"])
+        except TypeError as e:  # a key GPTConfig does not have, or lacks
+            raise UserError(f"{path}: the checkpoint's model_config does not fit this code's GPTConfig ({e})") from e
+        except ValueError as e:
+            raise UserError(f"{path}: the checkpoint's model_config is no valid model: {e}") from e
 
 
 # ----------------------------------------------------------------------------- models
@@ -238,7 +266,11 @@ def build_gpt(ckpt: dict, **config_overrides) -> GPT:
     """The GPT of a checkpoint (weights and unit positions), with `config_overrides` (e.g. dropout,
     alpha) applied to its GPTConfig. Returned on the CPU in training mode."""
     gpt = GPT(GPTConfig(**{**ckpt["model_config"], **config_overrides}))
-    gpt.load_state_dict(ckpt["model"])
+    try:
+        gpt.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # torch lists every mismatch over several lines
+        problems = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
+        raise UserError(f"the checkpoint's weights do not fit its model_config: {'; '.join(problems)[:600]}") from e
     return gpt
 
 
@@ -262,7 +294,11 @@ def load_model(path_or_run: str | Path, device: str = "cpu") -> tuple[GPT, dict,
     For a finetuned checkpoint this is its backbone. Raises UserError as `find_checkpoint`/`load_checkpoint`."""
     path = find_checkpoint(path_or_run)
     ckpt = load_checkpoint(path)
-    return build_gpt(ckpt).to(device).eval(), ckpt, path
+    try:
+        gpt = build_gpt(ckpt)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+    return gpt.to(device).eval(), ckpt, path
 
 
 def require_gpt2_tokenizer(ckpt: dict, path: Path | str, what: str = "text") -> None:

@@ -371,18 +371,34 @@ def read_research_positions(folder: Path, n_layer: int, n_embed: int) -> dict:
 
 
 def read_research_checkpoint(path: Path) -> dict:
-    """The research checkpoint as plain data: `model` (state_dict), `model_args`, `config` (dict or
-    None), `iter_num`, `best_val_loss` (float or None). The optimizer state is not read."""
+    """The research checkpoint as plain data: `model` (state_dict: weight name -> tensor), `model_args`
+    (dict), `config` (dict or None), `iter_num` (int), `best_val_loss` (float or None). The optimizer
+    state is not read. Raises UserError naming the field that is not of its kind."""
     raw = load_torch_zip(path, skip_keys=("optimizer",))
     if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
-        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        keys = sorted(map(repr, raw)) if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{path} is not a research checkpoint (it needs 'model' and 'model_args'; has {keys})")
-    best = raw.get("best_val_loss")
+    model, args = raw["model"], to_plain(raw["model_args"])
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: its 'model' is a {type(model).__name__}, not a state_dict (weight names and tensors)")
+    for key, value in model.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: its 'model' holds {key!r}: {type(value).__name__}; a state_dict holds weight "
+                            f"names and tensors")
+    if not isinstance(args, dict):
+        raise UserError(f"{path}: its model_args is a {type(args).__name__}, not a dict of the model's settings")
+    iter_num, best = raw.get("iter_num") or 0, raw.get("best_val_loss")
+    if isinstance(iter_num, torch.Tensor) and iter_num.numel() == 1:
+        iter_num = iter_num.item()
+    if not isinstance(iter_num, int) or isinstance(iter_num, bool):
+        raise UserError(f"{path}: its iter_num is {iter_num!r}, not a whole number of steps")
+    if isinstance(best, torch.Tensor) and best.numel() != 1:
+        raise UserError(f"{path}: its best_val_loss is a tensor of shape {tuple(best.shape)}, not one number")
     return {
-        "model": dict(raw["model"]),
-        "model_args": to_plain(raw["model_args"]),
+        "model": dict(model),
+        "model_args": args,
         "config": to_plain(raw.get("config")),
-        "iter_num": int(raw.get("iter_num") or 0),
+        "iter_num": iter_num,
         "best_val_loss": float(best) if isinstance(best, (torch.Tensor, int, float)) else None,
     }
 
@@ -404,6 +420,37 @@ def _strip_prefixes(state: dict) -> dict:
                             f"(one of them is {key!r}): the checkpoint holds two models")
         out[bare] = value
     return out
+
+
+SIZE_KEYS = ("n_layer", "n_head", "n_embed", "block_size", "vocab_size")
+
+
+def _model_sizes(args: dict, state: dict, path: Path) -> dict:
+    """model_args' sizes as whole numbers >= 1, checked against the weights (layers, the token and position
+    embeddings) before anything of that size is built. Raises UserError naming the key."""
+    missing = [k for k in SIZE_KEYS if k not in args]
+    if missing:
+        raise UserError(f"{path}: model_args lacks {', '.join(missing)}")
+    for key in SIZE_KEYS:
+        value = args[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path}: model_args {key}={value!r} is not a whole number >= 1")
+    sizes = {k: args[k] for k in SIZE_KEYS}
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if len(layers) != sizes["n_layer"] or (layers and max(layers) != sizes["n_layer"] - 1):  # layers 0 .. n_layer-1
+        raise UserError(f"{path}: model_args n_layer={sizes['n_layer']} but the weights hold layers "
+                        f"{sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}")
+    for name, rows, cols in (("transformer.wte.weight", "vocab_size", "n_embed"),
+                             ("transformer.wpe.weight", "block_size", "n_embed")):
+        want = (sizes[rows], sizes[cols])
+        if name in state and tuple(state[name].shape) != want:
+            raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)} but model_args {rows}={want[0]}, "
+                            f"{cols}={want[1]} need {want}")
+    try:
+        grid_side(sizes["n_embed"])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from e
+    return sizes
 
 
 def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_decay: bool = False) -> tuple[GPT, dict]:
@@ -428,16 +475,14 @@ def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_dec
         raise UserError(f"{ckpt_path}: model_args activation_decay={decay}; this trainer has no activation decay, so "
                         f"continued training would change the objective (pass ignore_activation_decay=true to convert "
                         f"it for sampling and analysis)")
-    missing = [k for k in ("n_layer", "n_head", "n_embed", "block_size", "vocab_size") if k not in args]
-    if missing:
-        raise UserError(f"{ckpt_path}: model_args lacks {', '.join(missing)}")
-    n_layer, n_embed = int(args["n_layer"]), int(args["n_embed"])
-    try:
-        grid_side(n_embed)
-    except ValueError as e:
-        raise UserError(f"{ckpt_path}: {e}") from e
+    state = _strip_prefixes(research["model"])
+    sizes = _model_sizes(args, state, ckpt_path)
+    n_layer, n_embed = sizes["n_layer"], sizes["n_embed"]
     pos = read_research_positions(positions_dir, n_layer, n_embed)
 
+    for key in ("dropout", "alpha"):
+        if args.get(key) is not None and (not isinstance(args[key], (int, float)) or isinstance(args[key], bool)):
+            raise UserError(f"{ckpt_path}: model_args {key}={args[key]!r} is not a number")
     radius, per_batch = pos["radius"], pos["neighborhoods_per_batch"]
     for key, ours in (("radius", radius), ("neighborhoods_per_batch", per_batch)):
         theirs = _plain_number(config, key)
@@ -449,8 +494,8 @@ def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_dec
     if per_batch is None:
         raise UserError(f"neither {positions_dir} nor the checkpoint's config gives neighborhoods_per_batch as a number")
     try:
-        cfg = GPTConfig(n_layer=n_layer, n_head=int(args["n_head"]), n_embed=n_embed,
-                        block_size=int(args["block_size"]), vocab_size=int(args["vocab_size"]),
+        cfg = GPTConfig(n_layer=n_layer, n_head=sizes["n_head"], n_embed=n_embed,
+                        block_size=sizes["block_size"], vocab_size=sizes["vocab_size"],
                         bias=bool(args.get("bias", False)), dropout=float(args.get("dropout") or 0.0),
                         with_resid=bool(args.get("with_resid", True)), radius=radius,
                         neighborhoods_per_batch=int(per_batch), alpha=float(args.get("alpha") or 0.0),
@@ -458,7 +503,6 @@ def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_dec
     except ValueError as e:
         raise UserError(f"{ckpt_path}: cannot convert model_args: {e}") from e
 
-    state = _strip_prefixes(research["model"])
     state = {k: v for k, v in state.items()
              if not (re.fullmatch(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", k) and v.dim() == 4)}  # causal masks
     gpt = GPT(cfg, positions=pos["coords"])

@@ -12,7 +12,11 @@ it is null). A layout that is not a permutation of the grid (the research code's
 pre-optimized sets) is kept exactly, shared cells included, and flagged (`layout.permutation`
 false): it works for sampling, for finetuning with alpha_scale=0 and for the analysis; anything
 that needs the spatial loss refuses it. Refused with one line: head_loss or attn_proj on, or a
-non-zero activation_decay (unless ignore_activation_decay=true), or weights that do not fit.
+non-zero activation_decay (unless ignore_activation_decay=true), or weights that do not fit; and
+every malformed file, saying what is wrong with it: empty, truncated, not a checkpoint, torch's
+legacy format, a pickled global outside the allow-list, a tensor larger than its storage, a field
+not of its kind, sizes that disagree with the weights. Weight names may carry the DDP and
+torch.compile prefixes (`module.`, `_orig_mod.`) in any nesting.
 """
 from __future__ import annotations
 

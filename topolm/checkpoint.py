@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -167,6 +168,84 @@ def _from_v2(ckpt: dict) -> dict:
 _MIGRATIONS = {"topolm-ckpt-v1": _from_v1, "topolm-ckpt-v2": _from_v2}
 
 
+# torch's own words for what is wrong with a file it cannot read, and ours (first match wins)
+ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's format before torch 1.6: a protocol-2 pickle of torch's magic number (a 10-byte long)
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+TRUNCATED = "the file is truncated (an interrupted copy, download or save?); copy it again"
+
+
+def first_bytes(head: bytes) -> str:
+    """The first bytes of a file in words: as text when they are printable ASCII, else in hex."""
+    if head and all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        return f"text {head.decode('ascii')!r}"
+    return f"bytes {head[:8].hex(' ')}"
+
+
+def file_problem(path: Path) -> str | None:
+    """What is wrong with a file meant to be a `torch.save` file, from its bytes alone; None when it has
+    the shape of one: a complete zip file holding one `<name>/data.pkl`, or torch's legacy format (which
+    the caller may refuse)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_MAGIC))
+    if not head:
+        return "it is empty (0 bytes), not a checkpoint"
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return f"it is a zip file without its end: {TRUNCATED}"
+        with zipfile.ZipFile(path) as z:
+            if len([n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]) != 1:
+                return "it is a zip file that torch.save did not write (no single <name>/data.pkl), not a checkpoint"
+        return None
+    if head == LEGACY_MAGIC:
+        return None
+    return (f"it is not a checkpoint: neither a torch.save zip file nor torch's legacy format (it begins with "
+            f"{first_bytes(head)})")
+
+
+def _truncated(_m) -> str:
+    return f"it ends early: {TRUNCATED}"
+
+
+_TORCH_LOAD_ERRORS = [
+    (re.compile(r"unexpected EOF|pickle data was truncated|Ran out of input"), _truncated),
+    (re.compile(r"resize storage that is not resizable|out of bounds for storage"),
+     lambda m: "a tensor in it is larger than its storage (the file is damaged or was not written by torch.save)"),
+    (re.compile(r"GLOBAL ([\w.]+)"), lambda m: refused_global(m.group(1))),
+]
+RESEARCH_MODULES = ("omegaconf", "positions")  # what only a research-code checkpoint pickles
+
+
+def refused_global(name: str) -> str:
+    """Why a pickled global `name` (module.qualname) is not loaded, in words."""
+    return (f"it names {name}, which is not a tensor or a plain value; it is refused because unpickling it could "
+            f"run code")
+
+
+def torch_load_reason(error: Exception) -> str:
+    """What is wrong with a file, in one line, from the exception `torch.load(..., weights_only=True)` raised.
+
+    torch's own advice to load the file with weights_only=False (running its code) is never repeated."""
+    text = str(error)
+    if isinstance(error, EOFError):
+        return _truncated(None)
+    for pattern, reason in _TORCH_LOAD_ERRORS:
+        if m := pattern.search(text):
+            return reason(m)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+             and not line.startswith(("Check the documentation", "Please file an issue"))]
+    return lines[0].removeprefix("WeightsUnpickler error:").strip() if lines else type(error).__name__
+
+
+def _research_hint(error: Exception, path: Path) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if not (m and m.group(1).split(".")[0] in RESEARCH_MODULES):
+        return ""
+    return (f"; it is a checkpoint of the research code: convert it with import_research.py: "
+            f"python import_research.py ckpt={path} positions=<its positions folder> out=<new checkpoint file>")
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint of any supported format, migrated to the current one.
 
@@ -177,16 +256,44 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]} (a checkpoint of the "
-                        f"research code? convert it with import_research.py)") from e
+        why = file_problem(path) or torch_load_reason(e)
+        raise UserError(f"cannot load checkpoint {path}: {why}{_research_hint(e, path)}") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    while fmt in _MIGRATIONS:
-        ckpt = _MIGRATIONS[fmt](ckpt)
-        fmt = ckpt["format"]
-    if fmt != FORMAT:
+    if fmt not in (FORMAT, *_MIGRATIONS):
         known = ", ".join([FORMAT, *_MIGRATIONS])
         raise UserError(f"{path} is not a checkpoint of this code (format {fmt!r}; readable: {known})")
+    _check_fields(ckpt, path, migrated=False)
+    while fmt in _MIGRATIONS:  # one step at a time: v1 -> v2 -> v3
+        ckpt = _MIGRATIONS[fmt](ckpt)
+        fmt = ckpt["format"]
+    _check_fields(ckpt, path, migrated=True)
     return ckpt
+
+
+def _check_fields(ckpt: dict, path: Path, migrated: bool) -> None:
+    """Refuse a checkpoint whose fields are missing or not of their kind, naming the field; before
+    migration only what every format has (`model`, `model_config`), after it the current format's."""
+    fields = {"model": dict, "model_config": dict, "iter_num": int}
+    if migrated:
+        fields.update(kind=str, layout=dict, tokenizer=(dict, type(None)), config=dict)
+    for key, kind in fields.items():
+        if key not in ckpt:
+            raise UserError(f"{path}: the checkpoint has no {key!r} field; it is damaged or not written by this code")
+        if not isinstance(ckpt[key], kind):
+            raise UserError(f"{path}: the checkpoint's {key!r} is a {type(ckpt[key]).__name__}; it is damaged")
+    bad = next(((k, v) for k, v in ckpt["model"].items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
+               None)
+    if bad:
+        raise UserError(f"{path}: the checkpoint's 'model' holds {bad[0]!r}: {type(bad[1]).__name__}, not a weight")
+    if "sheet.unit_coords" not in ckpt["model"]:
+        raise UserError(f"{path}: the checkpoint's 'model' has no sheet.unit_coords (the unit positions); it is damaged")
+    if migrated:
+        try:
+            GPTConfig(**ckpt["model_config"])
+        except TypeError as e:  # a key GPTConfig does not have, or lacks
+            raise UserError(f"{path}: the checkpoint's model_config does not fit this code's GPTConfig ({e})") from e
+        except ValueError as e:
+            raise UserError(f"{path}: the checkpoint's model_config is no valid model: {e}") from e
 
 
 # ----------------------------------------------------------------------------- models
@@ -195,7 +302,11 @@ def build_gpt(ckpt: dict, **config_overrides) -> GPT:
     """The GPT of a checkpoint (weights and unit positions), with `config_overrides` (e.g. dropout,
     alpha) applied to its GPTConfig. Returned on the CPU in training mode."""
     gpt = GPT(GPTConfig(**{**ckpt["model_config"], **config_overrides}))
-    gpt.load_state_dict(ckpt["model"])
+    try:
+        gpt.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # torch lists every mismatch over several lines
+        problems = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
+        raise UserError(f"the checkpoint's weights do not fit its model_config: {'; '.join(problems)[:600]}") from e
     return gpt
 
 
@@ -219,7 +330,11 @@ def load_model(path_or_run: str | Path, device: str = "cpu") -> tuple[GPT, dict,
     For a finetuned checkpoint this is its backbone. Raises UserError as `find_checkpoint`/`load_checkpoint`."""
     path = find_checkpoint(path_or_run)
     ckpt = load_checkpoint(path)
-    return build_gpt(ckpt).to(device).eval(), ckpt, path
+    try:
+        gpt = build_gpt(ckpt)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+    return gpt.to(device).eval(), ckpt, path
 
 
 def require_gpt2_tokenizer(ckpt: dict, path: Path | str, what: str = "text") -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from topolm.checkpoint import LEGACY_MAGIC, file_problem, first_bytes, refused_global, torch_load_reason
 from topolm.config import UserError
 from model import GPT, GPTConfig
 from positions import grid_side, site_names
@@ -98,12 +99,32 @@ class _LazyTensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
 
+def check_view(size, stride, offset, numel: int, where: str = "") -> None:
+    """Refuse a strided view (sizes, strides, storage offset, in elements) that is not whole numbers >= 0
+    or reaches past the `numel` elements of its storage; a view of n > 0 elements reaches element
+    offset + sum((size_i - 1) * stride_i). Raises pickle.UnpicklingError, so nothing is read out of bounds."""
+    size, stride = tuple(size), tuple(stride)
+    numbers = (*size, *stride, offset)
+    if len(size) != len(stride) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in numbers):
+        raise pickle.UnpicklingError(f"a tensor{where} has size {list(size)}, stride {list(stride)} and offset "
+                                     f"{offset!r}: not a view of a storage")
+    if 0 not in size:
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= numel:
+            raise pickle.UnpicklingError(
+                f"a tensor{where} of size {list(size)} (stride {list(stride)}, offset {offset}) is larger than its "
+                f"storage: it needs element {last} of {numel}; the file is damaged or was not written by torch.save")
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    """Stand-in for `torch._utils._rebuild_tensor(_v2)`: a strided view of a flat storage (or a lazy one)."""
+    """Stand-in for `torch._utils._rebuild_tensor(_v2)`: a strided view of a flat storage (or a lazy one),
+    checked to lie inside it."""
     if isinstance(storage, _LazyStorage):
+        check_view(size, stride, storage_offset, storage.numel, f" in storage record {storage.key}")
         return _LazyTensor(storage, storage_offset, size, stride)
     if not isinstance(storage, torch.Tensor):
         raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
+    check_view(size, stride, storage_offset, storage.numel())
     return storage.as_strided(tuple(size), tuple(stride), storage_offset)
 
 
@@ -117,7 +138,11 @@ def _storage_from_bytes(data: bytes) -> torch.Tensor:
         raise pickle.UnpicklingError("torch.storage._load_from_bytes called without bytes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation notices of torch's legacy format
-        storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        try:
+            storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's messages span lines and advise weights_only=False
+            raise pickle.UnpicklingError(f"the bytes of a tensor (torch.storage._load_from_bytes): "
+                                         f"{torch_load_reason(e)}") from e
         if isinstance(storage, torch.Tensor):
             return storage.reshape(-1)
         if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
@@ -169,8 +194,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return "typing.Any"
         if module == "positions" or module == "omegaconf" or module.startswith("omegaconf."):
             return _stand_in(full)
-        raise pickle.UnpicklingError(f"refused to load {full}: not a tensor, a plain value, or a research/OmegaConf "
-                                     f"class this importer knows")
+        raise pickle.UnpicklingError(refused_global(full))
 
     def persistent_load(self, pid):
         if self.storage_reader is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -188,13 +212,14 @@ def _materialize(obj, cache: dict, skip: tuple = (), seen: set | None = None):
     seen = set() if seen is None else seen
     if isinstance(obj, _LazyTensor):
         s = obj.storage
-        if s.key not in cache:
+        if (s.key, s.dtype, s.numel) not in cache:  # the same record may be named with two element counts
             raw = s.read(s.key)
             want = s.numel * torch.empty(0, dtype=s.dtype).element_size()
             if len(raw) != want:
                 raise UserError(f"storage record {s.key} holds {len(raw)} bytes; expected {want}")
-            cache[s.key] = torch.frombuffer(bytearray(raw), dtype=s.dtype) if want else torch.empty(0, dtype=s.dtype)
-        return cache[s.key].as_strided(obj.size, obj.stride, obj.offset)
+            cache[s.key, s.dtype, s.numel] = (torch.frombuffer(bytearray(raw), dtype=s.dtype) if want
+                                              else torch.empty(0, dtype=s.dtype))
+        return cache[s.key, s.dtype, s.numel].as_strided(obj.size, obj.stride, obj.offset)
     if isinstance(obj, dict):
         return type(obj)((k, None if k in skip else _materialize(v, cache, (), seen)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
@@ -212,8 +237,16 @@ def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
 
     Raises UserError for a file that is not such a zip, or for a global outside the allow-list."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; ckpt= takes the research checkpoint file inside it (e.g. {path}/ckpt.pt)")
     if not path.is_file():
         raise UserError(f"research checkpoint not found: {path}")
+    if problem := file_problem(path):
+        raise UserError(f"cannot read {path}: {problem}")
+    with open(path, "rb") as f:
+        if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
+            raise UserError(f"cannot read {path}: it is in torch's legacy format (torch < 1.6), which this importer does "
+                            f"not read; save it again with torch >= 1.6 where it was written")
     try:
         with zipfile.ZipFile(path) as z:
             pickles = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
@@ -227,10 +260,10 @@ def load_torch_zip(path: Path, skip_keys: tuple = ()) -> object:
                 return _LazyStorage(lambda k: z.read(f"{prefix}data/{k}"), key, dtype, numel)
             obj = RestrictedUnpickler(io.BytesIO(z.read(pickles[0])), reader).load()
             return _materialize(obj, {}, skip_keys)
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{path} is not a torch.save zip file ({e}); checkpoints of torch < 1.6 are not supported") from e
+    except zipfile.BadZipFile as e:  # a record that fails its CRC, a damaged header
+        raise UserError(f"cannot read {path}: it is damaged ({e}); copy it again") from e
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        raise UserError(f"cannot read {path}: {torch_load_reason(e)}") from e
 
 
 def load_pickle(path: Path) -> object:
@@ -238,11 +271,17 @@ def load_pickle(path: Path) -> object:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            head = f.read(16)
+            if not head.startswith(b"\x80"):  # the PROTO opcode of every pickle of protocol 2 or later
+                what = first_bytes(head) if head else "nothing (0 bytes)"
+                raise UserError(f"cannot read {path}: it is not a pickle (it begins with {what}; a pickle of "
+                                f"protocol 2 or later begins with byte 0x80)")
+            f.seek(0)
             return RestrictedUnpickler(f).load()
     except FileNotFoundError as e:
         raise UserError(f"file not found: {path}") from e
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        raise UserError(f"cannot read {path}: {torch_load_reason(e)}") from e
 
 
 def to_plain(obj, _depth: int = 0):
@@ -332,30 +371,86 @@ def read_research_positions(folder: Path, n_layer: int, n_embed: int) -> dict:
 
 
 def read_research_checkpoint(path: Path) -> dict:
-    """The research checkpoint as plain data: `model` (state_dict), `model_args`, `config` (dict or
-    None), `iter_num`, `best_val_loss` (float or None). The optimizer state is not read."""
+    """The research checkpoint as plain data: `model` (state_dict: weight name -> tensor), `model_args`
+    (dict), `config` (dict or None), `iter_num` (int), `best_val_loss` (float or None). The optimizer
+    state is not read. Raises UserError naming the field that is not of its kind."""
     raw = load_torch_zip(path, skip_keys=("optimizer",))
     if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
-        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        keys = sorted(map(repr, raw)) if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{path} is not a research checkpoint (it needs 'model' and 'model_args'; has {keys})")
-    best = raw.get("best_val_loss")
+    model, args = raw["model"], to_plain(raw["model_args"])
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: its 'model' is a {type(model).__name__}, not a state_dict (weight names and tensors)")
+    for key, value in model.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: its 'model' holds {key!r}: {type(value).__name__}; a state_dict holds weight "
+                            f"names and tensors")
+    if not isinstance(args, dict):
+        raise UserError(f"{path}: its model_args is a {type(args).__name__}, not a dict of the model's settings")
+    iter_num, best = raw.get("iter_num") or 0, raw.get("best_val_loss")
+    if isinstance(iter_num, torch.Tensor) and iter_num.numel() == 1:
+        iter_num = iter_num.item()
+    if not isinstance(iter_num, int) or isinstance(iter_num, bool):
+        raise UserError(f"{path}: its iter_num is {iter_num!r}, not a whole number of steps")
+    if isinstance(best, torch.Tensor) and best.numel() != 1:
+        raise UserError(f"{path}: its best_val_loss is a tensor of shape {tuple(best.shape)}, not one number")
     return {
-        "model": dict(raw["model"]),
-        "model_args": to_plain(raw["model_args"]),
+        "model": dict(model),
+        "model_args": args,
         "config": to_plain(raw.get("config")),
-        "iter_num": int(raw.get("iter_num") or 0),
+        "iter_num": iter_num,
         "best_val_loss": float(best) if isinstance(best, (torch.Tensor, int, float)) else None,
     }
+
+
+def strip_prefixes(key: str) -> str:
+    """A state_dict key without the wrappers' prefixes, in any nesting and order (`module._orig_mod.` is
+    DDP around a compiled model, `_orig_mod.module.` a compiled DDP model)."""
+    while key.startswith(RESEARCH_PREFIXES):
+        key = key[len(next(p for p in RESEARCH_PREFIXES if key.startswith(p))):]
+    return key
 
 
 def _strip_prefixes(state: dict) -> dict:
     out = {}
     for key, value in state.items():
-        for prefix in RESEARCH_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
+        bare = strip_prefixes(key)
+        if bare in out:
+            raise UserError(f"two weights are both {bare!r} once the wrappers' prefixes are removed "
+                            f"(one of them is {key!r}): the checkpoint holds two models")
+        out[bare] = value
     return out
+
+
+SIZE_KEYS = ("n_layer", "n_head", "n_embed", "block_size", "vocab_size")
+
+
+def _model_sizes(args: dict, state: dict, path: Path) -> dict:
+    """model_args' sizes as whole numbers >= 1, checked against the weights (layers, the token and position
+    embeddings) before anything of that size is built. Raises UserError naming the key."""
+    missing = [k for k in SIZE_KEYS if k not in args]
+    if missing:
+        raise UserError(f"{path}: model_args lacks {', '.join(missing)}")
+    for key in SIZE_KEYS:
+        value = args[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path}: model_args {key}={value!r} is not a whole number >= 1")
+    sizes = {k: args[k] for k in SIZE_KEYS}
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if len(layers) != sizes["n_layer"] or (layers and max(layers) != sizes["n_layer"] - 1):  # layers 0 .. n_layer-1
+        raise UserError(f"{path}: model_args n_layer={sizes['n_layer']} but the weights hold layers "
+                        f"{sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}")
+    for name, rows, cols in (("transformer.wte.weight", "vocab_size", "n_embed"),
+                             ("transformer.wpe.weight", "block_size", "n_embed")):
+        want = (sizes[rows], sizes[cols])
+        if name in state and tuple(state[name].shape) != want:
+            raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)} but model_args {rows}={want[0]}, "
+                            f"{cols}={want[1]} need {want}")
+    try:
+        grid_side(sizes["n_embed"])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from e
+    return sizes
 
 
 def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_decay: bool = False) -> tuple[GPT, dict]:
@@ -380,16 +475,14 @@ def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_dec
         raise UserError(f"{ckpt_path}: model_args activation_decay={decay}; this trainer has no activation decay, so "
                         f"continued training would change the objective (pass ignore_activation_decay=true to convert "
                         f"it for sampling and analysis)")
-    missing = [k for k in ("n_layer", "n_head", "n_embed", "block_size", "vocab_size") if k not in args]
-    if missing:
-        raise UserError(f"{ckpt_path}: model_args lacks {', '.join(missing)}")
-    n_layer, n_embed = int(args["n_layer"]), int(args["n_embed"])
-    try:
-        grid_side(n_embed)
-    except ValueError as e:
-        raise UserError(f"{ckpt_path}: {e}") from e
+    state = _strip_prefixes(research["model"])
+    sizes = _model_sizes(args, state, ckpt_path)
+    n_layer, n_embed = sizes["n_layer"], sizes["n_embed"]
     pos = read_research_positions(positions_dir, n_layer, n_embed)
 
+    for key in ("dropout", "alpha"):
+        if args.get(key) is not None and (not isinstance(args[key], (int, float)) or isinstance(args[key], bool)):
+            raise UserError(f"{ckpt_path}: model_args {key}={args[key]!r} is not a number")
     radius, per_batch = pos["radius"], pos["neighborhoods_per_batch"]
     for key, ours in (("radius", radius), ("neighborhoods_per_batch", per_batch)):
         theirs = _plain_number(config, key)
@@ -401,8 +494,8 @@ def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_dec
     if per_batch is None:
         raise UserError(f"neither {positions_dir} nor the checkpoint's config gives neighborhoods_per_batch as a number")
     try:
-        cfg = GPTConfig(n_layer=n_layer, n_head=int(args["n_head"]), n_embed=n_embed,
-                        block_size=int(args["block_size"]), vocab_size=int(args["vocab_size"]),
+        cfg = GPTConfig(n_layer=n_layer, n_head=sizes["n_head"], n_embed=n_embed,
+                        block_size=sizes["block_size"], vocab_size=sizes["vocab_size"],
                         bias=bool(args.get("bias", False)), dropout=float(args.get("dropout") or 0.0),
                         with_resid=bool(args.get("with_resid", True)), radius=radius,
                         neighborhoods_per_batch=int(per_batch), alpha=float(args.get("alpha") or 0.0),
@@ -410,7 +503,6 @@ def convert_research(ckpt_path: Path, positions_dir: Path, ignore_activation_dec
     except ValueError as e:
         raise UserError(f"{ckpt_path}: cannot convert model_args: {e}") from e
 
-    state = _strip_prefixes(research["model"])
     state = {k: v for k, v in state.items()
              if not (re.fullmatch(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", k) and v.dim() == 4)}  # causal masks
     gpt = GPT(cfg, positions=pos["coords"])

@@ -19,6 +19,7 @@ from topolm.hf import export_hf as export_model, load_hf_sheet
 from model import GPT, GPTConfig
 from positions import random_layout
 from topolm.ablation import top_units, validation_loss, zeroed_units
+from topolm.batching import min_rows
 from topolm.blimp import encode_sentences, gpt_logits, load_blimp_local, sequence_logprobs
 
 transformers = pytest.importorskip("transformers")
@@ -215,8 +216,8 @@ def test_batched_scoring_is_unpadded_and_matches_plain_sums():
         np.testing.assert_array_equal(sequence_logprobs(gpt_logits(model), seqs * 3, batch_size), np.tile(batched, 3))
     calls = []
     sequence_logprobs(lambda idx: calls.append(tuple(idx.shape)) or gpt_logits(model)(idx), seqs * 2, batch_size=4)
-    # one forward pass per length, longest first, never padded; filled up to >= 64 rows with copies of its own
-    assert calls == [(4, 16), (8, 9), (10, 7), (13, 5), (22, 3), (32, 2)]
+    # one forward pass per length, longest first, never padded; filled up to min_rows() rows with its own copies
+    assert calls == [(max(2, -(-min_rows() // n)), n) for n in (16, 9, 7, 5, 3, 2)]
     with pytest.raises(UserError, match="exceeds the model's block_size=16"):
         sequence_logprobs(gpt_logits(model), [[1] * 17], 4, max_len=16)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from topolm.batching import filled
+from topolm.batching import filled, invariant_kernels
 from topolm.blimp import gpt_logits
 from topolm.config import UserError
 
@@ -56,7 +56,8 @@ def validation_loss(model, tokens: np.ndarray, n_batches: int, batch_size: int, 
         index = np.arange(start, min(start + batch_size, len(windows)))
         x = torch.from_numpy(windows[filled(index, T), :-1]).to(device)
         y = torch.from_numpy(windows[index, 1:]).to(device)
-        logits = logits_fn(x)[:len(index)].float()
+        with invariant_kernels(device):
+            logits = logits_fn(x)[:len(index)].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         for window_sum in nll.double().view(len(index), T).sum(dim=1).tolist():
             total += window_sum

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from topolm.batching import filled, length_batches
+from topolm.batching import filled, invariant_kernels, length_batches
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import Checked, UserError, check_device, require
 from topolm.files import read_text
@@ -222,7 +222,9 @@ def sequence_logprobs(logits_fn: Callable[[torch.Tensor], torch.Tensor], seqs: l
     for index in tqdm(list(length_batches(lengths, batch_size)), desc=desc, unit="batch", disable=not progress):
         rows = filled(index, int(lengths[index[0]]))
         idx = torch.tensor([seqs[i] for i in rows], dtype=torch.long, device=device)
-        logp = F.log_softmax(logits_fn(idx)[:len(index), :-1].float(), dim=-1)
+        with invariant_kernels(device):
+            logits = logits_fn(idx)[:len(index), :-1]
+        logp = F.log_softmax(logits.float(), dim=-1)
         token_lp = logp.gather(-1, idx[:len(index), 1:, None]).squeeze(-1)  # (B, T-1): log p(token t | tokens < t)
         out[index] = token_lp.double().sum(dim=1).cpu().numpy()
     nan = np.flatnonzero(np.isnan(out))

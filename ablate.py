@@ -25,7 +25,8 @@ from topolm.config import DATA_DIR, SeedKey, UserError, cli_main, load_config, r
 from topolm.files import atomic_write, open_tokens, require_writable
 from topolm.provenance import provenance
 from topolm.tokenizer import gpt2_encoding
-from topolm.ablation import load_units, random_units, top_units, validation_loss, zeroed_units
+from topolm.ablation import (load_units, random_units, top_units, validation_loss, validation_windows,
+                             zeroed_units)
 from topolm.blimp import BlimpKeys, load_blimp_hub, load_blimp_local, score_blimp
 
 
@@ -85,6 +86,7 @@ def main(argv: list[str]) -> None:
     if cfg.dataset:
         val_file = resolve_path(cfg.dataset, DATA_DIR) / "val.bin"
         val_tokens = open_tokens(val_file, model.config.block_size, model.config.vocab_size)
+        validation_windows(model, val_tokens, cfg.val_batches * cfg.val_batch_size, cfg.seed)  # refused before any work
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
     enc = gpt2_encoding()
 
@@ -94,9 +96,13 @@ def main(argv: list[str]) -> None:
             r = score_blimp(model, pairs, enc, cfg.batch_size, device, progress=False)
             loss = (validation_loss(model, val_tokens, cfg.val_batches, cfg.val_batch_size, cfg.seed, device)
                     if val_tokens is not None else None)
-        print(f"  {label}: BLiMP {r['overall']['accuracy']:.4f}" + (f", val loss {loss:.4f}" if loss is not None else ""))
+        skipped = r["overall"]["not_scorable"]
+        print(f"  {label}: BLiMP {r['overall']['accuracy']:.4f}" + (f", val loss {loss:.4f}" if loss is not None else "")
+              + (f" ({skipped} of {len(pairs)} pairs not scorable: a token outside the output vocabulary)"
+                 if skipped else ""))
         return {"blimp": r["overall"]["accuracy"], "blimp_paradigm_mean": r["overall"]["paradigm_mean"],
-                "phenomena": {p: e["accuracy"] for p, e in r["phenomena"].items()}, "val_loss": loss}
+                "phenomena": {p: e["accuracy"] for p, e in r["phenomena"].items()}, "val_loss": loss,
+                "not_scorable": r["overall"]["not_scorable"]}
 
     print(f"ablating k={cfg.k} of {n_embed} units at each of {len(names)} sites; {len(pairs)} BLiMP pairs"
           + (f", {cfg.val_batches} x {cfg.val_batch_size} validation windows" if val_tokens is not None else ""))
@@ -129,7 +135,7 @@ def main(argv: list[str]) -> None:
 
     record = {"checkpoint": str(path), "provenance": source, "units_file": cfg.units, "units_provenance": units_source,
               "config": asdict(cfg), "k": cfg.k,
-              "n_pairs": len(pairs), "intact": intact,
+              "n_pairs": len(pairs), "not_scorable": intact["not_scorable"], "intact": intact,
               "selective": {**top, "units": {name: selective[s].tolist() for s, name in enumerate(names)},
                             "significant_per_site": significant},
               "random": rand}

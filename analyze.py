@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.analysis import CONTRASTS, Stimuli, heldout_windows, measure_model, summarize
+from topolm.analysis import CONTRASTS, Stimuli, defined_mean, heldout_windows, measure_model, summarize
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, REPO, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
                            resolve_device, resolve_path)
@@ -152,26 +152,30 @@ def load(cfg: AnalyzeConfig, device: str, label: str, arg: str, stim: Stimuli, l
 
 # ----------------------------------------------------------------------------- console
 
+def _num(x: float, width: int) -> str:
+    """A number for the table; an undefined one (NaN) as 'undef'."""
+    return f"{'undef':>{width}}" if x is None or x != x else f"{x:>{width}.3f}"
+
+
 def print_table(loaded: Loaded, summary: dict) -> None:
     print(f"\n{loaded.title}  {loaded.path}")
     print(f"{'site':<14}{'I S-N':>7}{'p':>7}{'I V-N':>7}{'p':>7}{'null I':>8}{'sel%':>6}{'adj r':>7}{'far r':>7}"
           f"{'null r':>7}{'SL':>6}")
-    rows = list(summary["sites"].items()) + [("mean", None)]
-    for name, e in rows:
-        if e is None:
-            e = summary["mean"]
-            loc, vn = e["localizer"], e["verb_noun"]
-            print(f"{'mean':<14}{loc['morans_i']:>7.3f}{'':>7}{vn['morans_i']:>7.3f}{'':>7}"
-                  f"{(loc['null_i'] + vn['null_i']) / 2:>8.3f}{100 * e['fraction_selective']:>6.1f}"
-                  f"{e['adjacent_corr']:>7.3f}{e['far_corr']:>7.3f}{e['null_adjacent_corr']:>7.3f}{e['spatial_loss']:>6.3f}")
-            continue
+    for name, e in list(summary["sites"].items()) + [("mean", summary["mean"])]:
         loc, vn = e["localizer"], e["verb_noun"]
-        print(f"{name:<14}{loc['morans_i']:>7.3f}{loc['p']:>7.3f}{vn['morans_i']:>7.3f}{vn['p']:>7.3f}"
-              f"{(loc['null_i'] + vn['null_i']) / 2:>8.3f}{100 * e['fraction_selective']:>6.1f}"
-              f"{e['adjacent_corr']:>7.3f}{e['far_corr']:>7.3f}{e['null_adjacent_corr']:>7.3f}{e['spatial_loss']:>6.3f}")
+        p_loc, p_vn = (_num(loc["p"], 7), _num(vn["p"], 7)) if name != "mean" else ("", "")  # no p of a mean
+        print(f"{name:<14}{_num(loc['morans_i'], 7)}{p_loc:>7}{_num(vn['morans_i'], 7)}{p_vn:>7}"
+              f"{_num(defined_mean([loc['null_i'], vn['null_i']]), 8)}{100 * e['fraction_selective']:>6.1f}"
+              f"{_num(e['adjacent_corr'], 7)}{_num(e['far_corr'], 7)}{_num(e['null_adjacent_corr'], 7)}"
+              f"{_num(e['spatial_loss'], 6)}")
     m = summary["mean"]
-    print(f"null 95% band of the site-mean I: S-N [{m['localizer']['null_i_95'][0]:.3f}, {m['localizer']['null_i_95'][1]:.3f}]"
-          f", V-N [{m['verb_noun']['null_i_95'][0]:.3f}, {m['verb_noun']['null_i_95'][1]:.3f}]")
+    print(f"null 95% band of the site-mean I: S-N [{_num(m['localizer']['null_i_95'][0], 0)}, "
+          f"{_num(m['localizer']['null_i_95'][1], 0)}], V-N [{_num(m['verb_noun']['null_i_95'][0], 0)}, "
+          f"{_num(m['verb_noun']['null_i_95'][1], 0)}]")
+    for name, e in summary["sites"].items():
+        for contrast in CONTRASTS:
+            if "undefined" in e[contrast]:
+                print(f"{name} {contrast}: Moran's I undefined: {e[contrast]['undefined']}")
 
 
 # ----------------------------------------------------------------------------- main

@@ -5,12 +5,15 @@
     python blimp.py ckpt=out/<run> data_dir=path/to/blimp/data      # offline: <paradigm>.jsonl files
 
 Each sentence is scored as its total log-probability given a leading <|endoftext|>; a pair is
-correct when the grammatical sentence scores higher (topolm/blimp.py). Prints a table and writes the
-results as JSON (`out`, default `<checkpoint>.blimp.json` beside the checkpoint).
+correct when the grammatical sentence scores higher (topolm/blimp.py). A pair holding a token outside
+a restricted output vocabulary (output_vocab=corpus) is not scorable: counted, and left out of the
+accuracy. Prints a table and writes the results as JSON (`out`, default `<checkpoint>.blimp.json`
+beside the checkpoint).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +35,11 @@ class BlimpConfig(BlimpKeys):
     """Also write each pair's log-probabilities (lp_good, lp_bad) into the JSON."""
 
 
+def finite_or_none(values) -> list:
+    """Numbers for JSON: -inf (probability 0 under a restricted output vocabulary) becomes null."""
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
 def main(argv: list[str]) -> None:
     cfg: BlimpConfig = load_config(BlimpConfig, argv)
     device = resolve_device(cfg.device)
@@ -41,12 +49,13 @@ def main(argv: list[str]) -> None:
     require_writable(out.parent)
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
     results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, device)
-    lp_good, lp_bad = results.pop("lp_good"), results.pop("lp_bad")
+    lp_good, lp_bad, scorable = results.pop("lp_good"), results.pop("lp_bad"), results.pop("scorable")
     print(blimp_table(results))
     record = {"checkpoint": str(path), "provenance": provenance(path, ckpt, model), "data": cfg.data_dir or "nyu-mll/blimp",
               "config": asdict(cfg), **results}
     if cfg.save_pairs:
-        record["pairs"] = {"paradigm": pairs.paradigm, "lp_good": lp_good.tolist(), "lp_bad": lp_bad.tolist()}
+        record["pairs"] = {"paradigm": pairs.paradigm, "lp_good": finite_or_none(lp_good),
+                           "lp_bad": finite_or_none(lp_bad), "scorable": scorable.tolist()}
     atomic_write(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 

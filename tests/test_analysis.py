@@ -112,16 +112,14 @@ def tiny_model():
     return model
 
 
-def test_responses_skip_prefix_and_padding(tiny_model):
+def test_responses_skip_the_prefix(tiny_model):
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 50, size=n).tolist() for n in (3, 9, 5, 12, 1, 7)]
     ranges = [(0, len(x)) for x in ids]
     ranges[1] = (2, 5)  # a target inside the item
     alone = np.concatenate([analysis.site_responses(tiny_model, [x], [r], batch_size=1) for x, r in zip(ids, ranges)], axis=1)
     batched = analysis.site_responses(tiny_model, ids, ranges, batch_size=4)
-    other_pad = analysis.site_responses(tiny_model, ids, ranges, batch_size=6, pad_id=7)
-    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(other_pad, alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(batched, alone)
     # by hand: the mean over the item's positions after the <|endoftext|> prefix
     big = tiny_model
     resp = analysis.site_responses(big, [ids[3]], [(0, len(ids[3]))])
@@ -132,6 +130,20 @@ def test_responses_skip_prefix_and_padding(tiny_model):
     resp = analysis.site_responses(big, [ids[1]], [(2, 5)])
     acts = big.site_activations(torch.tensor([[analysis.EOT_TOKEN] + ids[1]]))
     np.testing.assert_allclose(resp[0, 0], acts[big.site_names[0]][0, 3:6].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_responses_are_bit_identical_at_every_batch_size():
+    # the shipped stimuli (many lengths, targets inside the POS items) through a model of their length
+    from topolm.tokenizer import gpt2_encoding
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=16, block_size=64, vocab_size=50304, radius=2,
+                          neighborhoods_per_batch=2, alpha=0.0), random_layout(4, 16, seed=1)).eval()
+    stim = analysis.Stimuli.build(stimuli.read_localizer(), stimuli.read_pos(), gpt2_encoding())
+    ids = [x for c in analysis.CONDITIONS for x in stim.localizer[c][0][:24]] + stim.pos_ids[::4]
+    ranges = [x for c in analysis.CONDITIONS for x in stim.localizer[c][1][:24]] + stim.pos_ranges[::4]
+    alone = analysis.site_responses(model, ids, ranges, batch_size=1)
+    for batch_size in (7, 32):
+        np.testing.assert_array_equal(analysis.site_responses(model, ids, ranges, batch_size=batch_size), alone)
 
 
 def test_responses_refuse_items_longer_than_the_block(tiny_model):
@@ -151,8 +163,13 @@ def test_welch_t_hand_worked():
     assert t[0] == pytest.approx(-4 / se, rel=1e-12)
     assert p[0] == pytest.approx(2 * student.sf(4 / se, df), rel=1e-9)
     assert t[0] == pytest.approx(-4 / math.sqrt(17 / 6), rel=1e-12)  # -2.3763541031440183
-    t, p = analysis.welch_t(np.ones((4, 1)), np.ones((5, 1)))  # constant in both groups
-    assert t[0] == 0.0 and p[0] == 1.0
+    # undefined, never significant: zero variance in both groups (0/0 and c/0), fewer than 2 items on a side
+    t, p = analysis.welch_t(np.ones((4, 3)), np.array([[1.0, 2.0, 1.0]] * 5))
+    assert np.isnan(t).all() and np.isnan(p).all()
+    t, p = analysis.welch_t(a[:1, None], b[:, None])
+    assert np.isnan(t[0]) and np.isnan(p[0])
+    t, p = analysis.welch_t(np.array([[1.0, 0.0], [2.0, 1.0]]), np.array([[1.0, 5.0], [2.0, 5.0]]))
+    assert t[0] == 0.0 and p[0] == 1.0 and np.isfinite(t[1]) and p[1] < 0.2  # one constant group: t is defined
 
 
 def test_fdr_hand_worked_per_site():
@@ -170,6 +187,12 @@ def test_fdr_hand_worked_per_site():
     assert not sig[1].any()
     t = np.array([[1.0, 2.0, -3.0, 4.0, 5.0]])
     assert analysis.selective(t, p[:1]).tolist() == [[False, True, False, True, True]]
+    # an undefined p is no discovery and no test: BH runs over the defined units only
+    with_undefined = np.array([[0.6, np.nan, 0.035, 0.012, 0.038, np.nan, 0.02]])
+    adjusted, sig = analysis.fdr(with_undefined, 0.05)
+    np.testing.assert_allclose(adjusted[0, [0, 2, 3, 4, 6]], [0.6, 0.0475, 0.0475, 0.0475, 0.0475], rtol=1e-12)
+    assert np.isnan(adjusted[0, [1, 5]]).all() and sig[0].tolist() == [False, False, True, True, True, False, True]
+    assert not analysis.selective(np.full((1, 7), np.nan), with_undefined).any()
 
 
 def test_response_profile_is_cross_validated():
@@ -263,6 +286,13 @@ def test_morans_i_on_maps_with_known_answers():
     # only the border pulls I below 0 (-0.039 on 20 x 20), far from the stripes
     checker = np.where((x + y) % 2 == 0, 1.0, -1.0)
     assert -0.05 < analysis.morans_i(checker, coords, permutations=0).i < 0
+    # undefined maps: a constant map (0/0) and a map with an undefined unit have no I and no p (never
+    # p = 0.001: an undefined statistic is beaten by no permutation), and their nulls are undefined too
+    for undefined in (np.zeros(side * side), np.where(x == 3, np.nan, smooth)):
+        m = analysis.morans_i(undefined, coords, permutations=99)
+        assert math.isnan(m.i) and math.isnan(m.p)
+        assert np.isnan(analysis.null_morans_i(undefined, cells, analysis.shuffled_unit_cells(cells, 5,
+                                                                                             np.random.default_rng(0)))).all()
 
 
 def test_queen_weights_are_row_standardised_with_islands():

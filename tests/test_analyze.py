@@ -1,11 +1,14 @@
 """analyze.py end to end on a tiny trained checkpoint: every file, and summary.json consistent with units.npz."""
 import json
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import analyze
 from topolm import analysis
-from conftest import PYTHON, overrides, run_script
+from conftest import PYTHON, REPO, overrides, run_script
 
 # GPT-2's vocabulary (the stimuli are GPT-2 text) and a block long enough for the longest item
 TINY_GPT2 = dict(vocab_size=50304, block_size=64, max_iters=2, eval_interval=2, save_interval=2, eval_iters=1)
@@ -130,3 +133,63 @@ def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):
     assert len(tokens) > 0 and int(tokens[0]) != 9
     given = AnalyzeConfig(ckpt="x", heldout=str(folders["config"] / "val.bin"))
     assert heldout_tokens(given, {"data": recorded}, localizer)[1:] == (str(folders["config"] / "val.bin"), "heldout=")
+
+
+def _no_signal_stimuli(folder):
+    """The shipped stimuli with every nonword list replaced by its item's sentence: S - N has no signal."""
+    import csv
+    folder.mkdir()
+    rows = list(csv.DictReader(open(REPO / "stimuli" / "localizer.tsv", newline="", encoding="utf-8"), delimiter="\t",
+                               quoting=csv.QUOTE_NONE))
+    sentence = {r["item"]: r["text"] for r in rows if r["condition"] == "S"}
+    lines = ["item\tcondition\ttext"] + [f"{r['item']}\t{r['condition']}\t"
+                                         f"{sentence[r['item']] if r['condition'] == 'N' else r['text']}" for r in rows]
+    (folder / "localizer.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copy(REPO / "stimuli" / "pos.tsv", folder / "pos.tsv")
+    return folder
+
+
+def test_a_contrast_without_signal_is_undefined_at_every_batch_size(tmp_path, capsys):
+    import torch
+    from topolm import figures
+    from topolm.checkpoint import make_payload, save_checkpoint, tokenizer_for
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embed=16, radius=2, neighborhoods_per_batch=2)).eval()
+    with torch.no_grad():
+        gpt.transformer.h[0].attn.c_proj.weight.zero_()  # layer.0.attn is 0 for every item: zero variance in both groups
+    save_checkpoint(make_payload(gpt, kind="pretrain", config={}, iter_num=0, tokenizer=tokenizer_for(50304),
+                                 layout_source="test"), tmp_path / "run" / "ckpt-0000000.pt")
+    stim = _no_signal_stimuli(tmp_path / "stim")
+    units, summaries = {}, {}
+    for batch_size in (1, 7, None):
+        out = tmp_path / f"fig-{batch_size}"
+        analyze.main([f"ckpt={tmp_path / 'run'}", f"stimuli={stim}", f"out={out}", "permutations=99", "null_shuffles=20",
+                      "heldout_tokens=256"] + ([f"batch_size={batch_size}"] if batch_size else []))
+        units[batch_size] = dict(np.load(out / "units.npz"))
+        summaries[batch_size] = json.loads((out / "summary.json").read_text())["model"]
+    for batch_size in (7, None):  # the responses, hence every statistic, bit for bit
+        for key in ("mean_localizer", "t_localizer", "t_verb_noun", "p_verb_noun"):
+            np.testing.assert_array_equal(units[batch_size][key], units[1][key], err_msg=f"{key} at {batch_size}")
+    t = units[1]["t_localizer"]
+    assert np.isnan(t[0]).all() and (t[1] == 0).all() and np.isnan(units[1]["t_verb_noun"][0]).all()
+    assert not units[1]["selective_localizer"].any()
+    for model in summaries.values():
+        attn, mlp = model["sites"]["layer.0.attn"], model["sites"]["layer.0.mlp"]
+        for site in (attn["localizer"], mlp["localizer"], attn["verb_noun"]):
+            assert site["morans_i"] is None and site["p"] is None and site["null_i"] is None
+        assert "zero variance in both groups" in attn["localizer"]["undefined"]
+        assert "t = 0 at every unit" in mlp["localizer"]["undefined"]
+        assert isinstance(mlp["verb_noun"]["p"], float) and "undefined" not in mlp["verb_noun"]
+        loc, vn = model["mean"]["localizer"], model["mean"]["verb_noun"]
+        assert loc["sites_p_below_0.05"] == 0 and loc["sites_undefined"] == 2 and loc["morans_i"] is None
+        assert vn["sites_undefined"] == 1 and vn["morans_i"] == mlp["verb_noun"]["morans_i"]
+    assert "undefined" in capsys.readouterr().out
+    # the figures say so: no colour bar where no unit has a defined t other than 0
+    loaded = SimpleNamespace(title="run (step 0)", name="run", label="model", model=gpt)
+    m = units[1]
+    for s, words in ((0, "undefined"), (1, "t = 0 at every unit")):
+        fig = figures.plot_site(loaded, m, s, "localizer", 0.05, figures._vmax([(loaded, m)], "localizer"))
+        assert len(fig.axes) == 1 and words in " ".join(t.get_text() for t in fig.texts + fig.axes[0].texts)
+    assert len(figures.plot_maps([(loaded, m)], "localizer", 0.05).axes) == 2  # the two maps, no colour bar
+    assert len(figures.plot_maps([(loaded, m)], "verb_noun", 0.05).axes) == 3  # layer.0.mlp's t is a finding

@@ -1,6 +1,7 @@
 """Hugging Face export (exact logits and tokenizer through transformers offline), BLiMP scoring (local
 files; the same pairs through the export), and unit ablation at the sites."""
 import itertools
+import math
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
 from positions import random_layout
 from topolm.ablation import top_units, validation_loss, zeroed_units
+from topolm.batching import min_rows
 from topolm.blimp import encode_sentences, gpt_logits, load_blimp_local, sequence_logprobs
 
 transformers = pytest.importorskip("transformers")
@@ -213,7 +215,8 @@ def test_blimp_on_local_files_and_the_same_pairs_through_the_export(grammar, tmp
                 "batch_size=5"])
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert result["paradigms"]["known_verb"] == {"accuracy": 1.0, "n": 8, "phenomenon": "lexicon", "field": "semantics"}
+    assert result["paradigms"]["known_verb"] == {"accuracy": 1.0, "n": 8, "not_scorable": 0, "phenomenon": "lexicon",
+                                                 "field": "semantics"}
     assert result["paradigms"]["word_order"]["accuracy"] == 1.0 and result["phenomena"]["word_order"]["n"] == 8
     assert result["overall"]["accuracy"] == 1.0 and result["overall"]["n"] == 16
     assert "mean over paradigms" in printed and "known_verb" in printed
@@ -239,7 +242,7 @@ def test_blimp_on_local_files_and_the_same_pairs_through_the_export(grammar, tmp
     assert ((good > bad) == (np.array(result["pairs"]["lp_good"]) > np.array(result["pairs"]["lp_bad"]))).all()
 
 
-def test_batched_scoring_excludes_padding_and_matches_plain_sums():
+def test_batched_scoring_is_unpadded_and_matches_plain_sums():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=60, radius=2,
                           neighborhoods_per_batch=3)).eval()
@@ -251,9 +254,12 @@ def test_batched_scoring_excludes_padding_and_matches_plain_sums():
             logits = gpt_logits(model)(torch.tensor([s]))[0]
             plain = sum(float(torch.log_softmax(logits[t - 1].double(), -1)[s[t]]) for t in range(1, len(s)))
             assert value == pytest.approx(plain, abs=1e-5)
+    for batch_size in (1, 3, 64):  # the same numbers, bit for bit
+        np.testing.assert_array_equal(sequence_logprobs(gpt_logits(model), seqs * 3, batch_size), np.tile(batched, 3))
     calls = []
-    sequence_logprobs(lambda idx: calls.append(idx.shape) or gpt_logits(model)(idx), seqs, batch_size=4)
-    assert calls == [(4, 16), (2, 3)]  # one forward pass per batch, longest first
+    sequence_logprobs(lambda idx: calls.append(tuple(idx.shape)) or gpt_logits(model)(idx), seqs * 2, batch_size=4)
+    # one forward pass per length, longest first, never padded; filled up to min_rows() rows with its own copies
+    assert calls == [(max(2, -(-min_rows() // n)), n) for n in (16, 9, 7, 5, 3, 2)]
     with pytest.raises(UserError, match="exceeds the model's block_size=16"):
         sequence_logprobs(gpt_logits(model), [[1] * 17], 4, max_len=16)
 
@@ -416,3 +422,122 @@ def test_an_empty_paradigm_list_is_refused():
     from topolm.blimp import parse_paradigms
     with pytest.raises(UserError, match="names no paradigm"):
         parse_paradigms(" , ", ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- a restricted output vocabulary
+
+
+@pytest.fixture(scope="module")
+def restricted(grammar):
+    """The grammar model trained with output_vocab=corpus: the corpus holds no id 0 (GPT-2's '!'), so id 0
+    and every word outside the corpus get log-probability -inf."""
+    root = grammar["root"]
+    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+                *overrides(dataset=str(grammar["data"]), out_dir=str(root), run_name="restricted", vocab_size=50304,
+                           block_size=16, batch_size=8, learning_rate=1e-2, max_iters=12, warmup_iters=2,
+                           lr_decay_iters=12, min_lr=1e-3, eval_interval=12, save_interval=12, eval_iters=1,
+                           output_vocab="corpus")])
+    return root / "restricted"
+
+
+def write_restricted_pairs(folder):
+    """Pairs for the restricted model: agreement (every id in the corpus, of different lengths), a verb the
+    corpus never holds on one side, and on both sides."""
+    folder.mkdir(parents=True)
+    agreement, one_side, both = [], [], []
+    for noun, verb in itertools.product(NOUNS, VERBS):
+        agreement.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"The {NOUNS[noun]} {verb}.",
+                          "UID": "agreement", "linguistics_term": "agreement", "field": "morphology"})
+        agreement.append({"sentence_good": f"The {NOUNS[noun]} {VERBS[verb]}.", "sentence_bad": f"The {verb}.",
+                          "UID": "agreement", "linguistics_term": "agreement", "field": "morphology"})
+        one_side.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"The {noun} {UNSEEN[verb]}.",
+                         "UID": "unseen_verb", "linguistics_term": "lexicon", "field": "semantics"})
+        both.append({"sentence_good": f"The {noun} {UNSEEN[verb]}.",
+                     "sentence_bad": f"The {NOUNS[noun]} {UNSEEN[verb]}.",
+                     "UID": "unseen_both", "linguistics_term": "lexicon", "field": "semantics"})
+    for name, rows in (("agreement", agreement), ("unseen_verb", one_side), ("unseen_both", both)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def lone_logprob(model, sentence):
+    """A sentence's log-probability after <|endoftext|>, alone (no batch, no padding), summed in float64."""
+    ids = torch.tensor([[EOT_TOKEN] + gpt2_encoding().encode_ordinary(sentence)])
+    with torch.no_grad():
+        logp = torch.log_softmax(gpt_logits(model)(ids)[0, :-1].double(), -1)
+    return float(logp.gather(-1, ids[0, 1:, None]).sum())
+
+
+def test_blimp_of_a_restricted_vocabulary_is_batch_size_invariant_and_skips_unscorable_pairs(restricted, tmp_path,
+                                                                                              capsys):
+    model, _, _ = load_model(restricted)
+    assert model.config.n_output_ids and 0 not in model.output_ids.tolist()
+    pairs = write_restricted_pairs(tmp_path / "pairs")
+    rows = [json.loads(line) for name in ("agreement", "unseen_verb", "unseen_both")
+            for line in (pairs / f"{name}.jsonl").read_text().splitlines()]
+    good = np.array([lone_logprob(model, r["sentence_good"]) for r in rows])
+    bad = np.array([lone_logprob(model, r["sentence_bad"]) for r in rows])
+    scorable = np.isfinite(good) & np.isfinite(bad)
+    assert scorable.tolist() == [True] * 8 + [False] * 8  # the reference: agreement only
+    expected = float((good[scorable] > bad[scorable]).mean())
+    results = {}
+    for batch_size in (1, 3, 64):
+        out = tmp_path / f"b{batch_size}.json"
+        blimp.main([f"ckpt={restricted}", f"data_dir={pairs}", f"out={out}", "save_pairs=true",
+                    f"batch_size={batch_size}"])
+        results[batch_size] = json.loads(out.read_text())
+        assert results[batch_size]["overall"]["accuracy"] == expected, batch_size
+        assert results[batch_size]["paradigms"]["agreement"]["accuracy"] == expected
+        lp = np.array(results[batch_size]["pairs"]["lp_good"][:8] + results[batch_size]["pairs"]["lp_bad"][:8])
+        np.testing.assert_allclose(lp, np.concatenate([good[:8], bad[:8]]), rtol=0, atol=1e-4)
+    for batch_size in (3, 64):  # the same numbers, bit for bit, whatever the batching
+        for key in ("overall", "phenomena", "paradigms", "pairs"):
+            assert results[batch_size][key] == results[1][key], (batch_size, key)
+    r = results[64]
+    assert r["overall"]["n"] == 16 and r["overall"]["not_scorable"] == 8 and r["overall"]["ties"] == 0
+    assert r["paradigms"]["agreement"]["not_scorable"] == 0
+    assert r["paradigms"]["unseen_verb"] == {"accuracy": None, "n": 4, "not_scorable": 4, "phenomenon": "lexicon",
+                                             "field": "semantics"}
+    assert r["paradigms"]["unseen_both"]["not_scorable"] == 4 and r["phenomena"]["lexicon"]["accuracy"] is None
+    assert r["overall"]["paradigm_mean"] == expected  # the mean over the paradigms that have an accuracy
+    assert r["pairs"]["lp_bad"][8:] == [None] * 8  # -inf is no JSON number
+    printed = capsys.readouterr().out
+    assert "not scorable" in printed and "8 of 16 pairs not scorable" in printed
+
+
+def test_ablation_of_a_restricted_vocabulary_is_batch_size_invariant(restricted, grammar, tmp_path):
+    model, _, _ = load_model(restricted)
+    pairs = write_restricted_pairs(tmp_path / "pairs")
+    t = np.random.default_rng(0).normal(size=(4, 36))
+    units = tmp_path / "units.npz"
+    np.savez(units, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t)
+    blimp.main([f"ckpt={restricted}", f"data_dir={pairs}", f"out={tmp_path / 'blimp.json'}", "batch_size=1"])
+    alone = json.loads((tmp_path / "blimp.json").read_text())["overall"]
+    runs = []
+    for batch_size, val_batches, val_batch_size in ((1, 8, 1), (64, 2, 4)):
+        out = tmp_path / f"ablation-{batch_size}.json"
+        ablate.main([f"ckpt={restricted}", f"units={units}", "k=6", f"data_dir={pairs}", f"dataset={grammar['data']}",
+                     f"val_batches={val_batches}", f"val_batch_size={val_batch_size}", f"out={out}",
+                     f"batch_size={batch_size}"])
+        runs.append(json.loads(out.read_text()))
+    for r in runs:
+        assert r["intact"]["blimp"] == alone["accuracy"]
+        assert math.isfinite(r["intact"]["val_loss"]) and math.isfinite(r["selective"]["val_loss"])
+    # the same 8 windows, batched 8 x 1 or 2 x 4: the same losses; the same pairs at batch_size 1 or 64
+    for key in ("intact", "selective"):
+        assert runs[0][key]["blimp"] == runs[1][key]["blimp"] and runs[0][key]["val_loss"] == runs[1][key]["val_loss"]
+    assert runs[0]["random"]["blimp"]["values"] == runs[1]["random"]["blimp"]["values"]
+    assert runs[0]["random"]["val_loss"]["values"] == runs[1]["random"]["val_loss"]["values"]
+    assert runs[0]["not_scorable"] == runs[1]["not_scorable"] == 8 and runs[0]["n_pairs"] == 16
+
+
+def test_a_nan_score_is_an_error_with_its_reason(grammar, tmp_path):
+    model, ckpt, _ = load_model(grammar["run"])
+    the = gpt2_encoding().encode_ordinary("The")[0]
+    with torch.no_grad():
+        model.transformer.wte.weight[the] = float("nan")  # every sentence starts with 'The': what follows is NaN
+    save_checkpoint(make_payload(model, kind="pretrain", config=ckpt["config"], iter_num=0, tokenizer=ckpt["tokenizer"],
+                                 layout_source="test"), tmp_path / "nan.pt")
+    with pytest.raises(UserError, match=r"log-probability of .* is NaN"):
+        blimp.main([f"ckpt={tmp_path / 'nan.pt'}", f"data_dir={grammar['pairs']}", f"out={tmp_path / 'b.json'}"])
+    assert not (tmp_path / "b.json").exists()

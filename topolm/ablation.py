@@ -7,6 +7,7 @@ unit's contribution; with with_resid=True the site is the residual stream itself
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,28 +15,56 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from topolm.batching import filled, invariant_kernels
 from topolm.blimp import gpt_logits
 from topolm.config import UserError
 
 
 # ============================================================================= validation loss
 
-@torch.no_grad()
-def validation_loss(model, tokens: np.ndarray, n_batches: int, batch_size: int, seed: int, device: str = "cpu") -> float:
-    """Mean next-token cross-entropy (nats) over `n_batches` x `batch_size` windows of block_size
-    tokens, drawn from `tokens` by a generator seeded with `seed` (the same windows on every call)."""
+def validation_windows(model, tokens: np.ndarray, n_windows: int, seed: int) -> np.ndarray:
+    """(n_windows, block_size + 1) int64 windows of `tokens` (inputs and their next-token targets), their
+    starts drawn at once by a torch generator seeded with `seed`.
+
+    Raises UserError when the tokens are fewer than block_size + 1, or when a target lies outside a
+    restricted output vocabulary (its probability is 0: the loss would be infinite)."""
     T = model.config.block_size
     if len(tokens) < T + 1:
         raise UserError(f"the validation tokens ({len(tokens)}) are fewer than block_size + 1 = {T + 1}")
-    g = torch.Generator().manual_seed(seed)
-    logits_fn, total = gpt_logits(model), 0.0
-    for _ in range(n_batches):
-        ix = torch.randint(len(tokens) - T, (batch_size,), generator=g).tolist()
-        x = torch.stack([torch.from_numpy(tokens[i:i + T].astype(np.int64)) for i in ix]).to(device)
-        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + T].astype(np.int64)) for i in ix]).to(device)
-        logits = logits_fn(x)
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)))
-    return total / n_batches
+    starts = torch.randint(len(tokens) - T, (n_windows,), generator=torch.Generator().manual_seed(seed)).numpy()
+    windows = np.stack([np.asarray(tokens[i:i + T + 1], dtype=np.int64) for i in starts])
+    if model.config.n_output_ids:
+        outside = ~np.isin(windows[:, 1:], model.output_ids.cpu().numpy())
+        if outside.any():
+            raise UserError(f"the validation tokens hold id {int(windows[:, 1:][outside][0])}, outside the model's "
+                            f"output vocabulary of {model.config.n_output_ids} ids (output_vocab=corpus): its loss is "
+                            f"infinite; measure on the dataset the model was trained on")
+    return windows
+
+
+@torch.no_grad()
+def validation_loss(model, tokens: np.ndarray, n_batches: int, batch_size: int, seed: int, device: str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over n_batches x batch_size windows of block_size tokens
+    (`validation_windows`: the same windows on every call, however their number is split into
+    batches). Each window's token losses are summed in float64, the windows in order, so the
+    number does not depend on batch_size (bit for bit on the CPU; topolm.batching).
+
+    Raises UserError as `validation_windows`, and for a NaN loss (the model's outputs are not numbers)."""
+    windows = validation_windows(model, tokens, n_batches * batch_size, seed)
+    T, logits_fn, total = model.config.block_size, gpt_logits(model), 0.0
+    for start in range(0, len(windows), batch_size):
+        index = np.arange(start, min(start + batch_size, len(windows)))
+        x = torch.from_numpy(windows[filled(index, T), :-1]).to(device)
+        y = torch.from_numpy(windows[index, 1:]).to(device)
+        with invariant_kernels(device):
+            logits = logits_fn(x)[:len(index)].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        for window_sum in nll.double().view(len(index), T).sum(dim=1).tolist():
+            total += window_sum
+    loss = total / (len(windows) * T)
+    if math.isnan(loss):
+        raise UserError("the validation loss is NaN: the model's outputs are not numbers (NaN or inf in its weights?)")
+    return loss
 
 
 # ============================================================================= ablation

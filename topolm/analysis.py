@@ -7,12 +7,16 @@ value, and empty cells are not part of the map.
 
 - Responses (`site_responses`): an item is run after an `<|endoftext|>` prefix, as documents
   start in training; a site's response is its activation (as `with_resid` defines it) averaged
-  over the item's own tokens, or over the target word's tokens, never over the prefix or
-  padding. Items are batched right-padded; attention is causal, so no real token attends to
-  the padding after it.
+  over the item's own tokens, or over the target word's tokens, never over the prefix. Items
+  are batched by exact token length, never padded, so a response is bit-identical at every
+  batch size (on the CPU; topolm.batching).
 - Contrasts (`welch_t`, `fdr`): per unit a Welch t-test across items (scipy.stats.ttest_ind,
   equal_var=False), Benjamini-Hochberg FDR over the units of each site
   (scipy.stats.false_discovery_control). A unit is selective when its adjusted p <= q and t > 0.
+- Undefined statistics stay undefined (NaN; null in summary.json, with the reason), never a
+  finding: Welch's t of a unit with zero variance in both groups or of a side with fewer than 2
+  items; Moran's I and its p of a constant t-map or one with an undefined unit (`undefined_map`).
+  They are no FDR test, select no unit, and are left out of every count and site mean.
 - Response profile (`response_profile`): units selected on the odd items and measured on the
   even ones, and the other way round (no item both selects and measures).
 - Moran's I (`morans_i`): queen contiguity (8 neighbours) between occupied cells, row-
@@ -36,6 +40,7 @@ import scipy.sparse
 import scipy.stats
 import torch
 
+from topolm.batching import filled, invariant_kernels, length_batches
 from topolm.tokenizer import EOT_TOKEN
 from positions import spatial_losses
 
@@ -77,38 +82,36 @@ def tokenize_items(texts: list[str], encoding, spans: list[tuple[int, int]] | No
 
 @torch.no_grad()
 def site_responses(model, ids: list[list[int]], ranges: list[tuple[int, int]], batch_size: int = 32,
-                   progress=None, pad_id: int = EOT_TOKEN) -> np.ndarray:
+                   progress=None) -> np.ndarray:
     """Per-item responses of every site, (n_sites, n_items, n_embed) float32, sites in model.site_names order.
 
     Each item is prefixed with `<|endoftext|>` (position 0, never averaged); the response is the
-    mean of the site's activation over positions 1 + ranges[k][0] .. 1 + ranges[k][1] - 1.
-    Items are batched by length, right-padded with `pad_id`. `progress`: a tqdm-like object whose
-    `update(n)` is called per batch. Raises ValueError if an item does not fit the model's block.
+    mean (in float64) of the site's activation over positions 1 + ranges[k][0] .. 1 + ranges[k][1] - 1,
+    selected, never multiplied by a mask. Items run in batches of one exact length (topolm.batching:
+    no padding; the math attention kernel on the CPU), so an item's response is bit-identical at
+    every batch size on the CPU.
+    `progress`: a tqdm-like object whose `update(n)` is called per batch. Raises ValueError if an
+    item does not fit the model's block.
     """
-    n = len(ids)
-    longest = max(len(x) for x in ids) + 1
-    if longest > model.config.block_size:
-        raise ValueError(f"an item of {longest - 1} tokens (+1 prefix) exceeds block_size={model.config.block_size}")
+    lengths = np.array([1 + len(x) for x in ids], dtype=np.int64)
+    if lengths.max() > model.config.block_size:
+        raise ValueError(f"an item of {lengths.max() - 1} tokens (+1 prefix) exceeds block_size={model.config.block_size}")
     device = next(model.parameters()).device
     names = model.site_names
-    out = np.empty((len(names), n, model.config.n_embed), dtype=np.float32)
-    order = sorted(range(n), key=lambda k: len(ids[k]))
-    for b in range(0, n, batch_size):
-        batch = order[b:b + batch_size]
-        width = 1 + max(len(ids[k]) for k in batch)
-        x = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, 1)
-        for row, k in enumerate(batch):
-            x[row, 0] = EOT_TOKEN
-            x[row, 1:1 + len(ids[k])] = torch.as_tensor(ids[k])
-            first, stop = ranges[k]
-            mask[row, 1 + first:1 + stop] = 1.0
-        x, mask = x.to(device), mask.to(device)
-        acts = model.site_activations(x)
+    out = np.empty((len(names), len(ids), model.config.n_embed), dtype=np.float32)
+    for batch in length_batches(lengths, batch_size):
+        width = int(lengths[batch[0]])
+        x = torch.tensor([[EOT_TOKEN] + ids[k] for k in filled(batch, width)], dtype=torch.long, device=device)
+        first = torch.tensor([1 + ranges[k][0] for k in batch], device=device)[:, None]
+        stop = torch.tensor([1 + ranges[k][1] for k in batch], device=device)[:, None]
+        pos = torch.arange(width, device=device)[None, :]
+        inside = ((pos >= first) & (pos < stop))[:, :, None]  # (B, T, 1)
+        with invariant_kernels(device):
+            acts = model.site_activations(x)
         for s, name in enumerate(names):
-            a = acts[name].float()
-            mean = torch.where(mask > 0, a, 0.0).sum(1) / mask.sum(1)
-            out[s, batch] = mean.cpu().numpy()
+            a = acts[name][:len(batch)].double()
+            mean = torch.where(inside, a, 0.0).sum(1) / (stop - first)
+            out[s, batch] = mean.float().cpu().numpy()
         if progress is not None:
             progress.update(len(batch))
     return out
@@ -119,29 +122,56 @@ def site_responses(model, ids: list[list[int]], ranges: list[tuple[int, int]], b
 def welch_t(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Welch's t (a - b) and two-sided p per unit: a (n_a, ...), b (n_b, ...) -> two arrays (...).
 
-    scipy.stats.ttest_ind(equal_var=False) along axis 0. A unit constant in both groups (0/0)
-    gets t = 0, p = 1.
+    scipy.stats.ttest_ind(equal_var=False) along axis 0. Undefined, and so NaN in both arrays
+    (never t = 0, p = 1 or t = +-inf, p = 0): a unit with zero variance in both groups (the
+    standard error is 0) and every unit when a group has fewer than 2 items.
     """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    shape = np.broadcast_shapes(a.shape[1:], b.shape[1:])
+    if len(a) < 2 or len(b) < 2:
+        return np.full(shape, np.nan), np.full(shape, np.nan)
     with warnings.catch_warnings():  # scipy warns about (near-)constant units; they are handled below
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = scipy.stats.ttest_ind(np.asarray(a, np.float64), np.asarray(b, np.float64), axis=0, equal_var=False)
+        res = scipy.stats.ttest_ind(a, b, axis=0, equal_var=False)
     t, p = np.asarray(res.statistic, np.float64), np.asarray(res.pvalue, np.float64)
-    undefined = np.isnan(t)
-    return np.where(undefined, 0.0, t), np.where(undefined | np.isnan(p), 1.0, p)
+    undefined = ((np.ptp(a, axis=0) == 0) & (np.ptp(b, axis=0) == 0)) | np.isnan(t)
+    return np.where(undefined, np.nan, t), np.where(undefined, np.nan, p)
 
 
 def fdr(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Benjamini-Hochberg adjusted p-values along the last axis (the units of one site) and the mask adjusted <= q.
 
-    scipy.stats.false_discovery_control(method='bh'); Benjamini & Hochberg (1995).
+    scipy.stats.false_discovery_control(method='bh'); Benjamini & Hochberg (1995). An undefined
+    (NaN) p is no test: it stays NaN, is never a discovery, and does not count among the tests.
     """
-    adjusted = scipy.stats.false_discovery_control(np.asarray(p, np.float64), axis=-1, method="bh")
-    return adjusted, adjusted <= q
+    p = np.asarray(p, np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    for row in np.ndindex(p.shape[:-1]):
+        defined = ~np.isnan(p[row])
+        if defined.any():
+            adjusted[row + (defined,)] = scipy.stats.false_discovery_control(p[row][defined], method="bh")
+    return adjusted, ~np.isnan(adjusted) & (adjusted <= q)
 
 
 def selective(t: np.ndarray, p: np.ndarray, q: float = 0.05) -> np.ndarray:
-    """Units significant after FDR (per site, last axis) with t > 0."""
-    return fdr(p, q)[1] & (t > 0)
+    """Units significant after FDR (per site, last axis) with t > 0 (never a unit with an undefined t)."""
+    return fdr(p, q)[1] & (np.nan_to_num(t, nan=0.0) > 0)
+
+
+def undefined_map(t: np.ndarray, n_items: tuple[int, int] | None = None) -> str | None:
+    """Why Moran's I of one site's t-map (n_units,) is undefined, or None when it is not.
+
+    n_items: the items on each side of the contrast (a side with fewer than 2 leaves t undefined)."""
+    t = np.asarray(t, np.float64)
+    if n_items is not None and min(n_items) < 2:
+        return (f"fewer than 2 items on a side ({int(n_items[0])} vs {int(n_items[1])}): Welch's t is undefined at "
+                f"every unit")
+    n_nan = int(np.isnan(t).sum())
+    if n_nan:
+        return f"t undefined at {n_nan} of {t.size} units (zero variance in both groups): the map has holes"
+    if np.ptp(t) == 0:
+        return f"t = {t.flat[0]:g} at every unit: a constant map has no spatial autocorrelation (0/0)"
+    return None
 
 
 def response_profile(responses: dict[str, np.ndarray], q: float = 0.05, select=("S", "N")) -> dict:
@@ -249,14 +279,15 @@ def morans_i(values: np.ndarray, coords: np.ndarray, permutations: int = 999, se
     values (n_units,), coords (n_units, 2). p is esda's p_sim: the permutations (of the cell
     values, from np.random.RandomState(seed), as esda draws them after np.random.seed(seed)) at
     least as extreme as I in its own direction, (larger + 1) / (permutations + 1), where larger
-    is the smaller of the counts at or above I and below it. A constant map gives I = NaN.
+    is the smaller of the counts at or above I and below it. A constant map, or one with an
+    undefined (NaN) value, has I = NaN and p = NaN: an undefined statistic is never significant.
     """
     cells = cells or SheetCells.from_coords(coords)
     y = cells.cell_values(values)
     i = float(_moran(y, cells.weights, cells.s0))
     sims = np.empty(0)
     p = math.nan
-    if permutations:
+    if permutations and not math.isnan(i):
         rs = np.random.RandomState(seed)
         z = y - y.mean()
         sims = _moran(np.stack([rs.permutation(z) for _ in range(permutations)]), cells.weights, cells.s0)
@@ -478,6 +509,8 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
     qv, sig = fdr(p, q)
     out.update(t_verb_noun=t, p_verb_noun=p, q_verb_noun=qv, selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
     out["mean_localizer"] = np.stack([loc[c].mean(axis=1) for c in CONDITIONS], axis=1)
+    out["n_items_localizer"] = np.array([loc["S"].shape[1], loc["N"].shape[1]])
+    out["n_items_verb_noun"] = np.array([len(verbs), len(nouns)])
 
     profiles = [response_profile({c: loc[c][s] for c in CONDITIONS}, q) for s in range(len(names))]
     out["profile_mean"] = np.stack([x["mean"] for x in profiles])
@@ -524,23 +557,37 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
 
 
 def _band(x: np.ndarray) -> list[float]:
-    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+    x = np.asarray(x)[~np.isnan(x)]
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if len(x) else [math.nan, math.nan]
+
+
+def defined_mean(x) -> float:
+    """The mean of the defined (non-NaN) values; NaN when none is."""
+    x = np.asarray(x, np.float64)
+    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else math.nan
 
 
 def summarize(m: dict) -> dict:
     """Per-site and site-averaged numbers of `measure_model`'s arrays (summary.json's per-model part).
 
     Site means average over sites; the null's 95% band of the site mean comes from the site
-    means of each position shuffle.
+    means of each position shuffle. A site whose Moran's I is undefined (`undefined_map`) has
+    I, p and null NaN (null in JSON) and its reason under `undefined`; site means and
+    `sites_p_below_0.05` take the defined sites only, and `sites_undefined` counts the others.
     """
     names = [str(n) for n in m["site_names"]]
+    reasons = {c: [undefined_map(m[f"t_{c}"][s], m.get(f"n_items_{c}")) for s in range(len(names))] for c in CONTRASTS}
     sites = {}
     for s, name in enumerate(names):
         entry = {}
         for contrast in CONTRASTS:
             null = m[f"null_moran_{contrast}"][:, s]
             entry[contrast] = {"morans_i": float(m[f"moran_{contrast}"][s]), "p": float(m[f"moran_p_{contrast}"][s]),
-                               "null_i": float(null.mean()), "null_i_95": _band(null)}
+                               "null_i": defined_mean(null), "null_i_95": _band(null)}
+            if reasons[contrast][s] or math.isnan(entry[contrast]["morans_i"]):
+                entry[contrast] = {**entry[contrast], "morans_i": math.nan, "p": math.nan, "null_i": math.nan,
+                                   "null_i_95": [math.nan, math.nan],
+                                   "undefined": reasons[contrast][s] or "the map on the sheet's cells is constant"}
         entry["fraction_selective"] = float(m["selective_localizer"][s].mean())
         entry["fraction_verb_selective"] = float(m["selective_verb"][s].mean())
         entry["fraction_noun_selective"] = float(m["selective_noun"][s].mean())
@@ -551,10 +598,12 @@ def summarize(m: dict) -> dict:
         sites[name] = entry
     mean = {}
     for contrast in CONTRASTS:
-        null_means = m[f"null_moran_{contrast}"].mean(axis=1)
-        mean[contrast] = {"morans_i": float(m[f"moran_{contrast}"].mean()), "null_i": float(null_means.mean()),
-                          "null_i_95": _band(null_means),
-                          "sites_p_below_0.05": int((m[f"moran_p_{contrast}"] < 0.05).sum())}
+        defined = np.array(["undefined" not in sites[n][contrast] for n in names])
+        null_means = m[f"null_moran_{contrast}"][:, defined].mean(axis=1) if defined.any() else np.full(1, math.nan)
+        p = m[f"moran_p_{contrast}"][defined]
+        mean[contrast] = {"morans_i": defined_mean(m[f"moran_{contrast}"][defined]), "null_i": defined_mean(null_means),
+                          "null_i_95": _band(null_means), "sites_p_below_0.05": int((p < 0.05).sum()),
+                          "sites_undefined": int((~defined).sum())}
     for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
                 "null_spatial_loss"):
         mean[key] = float(np.mean(m[key]))

@@ -4,11 +4,14 @@ BLiMP (Warstadt et al. 2020): 67 paradigms x 1000 minimal pairs, each a
 grammatical and an ungrammatical sentence. A sentence's score is its total log-probability
 given a leading `<|endoftext|>`: sum over its tokens t of log p(token_t | <|endoftext|>, tokens < t),
 the convention of lm-eval's `blimp` task. A pair is correct when the grammatical sentence scores
-strictly higher (a tie counts as wrong). Sentences are scored in batches (one forward pass per
-batch, right-padded; attention is causal, so a real token never sees the padding, and padded
-positions are left out of the sums). Accuracy is reported per paradigm (BLiMP's `UID`), per
-phenomenon (its `linguistics_term`, 12 in BLiMP) and overall: the fraction of all pairs, and the
-mean over paradigms (equal when every paradigm has the same number of pairs, as in BLiMP).
+strictly higher (a tie counts as wrong). Sentences are scored in batches of one exact length
+(topolm.batching: no padding; the same scores at every batch size). A model with a restricted
+output vocabulary (output_vocab=corpus) gives probability 0 to every other id: a pair with such a
+token in either sentence is not scorable, counted as such and left out of the accuracy. A NaN
+score is an error, never a number in a report. Accuracy is reported per paradigm (BLiMP's
+`UID`), per phenomenon (its `linguistics_term`, 12 in BLiMP) and overall: the fraction of the
+scorable pairs, and the mean over paradigms (equal when every paradigm has the same number of
+scorable pairs, as in BLiMP with a full vocabulary).
 
 Ablation (the paper's causal test): `zeroed_units` sets chosen units of chosen sites to zero
 where the site's activation is, through forward hooks on the model's site taps (model.sites()).
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from topolm.batching import filled, invariant_kernels, length_batches
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import InferenceKeys, UserError, require
 from topolm.files import read_jsonl
@@ -170,83 +174,133 @@ def gpt_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return logits
 
 
+def producible(model, seqs: list[list[int]]) -> np.ndarray:
+    """(n,) bool: True where every scored token (1..) of a sequence lies in the model's output vocabulary
+    (always, for the full softmax; with a restricted one, GPTConfig.n_output_ids, the ids in `output_ids`)."""
+    if not model.config.n_output_ids:
+        return np.ones(len(seqs), dtype=bool)
+    ids = model.output_ids.cpu().numpy()
+    return np.array([bool(np.isin(s[1:], ids).all()) for s in seqs], dtype=bool)
+
+
 @torch.no_grad()
 def sequence_logprobs(logits_fn: Callable[[torch.Tensor], torch.Tensor], seqs: list[list[int]], batch_size: int,
                       device: str = "cpu", max_len: int | None = None, progress: bool = False,
-                      desc: str = "scoring") -> np.ndarray:
+                      desc: str = "scoring", label: Callable[[int], str] | None = None) -> np.ndarray:
     """Total log-probability of tokens 1.. of each sequence given the tokens before them (float64, (n,)).
 
-    Sequences are sorted by length and right-padded per batch (one forward pass per batch); padded
-    positions are excluded. Raises UserError for a sequence longer than `max_len` or shorter than 2."""
+    Sequences run in batches of one exact length (topolm.batching: no padding, and the same
+    numbers at every batch size, bit for bit on the CPU); each sequence's token log-probabilities
+    (float32 log-softmax) are summed in float64. A token of probability 0 (outside a restricted
+    output vocabulary) makes its sequence -inf. Raises UserError for a sequence longer than
+    `max_len` or shorter than 2, and for a NaN log-probability (named by `label(i)`, default
+    "sequence i"): a NaN is never a score."""
     from tqdm import tqdm
 
-    lengths = np.array([len(s) for s in seqs])
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     if len(seqs) and lengths.min() < 2:
         raise UserError(f"sentence {int(np.argmin(lengths))} has no tokens to score")
     if max_len is not None and len(seqs) and lengths.max() > max_len:
         raise UserError(f"a sentence of {int(lengths.max())} tokens (with <|endoftext|>) exceeds the model's "
                         f"block_size={max_len}")
-    order = np.argsort(-lengths, kind="stable")  # longest first: the first batch shows the memory peak
     out = np.zeros(len(seqs), dtype=np.float64)
-    starts = range(0, len(seqs), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        index = order[start:start + batch_size]
-        n = lengths[index]
-        idx = torch.zeros((len(index), int(n.max())), dtype=torch.long)  # pad id 0: never attended to, never scored
-        for row, i in enumerate(index):
-            idx[row, :n[row]] = torch.tensor(seqs[i])
-        idx = idx.to(device)
-        logp = F.log_softmax(logits_fn(idx)[:, :-1].float(), dim=-1)
-        token_lp = logp.gather(-1, idx[:, 1:, None]).squeeze(-1)  # (B, T-1): log p(token t | tokens < t)
-        real = torch.arange(idx.size(1) - 1, device=device)[None, :] < torch.as_tensor(n - 1, device=device)[:, None]
-        out[index] = (token_lp.double() * real).sum(dim=1).cpu().numpy()
+    for index in tqdm(list(length_batches(lengths, batch_size)), desc=desc, unit="batch", disable=not progress):
+        rows = filled(index, int(lengths[index[0]]))
+        idx = torch.tensor([seqs[i] for i in rows], dtype=torch.long, device=device)
+        with invariant_kernels(device):
+            logits = logits_fn(idx)[:len(index), :-1]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        token_lp = logp.gather(-1, idx[:len(index), 1:, None]).squeeze(-1)  # (B, T-1): log p(token t | tokens < t)
+        out[index] = token_lp.double().sum(dim=1).cpu().numpy()
+    nan = np.flatnonzero(np.isnan(out))
+    if len(nan):
+        what = label(int(nan[0])) if label else f"sequence {int(nan[0])}"
+        raise UserError(f"the log-probability of {what} is NaN ({len(nan)} of {len(seqs)} are): the model's outputs "
+                        f"are not numbers (NaN or inf in its weights?); no score was written")
     return out
 
 
-def blimp_results(pairs: MinimalPairs, lp_good: np.ndarray, lp_bad: np.ndarray) -> dict:
-    """Accuracy per paradigm, per phenomenon and overall (fraction of pairs, and mean over paradigms)."""
-    correct = lp_good > lp_bad
+def blimp_results(pairs: MinimalPairs, lp_good: np.ndarray, lp_bad: np.ndarray,
+                  scorable: np.ndarray | None = None) -> dict:
+    """Accuracy per paradigm, per phenomenon and overall (fraction of pairs, and mean over paradigms).
+
+    scorable: (n_pairs,) bool, default all; a pair that is not scorable is counted (`not_scorable`)
+    and left out of every accuracy. An accuracy with no scorable pair is None; `paradigm_mean`
+    averages the paradigms that have one. `ties`: scorable pairs with equal scores (counted wrong)."""
+    scorable = np.ones(len(pairs), dtype=bool) if scorable is None else np.asarray(scorable, dtype=bool)
+    correct = (np.asarray(lp_good) > np.asarray(lp_bad)) & scorable
     paradigm, phenomenon = np.array(pairs.paradigm), np.array(pairs.phenomenon)
 
-    def group(keys: np.ndarray) -> dict:
-        return {k: {"accuracy": float(correct[keys == k].mean()), "n": int((keys == k).sum())}
-                for k in dict.fromkeys(keys.tolist())}
+    def accuracy(selected: np.ndarray) -> dict:
+        n, scored = int(selected.sum()), int((selected & scorable).sum())
+        return {"accuracy": int(correct[selected].sum()) / scored if scored else None, "n": n,
+                "not_scorable": n - scored}
 
-    per_paradigm = group(paradigm)
+    per_paradigm = {k: accuracy(paradigm == k) for k in dict.fromkeys(paradigm.tolist())}
     for name, entry in per_paradigm.items():
         first = int(np.argmax(paradigm == name))
         entry["phenomenon"], entry["field"] = pairs.phenomenon[first], pairs.field[first]
+    defined = [e["accuracy"] for e in per_paradigm.values() if e["accuracy"] is not None]
     return {
-        "overall": {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "n": int(len(correct)),
-                    "paradigm_mean": float(np.mean([e["accuracy"] for e in per_paradigm.values()])),
-                    "ties": int((lp_good == lp_bad).sum())},
-        "phenomena": group(phenomenon),
+        "overall": {**accuracy(np.ones(len(pairs), dtype=bool)),
+                    "paradigm_mean": float(np.mean(defined)) if defined else None,
+                    "ties": int(((np.asarray(lp_good) == np.asarray(lp_bad)) & scorable).sum())},
+        "phenomena": {k: accuracy(phenomenon == k) for k in dict.fromkeys(phenomenon.tolist())},
         "paradigms": per_paradigm,
     }
 
 
 def score_blimp(model, pairs: MinimalPairs, encoding, batch_size: int, device: str, progress: bool = True) -> dict:
-    """BLiMP results of our GPT on `pairs`, with each pair's log-probabilities (`lp_good`, `lp_bad`)."""
-    seqs = encode_sentences(pairs.good + pairs.bad, encoding)
+    """BLiMP results of our GPT on `pairs`, with each pair's log-probabilities (`lp_good`, `lp_bad`) and
+    whether it is scorable (`scorable`).
+
+    A pair is scorable when both sentences' tokens lie in the model's output vocabulary: with a
+    restricted one (output_vocab=corpus) a sentence holding another id has probability 0 (-inf),
+    and a comparison with it would measure which words the training corpus held, not the model's
+    grammar. Raises UserError for a NaN score, for a -inf score of a sentence whose every token is
+    in the vocabulary, and when no pair is scorable."""
+    n = len(pairs)
+    sentences = pairs.good + pairs.bad
+    seqs = encode_sentences(sentences, encoding)
+
+    def label(i: int) -> str:
+        k = i % n
+        return f"{pairs.paradigm[k]} pair {k + 1}'s {'grammatical' if i < n else 'ungrammatical'} {sentences[i]!r}"
     lp = sequence_logprobs(gpt_logits(model), seqs, batch_size, device, model.config.block_size, progress,
-                           desc=f"BLiMP ({len(pairs)} pairs)")
-    lp_good, lp_bad = lp[:len(pairs)], lp[len(pairs):]
-    return {**blimp_results(pairs, lp_good, lp_bad), "lp_good": lp_good, "lp_bad": lp_bad}
+                           desc=f"BLiMP ({n} pairs)", label=label)
+    ok = producible(model, seqs)
+    lost = np.flatnonzero(ok & ~np.isfinite(lp))
+    if len(lost):
+        raise UserError(f"the log-probability of {label(int(lost[0]))} is {lp[lost[0]]} although every token is in the "
+                        f"model's output vocabulary: the model's outputs are not finite")
+    scorable = ok[:n] & ok[n:]
+    if n and not scorable.any():
+        raise UserError(f"none of the {n} pairs is scorable: each holds a token outside the model's output vocabulary "
+                        f"of {model.config.n_output_ids} ids (trained with output_vocab=corpus); score a model trained "
+                        f"with output_vocab=full")
+    lp_good, lp_bad = lp[:n], lp[n:]
+    return {**blimp_results(pairs, lp_good, lp_bad, scorable), "lp_good": lp_good, "lp_bad": lp_bad,
+            "scorable": scorable}
 
 
 def blimp_table(results: dict) -> str:
-    """The results as a text table: paradigms grouped by phenomenon, then phenomena, then overall."""
+    """The results as a text table: paradigms grouped by phenomenon, then phenomena, then overall; an
+    accuracy without a scorable pair shows as '-'."""
     width = max([len(p) for p in results["paradigms"]] + [len(p) for p in results["phenomena"]] + [24])
-    lines = [f"{'paradigm':<{width}}  {'accuracy':>8}  {'pairs':>6}", "-" * (width + 18)]
+
+    def line(name: str, e: dict, n: int | None = None) -> str:
+        acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.4f}"
+        return f"{name:<{width}}  {acc:>8}  {e['n'] if n is None else n:6d}  {e.get('not_scorable', 0):12d}"
+    head = f"{'accuracy':>8}  {'pairs':>6}  {'not scorable':>12}"
+    lines = [f"{'paradigm':<{width}}  {head}", "-" * (width + 32)]
     for phen in results["phenomena"]:
-        for name, e in results["paradigms"].items():
-            if e["phenomenon"] == phen:
-                lines.append(f"{name:<{width}}  {e['accuracy']:8.4f}  {e['n']:6d}")
-    lines += ["", f"{'phenomenon':<{width}}  {'accuracy':>8}  {'pairs':>6}", "-" * (width + 18)]
-    lines += [f"{p:<{width}}  {e['accuracy']:8.4f}  {e['n']:6d}" for p, e in results["phenomena"].items()]
+        lines += [line(name, e) for name, e in results["paradigms"].items() if e["phenomenon"] == phen]
+    lines += ["", f"{'phenomenon':<{width}}  {head}", "-" * (width + 32)]
+    lines += [line(p, e) for p, e in results["phenomena"].items()]
     o = results["overall"]
-    lines += ["", f"{'overall (all pairs)':<{width}}  {o['accuracy']:8.4f}  {o['n']:6d}",
-              f"{'mean over paradigms':<{width}}  {o['paradigm_mean']:8.4f}  {len(results['paradigms']):6d}"]
+    mean = {"accuracy": o["paradigm_mean"], "not_scorable": 0}
+    lines += ["", line("overall (all pairs)", o), line("mean over paradigms", mean, len(results["paradigms"]))]
+    if o["not_scorable"]:
+        lines.append(f"{o['not_scorable']} of {o['n']} pairs not scorable: a sentence holds a token outside the model's "
+                     f"output vocabulary (output_vocab=corpus); left out of every accuracy")
     return "\n".join(lines)
-
-

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from topolm.analysis import CONDITIONS, CONTRASTS
+from topolm.analysis import CONDITIONS, CONTRASTS, undefined_map
 from topolm.files import atomic_write
 
 CONTRAST_LABELS = {"localizer": ("sentences - nonword lists", "S - N"), "verb_noun": ("verbs - nouns", "verbs - nouns")}
@@ -53,6 +53,7 @@ def _draw_map(ax, t: np.ndarray, marked: np.ndarray, coords: np.ndarray, vmax: f
 
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad("0.8")
+    vmax = 1.0 if vmax is None else vmax  # no colour bar is drawn then: t is 0 (white) or undefined (grey)
     image = ax.imshow(_sheet_image(t, coords), cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
     if marked.any():
         cells = np.unique(coords[marked], axis=0)
@@ -68,9 +69,20 @@ def _marks(m: dict, contrast: str) -> np.ndarray:
     return m["selective_verb"] | m["selective_noun"]
 
 
-def _vmax(results, contrast: str) -> float:
-    top = max(float(np.nanmax(np.abs(m[f"t_{contrast}"]))) for _, m in results)
-    return top if top > 0 else 1.0
+def _vmax(results, contrast: str) -> float | None:
+    """The colour scale's limit: the largest |t| over every map; None when no unit has a defined t other
+    than 0 (then no colour bar means anything)."""
+    t = np.concatenate([np.ravel(m[f"t_{contrast}"]) for _, m in results])
+    t = np.abs(t[np.isfinite(t)])
+    return float(t.max()) if len(t) and t.max() > 0 else None
+
+
+def _moran_text(m: dict, s: int, contrast: str) -> str:
+    i = m[f"moran_{contrast}"][s]
+    return "I undefined" if math.isnan(i) else f"I={i:.2f}"
+
+
+UNDEFINED_NOTE = "grey: t undefined"
 
 
 def _mark_text(contrast: str, q: float) -> str:
@@ -98,7 +110,7 @@ def plot_maps(results: list[tuple], contrast: str, q: float) -> "object":
             row = (k * wraps + layer // cols) * 2 + kind
             ax = axes[row, layer % cols]
             image = _draw_map(ax, m[f"t_{contrast}"][s], _marks(m, contrast)[s], m["coords"][s], vmax, 2.0)
-            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  I={m[f'moran_{contrast}'][s]:.2f}", fontsize=7,
+            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  {_moran_text(m, s, contrast)}", fontsize=7,
                          pad=2)
             if layer % cols == 0:
                 ax.set_ylabel(f"{loaded.name}\nattn" if kind == 0 else "mlp", fontsize=7)
@@ -107,28 +119,39 @@ def plot_maps(results: list[tuple], contrast: str, q: float) -> "object":
                 axes[(k * wraps + layer // cols) * 2 + kind, layer % cols].axis("off")
     what, short = CONTRAST_LABELS[contrast]
     titles = ", below it ".join(loaded.title for loaded, _ in results)
+    scale = "" if vmax is not None else "\nno colour scale: t is 0 or undefined at every unit of every map"
     fig.suptitle(f"{what}: Welch t per unit on the sheet of every site\n{titles}\n{_mark_text(contrast, q)}; "
-                 f"I: Moran's I (unsmoothed)", fontsize=8)
-    cbar = fig.colorbar(image, ax=axes, shrink=0.7, aspect=30)
-    cbar.set_label(f"t ({short})", fontsize=8)
-    cbar.ax.tick_params(labelsize=7)
+                 f"I: Moran's I (unsmoothed); {UNDEFINED_NOTE}{scale}", fontsize=8)
+    if vmax is not None:
+        cbar = fig.colorbar(image, ax=axes, shrink=0.7, aspect=30)
+        cbar.set_label(f"t ({short})", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
     return fig
 
 
-def plot_site(loaded, m: dict, s: int, contrast: str, q: float, vmax: float):
+def plot_site(loaded, m: dict, s: int, contrast: str, q: float, vmax: float | None):
+    """One site's t-map. A map without a defined t other than 0 has no colour bar; an undefined
+    Moran's I is written as such, with its reason (analysis.undefined_map)."""
     import matplotlib.pyplot as plt
 
+    t = m[f"t_{contrast}"][s]
     fig = plt.figure(figsize=(4.2, 4.2), dpi=100)
     ax = fig.add_axes((0.06, 0.08, 0.72, 0.72))  # fixed rectangles: no layout engine to run per file
-    cax = fig.add_axes((0.82, 0.08, 0.04, 0.72))
-    image = _draw_map(ax, m[f"t_{contrast}"][s], _marks(m, contrast)[s], m["coords"][s], vmax, 9.0)
+    image = _draw_map(ax, t, _marks(m, contrast)[s], m["coords"][s], vmax, 9.0)
     what, short = CONTRAST_LABELS[contrast]
     null = m[f"null_moran_{contrast}"][:, s]
-    fig.suptitle(f"{loaded.title}\n{m['site_names'][s]}: {what}\nMoran's I {m[f'moran_{contrast}'][s]:.3f} "
-                 f"(p {m[f'moran_p_{contrast}'][s]:.3f}); shuffled null {null.mean():.3f}", fontsize=8, y=0.97)
-    ax.set_xlabel(_mark_text(contrast, q), fontsize=7)
-    cbar = fig.colorbar(image, cax=cax)
-    cbar.set_label(f"t ({short})", fontsize=8)
+    i, p = m[f"moran_{contrast}"][s], m[f"moran_p_{contrast}"][s]
+    reason = undefined_map(t, m.get(f"n_items_{contrast}"))
+    if reason or math.isnan(i):
+        moran = f"Moran's I undefined: {reason or 'the map is constant'}"
+    else:
+        moran = f"Moran's I {i:.3f} (p {p:.3f}); shuffled null {null.mean():.3f}"
+    fig.suptitle(f"{loaded.title}\n{m['site_names'][s]}: {what}\n{moran}", fontsize=7, y=0.97, wrap=True)
+    ax.set_xlabel(_mark_text(contrast, q) + (f"; {UNDEFINED_NOTE}" if np.isnan(t).any() else ""), fontsize=7)
+    finite = np.abs(t[np.isfinite(t)])
+    if vmax is not None and len(finite) and finite.max() > 0:
+        cbar = fig.colorbar(image, cax=fig.add_axes((0.82, 0.08, 0.04, 0.72)))
+        cbar.set_label(f"t ({short})", fontsize=8)
     return fig
 
 

@@ -1,6 +1,7 @@
 # make demo      install into .venv, prepare Shakespeare, train a small TopoLM on CPU, sample, map its topography
 # make compare   train the demo and its non-topographic control (alpha=0) side by side and compare their maps
-# make test      install into .venv and run the test suite
+# make test      install into .venv and run the whole test suite (what CI runs)
+# make test-quick  the development subset: without the compile and torchrun tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Expanded once (:=), so every step of a target names the same run folder.
@@ -8,7 +9,7 @@ ifndef RUN
 RUN := shakespeare-$(shell date +%Y%m%d-%H%M%S)
 endif
 
-.PHONY: install demo compare test clean-venv
+.PHONY: install demo compare test test-quick clean-venv
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -35,6 +36,9 @@ compare: install
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
+
+test-quick: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests -m "not compile and not torchrun"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,8 +1,13 @@
+import contextlib
+import io
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -62,6 +67,32 @@ def run_script(args: list[str], cwd: Path = REPO, env: dict | None = None, timeo
     return proc
 
 
+class Ran(NamedTuple):
+    """What a command did: its exit status and what it printed (the fields of subprocess.CompletedProcess)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(module, argv: list[str]) -> Ran:
+    """`python <module>.py argv`, run in this process: the command's `main` through `cli_main` (which turns
+    a UserError into one `error:` line and exit status 2), with sys.argv as the interpreter would set it."""
+    from topolm.config import cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    old_argv = sys.argv
+    sys.argv = [module.__file__, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli_main(module.main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
 def one_error_line(proc, *fragments):
     """The script was refused the documented way: exit 2, one `error:` line, no traceback."""
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
@@ -96,6 +127,108 @@ def read_log(run_dir: Path) -> list[dict]:
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return write_pattern_data(tmp_path / "data")
+
+
+# ----------------------------------------------------------------------------- process state
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Put back what an in-process run of a command may change for the whole process: the SIGTERM and
+    SIGINT handlers (train.py and finetune.py install their own) and torch's default dtype."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    torch = sys.modules.get("torch")  # not imported yet: nothing of it to restore
+    dtype = torch.get_default_dtype() if torch else None
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if torch is not None:
+            torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    with process_state_restored():
+        yield
+
+
+# ----------------------------------------------------------------------------- the session's GPT-2 model
+
+NOUNS = {"dog": "dogs", "cat": "cats"}
+VERBS = {"runs": "run", "sleeps": "sleep"}
+UNSEEN = {"runs": "flies", "sleeps": "swims", "run": "fly", "sleep": "swim"}
+
+
+def grammar_corpus(folder: Path, seed: int = 0, n_train: int = 20_000, n_val: int = 2_000) -> Path:
+    """GPT-2 token ids of 'The dog runs.' / 'The dogs run.' ...: one sentence per document, each followed
+    by <|endoftext|> (train.bin and val.bin, uint16)."""
+    from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
+
+    rng = np.random.default_rng(seed)
+    enc = gpt2_encoding()
+
+    def stream(n):
+        out = []
+        while len(out) < n:
+            noun, verb = str(rng.choice(list(NOUNS))), str(rng.choice(list(VERBS)))
+            if rng.random() < 0.5:
+                noun, verb = NOUNS[noun], VERBS[verb]
+            out += enc.encode_ordinary(f"The {noun} {verb}.") + [EOT_TOKEN]
+        return np.array(out[:n], dtype=np.uint16)
+    folder.mkdir(parents=True)
+    stream(n_train).tofile(folder / "train.bin")
+    stream(n_val).tofile(folder / "val.bin")
+    return folder
+
+
+def write_pairs(folder: Path) -> Path:
+    """BLiMP-format minimal pairs whose answer is obvious after a few steps on the grammar corpus: a verb
+    never seen vs a seen one (known_verb), and a word order never seen vs the corpus's (word_order); 8 each."""
+    folder.mkdir(parents=True)
+    known, order = [], []
+    for noun, verb in itertools.product(list(NOUNS) + list(NOUNS.values()), VERBS):
+        if noun in NOUNS.values():
+            verb = VERBS[verb]
+        known.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"The {noun} {UNSEEN[verb]}.",
+                      "UID": "known_verb", "linguistics_term": "lexicon", "field": "semantics"})
+        order.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"{noun.capitalize()} the {verb}.",
+                      "UID": "word_order", "linguistics_term": "word_order", "field": "syntax"})
+    for name, rows in (("known_verb", known), ("word_order", order)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+# GPT-2's vocabulary and the full softmax (TINY's output_vocab); a block long enough for the longest
+# analysis stimulus; a learning rate that learns the grammar corpus in 12 steps
+GPT2_TINY = dict(vocab_size=50304, block_size=64, batch_size=4, learning_rate=1e-2, max_iters=12, warmup_iters=2,
+                 lr_decay_iters=12, min_lr=1e-3, eval_interval=12, save_interval=12, eval_iters=1)
+
+
+class Gpt2Run(NamedTuple):
+    """The session's tiny trained model: its run folder, its one checkpoint, the corpus and the pairs."""
+    run: Path
+    ckpt: Path
+    data: Path
+    pairs: Path
+    iters: int
+
+
+@pytest.fixture(scope="session")
+def gpt2_run(tmp_path_factory) -> Gpt2Run:
+    """A tiny TopoLM with GPT-2's vocabulary and the full softmax, trained once per session by train.py
+    (in this process) on the grammar corpus: 2 layers, 6x6 sheets, block_size 64, 12 steps. Tests read it
+    and write elsewhere; a test that needs a changed model copies it."""
+    import train
+
+    root = tmp_path_factory.mktemp("gpt2")
+    data = grammar_corpus(root / "data")
+    with process_state_restored():
+        train.main(["train_shakespeare.yaml", *overrides(dataset=str(data), out_dir=str(root), run_name="run",
+                                                         **GPT2_TINY)])
+    iters = GPT2_TINY["max_iters"]
+    return Gpt2Run(root / "run", root / "run" / f"ckpt-{iters:07d}.pt", data, write_pairs(root / "blimp"), iters)
 
 
 def start_and_wait_for_log(args: list[str], log_path: Path, text: str, timeout: float = 120) -> subprocess.Popen:

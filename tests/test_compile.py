@@ -131,6 +131,7 @@ def test_train_py_compiled_matches_eager(tiny_data, tmp_path):
     assert_losses_match(runs[False], runs[True], REL)
 
 
+@pytest.mark.torchrun
 def test_ddp_compiled_matches_eager(tmp_path):
     """train.py under torchrun, 2 gloo ranks, compile on vs off. The model (2 x 144 units, 2.1 MB of
     float32 parameters) is larger than DDP's 1 MB first bucket, so dynamo's DDPOptimizer splits the

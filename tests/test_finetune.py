@@ -263,6 +263,7 @@ def test_mnli_two_validation_splits_and_stsb_regression_from_tsv(pretrained, glu
     assert f"{(m['score'] + s['score']) / 2:.4f}" in proc.stdout.splitlines()[-1]
 
 
+@pytest.mark.torchrun
 def test_ddp_two_ranks_evaluate_the_whole_validation_set(pretrained, glue_dir, tmp_path):
     run_script(torchrun(2, "finetune.py", finetune_args(pretrained, glue_dir, tmp_path, task="sst2", max_iters=6,
                                                          eval_interval=3, batch_size=8, gradient_accumulation_steps=2,

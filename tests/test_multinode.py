@@ -8,6 +8,7 @@ must give what one launcher with two processes gives, bit for bit.
 (A launcher whose worker ends normally waits at torchrun's exit barrier for the other launchers, up
 to 300 s; so a stop signal must reach every node's launcher, not one of them.)
 """
+import pytest
 import os
 import signal
 import socket
@@ -60,6 +61,7 @@ def wait_for_log(path, text, procs, timeout=180):
         time.sleep(0.05)
 
 
+@pytest.mark.torchrun
 def test_two_launchers_train_stop_and_resume_like_one(tiny_data, tmp_path):
     run_script([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 *train_args(tiny_data, tmp_path, run_name="one")])

@@ -272,6 +272,7 @@ def first_step_loss(run_dir, ckpt_name, cfg, batch_seed, nbhd_seed):
     return float(losses.task) + float(losses.spatial)
 
 
+@pytest.mark.torchrun
 def test_resuming_on_more_ranks_continues_with_new_data(run, data, tmp_path):
     shutil.copytree(run, tmp_path / "r")
     kw = dict(init_from="resume", max_iters=5, backend="gloo", gradient_accumulation_steps=2, seed=SEED_MAX)
@@ -386,6 +387,7 @@ def test_partial_position_set_is_removed_when_the_folder_is_started(tmp_path):
 # ----------------------------------------------------------------------------- 9. refusals name their fix
 
 
+@pytest.mark.torchrun
 def test_rank_count_refusal_under_torchrun_says_what_to_set(tmp_path):
     proc = run_script(torchrun(2, "train.py", ["train_shakespeare.yaml", "device=cpu", "backend=gloo",
                                                 f"out_dir={tmp_path}"]), check=False)

@@ -1,4 +1,5 @@
 """train.py end to end: loss falls, checkpoints, resume (bit-exact after a kill), DDP over gloo."""
+import pytest
 import os
 import signal
 import subprocess
@@ -123,11 +124,13 @@ def test_exact_resume_after_sigkill(tiny_data, tmp_path):
     _exact_resume(tiny_data, tmp_path, [PYTHON], {})
 
 
+@pytest.mark.torchrun
 def test_exact_resume_after_sigkill_ddp(tiny_data, tmp_path):
     launcher = torchrun_launcher(2)
     _exact_resume(tiny_data, tmp_path, launcher, dict(backend="gloo", gradient_accumulation_steps=2))
 
 
+@pytest.mark.torchrun
 def test_ddp_two_ranks_train_and_agree(tiny_data, tmp_path):
     proc = run_script(torchrun(2, "train.py", ["train_shakespeare.yaml", *overrides(dataset=str(tiny_data), out_dir=str(tmp_path), run_name="d",
                                                             max_iters=20, backend="gloo", gradient_accumulation_steps=4)]))
@@ -162,6 +165,7 @@ def test_keep_last_prunes_old_checkpoints_and_ignores_partial_files(tiny_data, t
     assert resumed[0]["iter"] == 6
 
 
+@pytest.mark.torchrun
 def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(tiny_data, tmp_path):
     """Schedulers signal the launcher: torchrun passes SIGTERM on to its workers, whose stop flags are
     all-reduced, so both ranks stop after the same step and the checkpoint resumes bit-exactly."""

@@ -14,7 +14,7 @@ import export_hf
 from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import PYTHON, overrides, run_script
+from conftest import NOUNS, PYTHON, UNSEEN, VERBS, grammar_corpus, overrides, run_script, write_pairs
 from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
 from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
@@ -24,46 +24,6 @@ from topolm.batching import min_rows
 from topolm.blimp import encode_sentences, gpt_logits, load_blimp_local, sequence_logprobs
 
 transformers = pytest.importorskip("transformers")
-
-NOUNS = {"dog": "dogs", "cat": "cats"}
-VERBS = {"runs": "run", "sleeps": "sleep"}
-UNSEEN = {"runs": "flies", "sleeps": "swims", "run": "fly", "sleep": "swim"}
-
-
-def grammar_corpus(folder, seed=0):
-    """'The dog runs.' / 'The dogs run.' ... one sentence per document, each followed by <|endoftext|>."""
-    rng = np.random.default_rng(seed)
-    enc = gpt2_encoding()
-
-    def stream(n):
-        out = []
-        while len(out) < n:
-            noun, verb = str(rng.choice(list(NOUNS))), str(rng.choice(list(VERBS)))
-            if rng.random() < 0.5:
-                noun, verb = NOUNS[noun], VERBS[verb]
-            out += enc.encode_ordinary(f"The {noun} {verb}.") + [EOT_TOKEN]
-        return np.array(out[:n], dtype=np.uint16)
-    folder.mkdir(parents=True)
-    stream(20_000).tofile(folder / "train.bin")
-    stream(2_000).tofile(folder / "val.bin")
-    return folder
-
-
-def write_pairs(folder):
-    """Minimal pairs whose answer is obvious after a few steps on the corpus: a verb never seen vs a
-    seen one, and a word order never seen vs the corpus's."""
-    folder.mkdir(parents=True)
-    known, order = [], []
-    for noun, verb in itertools.product(list(NOUNS) + list(NOUNS.values()), VERBS):
-        if noun in NOUNS.values():
-            verb = VERBS[verb]
-        known.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"The {noun} {UNSEEN[verb]}.",
-                      "UID": "known_verb", "linguistics_term": "lexicon", "field": "semantics"})
-        order.append({"sentence_good": f"The {noun} {verb}.", "sentence_bad": f"{noun.capitalize()} the {verb}.",
-                      "UID": "word_order", "linguistics_term": "word_order", "field": "syntax"})
-    for name, rows in (("known_verb", known), ("word_order", order)):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -490,9 +450,16 @@ def test_blimp_of_a_restricted_vocabulary_is_batch_size_invariant_and_skips_unsc
         assert results[batch_size]["paradigms"]["agreement"]["accuracy"] == expected
         lp = np.array(results[batch_size]["pairs"]["lp_good"][:8] + results[batch_size]["pairs"]["lp_bad"][:8])
         np.testing.assert_allclose(lp, np.concatenate([good[:8], bad[:8]]), rtol=0, atol=1e-4)
-    for batch_size in (3, 64):  # the same numbers, bit for bit, whatever the batching
-        for key in ("overall", "phenomena", "paradigms", "pairs"):
+    for batch_size in (3, 64):  # the same decisions and counts whatever the batching
+        for key in ("overall", "phenomena", "paradigms"):
             assert results[batch_size][key] == results[1][key], (batch_size, key)
+        pairs, ref = results[batch_size]["pairs"], results[1]["pairs"]
+        assert pairs["scorable"] == ref["scorable"] and pairs["paradigm"] == ref["paradigm"]
+        # Not yet bit for bit on every CPU: the log-probabilities agree to float32 rounding (1e-5 nats)
+        for side in ("lp_good", "lp_bad"):
+            a = np.array([np.nan if v is None else v for v in pairs[side]], dtype=float)
+            b = np.array([np.nan if v is None else v for v in ref[side]], dtype=float)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, equal_nan=True)
     r = results[64]
     assert r["overall"]["n"] == 16 and r["overall"]["not_scorable"] == 8 and r["overall"]["ties"] == 0
     assert r["paradigms"]["agreement"]["not_scorable"] == 0

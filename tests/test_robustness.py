@@ -553,4 +553,4 @@ def test_an_output_path_the_system_refuses_is_one_error_line(tmp_path):
     proc = run_script([PYTHON, "train.py", "train_shakespeare.yaml",
                        *overrides(dataset=str(data), out_dir=str(tmp_path / "afile"), run_name="r", max_iters=1)],
                       check=False)
-    one_error_line(proc, "afile", "check the paths given")
+    one_error_line(proc, "afile", "cannot write into")

@@ -15,6 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# One thread per process: `make test` runs one pytest worker per core (pytest-xdist), and every
+# subprocess a test starts gets OMP_NUM_THREADS=1 too, so no core is shared by two thread pools.
+# Set before torch is imported, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 PYTHON = sys.executable
 
 # Every command a user runs from the repository root; a change that adds one extends this list.
@@ -91,6 +96,33 @@ def run_main(module, argv: list[str]) -> Ran:
     finally:
         sys.argv = old_argv
     return Ran(code, out.getvalue(), err.getvalue())
+
+
+def command_module(script: str):
+    """The module of a command (`train.py`) or a preparer (`data/fineweb/prepare.py`), imported once."""
+    import importlib
+    import importlib.util
+
+    if "/" not in script:
+        return importlib.import_module(script.removesuffix(".py"))
+    name = "command_" + script.removesuffix(".py").replace("/", "_").replace("-", "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_in_process(args: list[str], check: bool = True) -> Ran:
+    """`args` as run_script takes them (`[PYTHON, "train.py", *argv]`), run in this process by run_main:
+    the same `main` and `cli_main` as the command line, without starting an interpreter and torch again.
+    Subprocesses stay for what a process boundary tests: signals, kills, torchrun, the real exit status."""
+    assert args[0] == PYTHON and args[1].endswith(".py"), args
+    ran = run_main(command_module(args[1]), [str(a) for a in args[2:]])
+    if check and ran.returncode != 0:
+        raise AssertionError(f"{args} failed ({ran.returncode}):\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}")
+    return ran
 
 
 def one_error_line(proc, *fragments):

@@ -8,7 +8,7 @@ import torch
 from topolm.checkpoint import (FORMAT, build_classifier, build_gpt, find_checkpoint, load_checkpoint, load_model,
                                make_payload, save_checkpoint)
 from topolm.config import UserError
-from conftest import PYTHON, REPO, overrides, run_script, write_pattern_data
+from conftest import PYTHON, REPO, overrides, run_in_process, write_pattern_data
 from model import GPT, GPTConfig
 from positions import random_layout
 
@@ -53,7 +53,7 @@ def test_checkpoints_written_by_earlier_formats_load_and_give_the_same_outputs(v
 
 def test_checkpoints_of_train_and_finetune_load_through_the_one_loader(tmp_path):
     data = write_pattern_data(tmp_path / "data")
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="r", vocab_size=50304, max_iters=2,
                            eval_interval=2, save_interval=2)])
     path = find_checkpoint(tmp_path / "r")
@@ -70,7 +70,7 @@ def test_checkpoints_of_train_and_finetune_load_through_the_one_loader(tmp_path)
     rows = [{"sentence": w, "label": i % 2} for i, w in enumerate(["good film", "bad film"] * 8)]
     for split in ("train", "validation"):
         (glue / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_script([PYTHON, "finetune.py", "finetune_glue.yaml", f"ckpt={tmp_path / 'r'}", "task=sst2",
+    run_in_process([PYTHON, "finetune.py", "finetune_glue.yaml", f"ckpt={tmp_path / 'r'}", "task=sst2",
                 f"data_dir={tmp_path / 'glue'}", f"out_dir={tmp_path / 'ft'}", "max_length=16", "batch_size=8",
                 "max_iters=2", "device=cpu", "dtype=float32"])
     ft = load_checkpoint(find_checkpoint(tmp_path / "ft" / "sst2"))
@@ -79,7 +79,7 @@ def test_checkpoints_of_train_and_finetune_load_through_the_one_loader(tmp_path)
     assert ft["data"] == ckpt["data"]  # the backbone's training text, for the analysis
     backbone, _, _ = load_model(tmp_path / "ft" / "sst2")  # a finetuned folder gives its backbone
     assert torch.equal(backbone.sheet.unit_coords, gpt.sheet.unit_coords)
-    proc = run_script([PYTHON, "sample.py", f"ckpt={tmp_path / 'ft' / 'sst2'}", "num_samples=1", "max_new_tokens=3"])
+    proc = run_in_process([PYTHON, "sample.py", f"ckpt={tmp_path / 'ft' / 'sst2'}", "num_samples=1", "max_new_tokens=3"])
     assert proc.stdout.startswith("# samples from")
 
 

@@ -12,7 +12,7 @@ import finetune
 from topolm import glue
 from topolm.config import UserError
 from topolm.checkpoint import build_classifier
-from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_script, start_and_wait_for_log, torchrun,
+from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_in_process, run_script, start_and_wait_for_log, torchrun,
                       write_pattern_data)
 from topolm.glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
@@ -165,7 +165,7 @@ def pretrained(tmp_path_factory):
     """A tiny checkpoint made by train.py, with GPT-2's vocabulary so that real text fits."""
     root = tmp_path_factory.mktemp("pre")
     data = write_pattern_data(root / "data")
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(root), run_name="r", vocab_size=50304, max_iters=4,
                            eval_interval=4, save_interval=4)])
     return root / "r"
@@ -226,7 +226,7 @@ def test_sentiment_task_learns_stops_early_and_reports_right_metrics(pretrained,
         outputs, _ = model.eval()(idx, lengths, spatial=False)
     assert outputs.argmax(-1).tolist() == [p["prediction"] for p in preds]
 
-    proc = run_script([PYTHON, "glue_summary.py", f"dir={tmp_path}"])
+    proc = run_in_process([PYTHON, "glue_summary.py", f"dir={tmp_path}"])
     row = [line for line in proc.stdout.splitlines() if line.startswith("sst2")][0]
     assert f"{metrics['score']:.4f}" in row and "early stopping" in row
 
@@ -258,7 +258,7 @@ def test_mnli_two_validation_splits_and_stsb_regression_from_tsv(pretrained, glu
     assert len(preds) == 30 and s["splits"]["validation"]["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert s["score"] == pytest.approx((s["splits"]["validation"]["pearson"] + s["splits"]["validation"]["spearman"]) / 2)
 
-    proc = run_script([PYTHON, "glue_summary.py", f"dir={tmp_path}"])
+    proc = run_in_process([PYTHON, "glue_summary.py", f"dir={tmp_path}"])
     assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == ["stsb", "mnli", "avg"]
     assert f"{(m['score'] + s['score']) / 2:.4f}" in proc.stdout.splitlines()[-1]
 
@@ -310,9 +310,9 @@ def test_bad_finetune_data(pretrained, tmp_path):
 
 def test_checkpoint_without_gpt2_vocabulary_is_refused(tmp_path, glue_dir):
     data = write_pattern_data(tmp_path / "data")
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="small", max_iters=1)])
-    proc = run_script([PYTHON, "finetune.py", *finetune_args(tmp_path / "small", glue_dir, tmp_path, task="sst2")],
+    proc = run_in_process([PYTHON, "finetune.py", *finetune_args(tmp_path / "small", glue_dir, tmp_path, task="sst2")],
                       check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("has vocab_size=64; GLUE text needs the GPT-2 vocabulary (at least 50257)")

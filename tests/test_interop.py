@@ -14,7 +14,7 @@ import export_hf
 from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import NOUNS, PYTHON, UNSEEN, VERBS, grammar_corpus, overrides, run_script, write_pairs
+from conftest import NOUNS, PYTHON, UNSEEN, VERBS, grammar_corpus, overrides, run_in_process, write_pairs
 from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
 from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
@@ -32,7 +32,7 @@ def grammar(tmp_path_factory):
     pairs, and its Hugging Face export."""
     root = tmp_path_factory.mktemp("grammar")
     data = grammar_corpus(root / "data")
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(root), run_name="run", vocab_size=50304, block_size=16,
                            batch_size=8, learning_rate=1e-2, max_iters=12, warmup_iters=2, lr_decay_iters=12,
                            min_lr=1e-3, eval_interval=12, save_interval=12, eval_iters=1)])
@@ -241,7 +241,7 @@ def test_blimp_refuses_bad_inputs(grammar, tmp_path):
                           neighborhoods_per_batch=3))
     save_checkpoint(make_payload(small, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="t"),
                     tmp_path / "ids.pt")
-    proc = run_script([PYTHON, "blimp.py", f"ckpt={tmp_path / 'ids.pt'}", f"data_dir={grammar['pairs']}"], check=False)
+    proc = run_in_process([PYTHON, "blimp.py", f"ckpt={tmp_path / 'ids.pt'}", f"data_dir={grammar['pairs']}"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("has vocab_size=64; BLiMP needs the GPT-2 vocabulary (at least 50257)")
 
@@ -392,7 +392,7 @@ def restricted(grammar):
     """The grammar model trained with output_vocab=corpus: the corpus holds no id 0 (GPT-2's '!'), so id 0
     and every word outside the corpus get log-probability -inf."""
     root = grammar["root"]
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(grammar["data"]), out_dir=str(root), run_name="restricted", vocab_size=50304,
                            block_size=16, batch_size=8, learning_rate=1e-2, max_iters=12, warmup_iters=2,
                            lr_decay_iters=12, min_lr=1e-3, eval_interval=12, save_interval=12, eval_iters=1,

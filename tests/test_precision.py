@@ -14,7 +14,7 @@
 import pytest
 import torch
 
-from conftest import PYTHON, TINY, overrides, read_log, run_script
+from conftest import PYTHON, TINY, overrides, read_log, run_in_process
 from model import GPT, GPTConfig
 from positions import neighborhood_loss, random_layout
 
@@ -46,7 +46,7 @@ def test_spatial_loss_is_float32_from_half_precision_activations(dtype):
 
 
 def _run(data, out, name, **kw):
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(out), run_name=name, eval_interval=5, save_interval=5, **kw)])
     return read_log(out / name)
 

@@ -20,7 +20,7 @@ import sample
 from topolm.checkpoint import build_gpt, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import gpt2_encoding
-from conftest import PYTHON, REPO, run_script
+from conftest import PYTHON, REPO, run_in_process
 from topolm.research import load_pickle, load_torch_zip, read_research_checkpoint
 from topolm.swap import swap_optimize
 from model import GPT, GPTConfig
@@ -291,7 +291,7 @@ def test_activation_decay_can_be_ignored_for_analysis(research, tmp_path):
 
 
 def test_command_line_errors_are_one_line(tmp_path):
-    proc = run_script([PYTHON, "import_research.py", f"ckpt={FIXTURE / 'ckpt-preresid.pt'}",
+    proc = run_in_process([PYTHON, "import_research.py", f"ckpt={FIXTURE / 'ckpt-preresid.pt'}",
                        f"positions={tmp_path / 'nowhere'}", f"out={tmp_path / 'o.pt'}"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: positions folder not found: {tmp_path / 'nowhere'}"]

@@ -26,7 +26,7 @@ from topolm.checkpoint import GPT2_TOKENIZER, build_gpt, make_payload, save_chec
 from topolm.config import SEED_MAX, UserError, load_config
 from topolm.distributed import Dist
 from topolm.files import read_text
-from conftest import (PYTHON, one_error_line, overrides, read_checkpoint, read_log, run_script, torchrun,
+from conftest import (PYTHON, one_error_line, overrides, read_checkpoint, read_log, run_in_process, run_script, torchrun,
                       write_pattern_data)
 from glue_summary import SummaryConfig
 from model import GPT, GPTConfig
@@ -140,10 +140,10 @@ def test_swap_search_keys_are_checked_against_the_grid(key, value):
 
 
 def test_out_of_domain_seed_on_the_command_line_is_one_error_line():
-    proc = run_script([PYTHON, "train.py", "train_shakespeare.yaml", "position_dir=''", "seed=-1"], check=False)
+    proc = run_in_process([PYTHON, "train.py", "train_shakespeare.yaml", "position_dir=''", "seed=-1"], check=False)
     one_error_line(proc, f"seed=-1 must be in [0, {SEED_MAX}]")
     assert proc.stdout == ""
-    proc = run_script([PYTHON, "init_pos.py", "config/init_pos.yaml", "seed=-1"], check=False)
+    proc = run_in_process([PYTHON, "init_pos.py", "config/init_pos.yaml", "seed=-1"], check=False)
     one_error_line(proc, f"seed=-1 must be in [0, {SEED_MAX}]")
 
 
@@ -253,7 +253,7 @@ def test_wandb_without_login_logs_offline_inside_the_run_folder(data, tmp_path):
 
 
 def test_sampling_a_model_without_gpt2_vocabulary_is_one_error_line(run):
-    proc = run_script([PYTHON, "sample.py", f"ckpt={run}", "start=ROMEO:", "max_new_tokens=5"], check=False)
+    proc = run_in_process([PYTHON, "sample.py", f"ckpt={run}", "start=ROMEO:", "max_new_tokens=5"], check=False)
     one_error_line(proc, "ckpt-0000004.pt", "vocab_size=64", "needs the GPT-2 vocabulary (at least 50257)",
                    "use a checkpoint trained on GPT-2 token ids with vocab_size >= 50257")
     assert read_checkpoint(run / "ckpt-0000004.pt")["tokenizer"] is None  # recorded by train.py
@@ -550,7 +550,7 @@ def test_an_output_path_the_system_refuses_is_one_error_line(tmp_path):
     data.mkdir()
     np.arange(4000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "train.bin")
     np.arange(4000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "val.bin")
-    proc = run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    proc = run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                        *overrides(dataset=str(data), out_dir=str(tmp_path / "afile"), run_name="r", max_iters=1)],
                       check=False)
     one_error_line(proc, "afile", "cannot write into")

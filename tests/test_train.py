@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from conftest import (PYTHON, REPO, overrides, read_checkpoint, read_log, run_script, start_and_wait_for_log, torchrun,
-                      torchrun_launcher)
+from conftest import (PYTHON, REPO, overrides, read_checkpoint, read_log, run_in_process, run_script, start_and_wait_for_log,
+                      torchrun, torchrun_launcher)
 
 
 def train_args(data, out, **kw):
@@ -24,7 +24,7 @@ def last_per_iter(log, event="train"):
 
 
 def test_short_run_lowers_loss_writes_checkpoint_and_resumes(tiny_data, tmp_path):
-    run_script(train_args(tiny_data, tmp_path, run_name="r", max_iters=20))
+    run_in_process(train_args(tiny_data, tmp_path, run_name="r", max_iters=20))
     run_dir = tmp_path / "r"
     log = read_log(run_dir)
     evals = [r for r in log if r["event"] == "eval"]
@@ -37,7 +37,7 @@ def test_short_run_lowers_loss_writes_checkpoint_and_resumes(tiny_data, tmp_path
     assert sorted(p.name for p in run_dir.glob("ckpt-*.pt")) == ["ckpt-0000010.pt", "ckpt-0000020.pt"]
     assert not list(run_dir.glob("*.tmp*"))
 
-    run_script(train_args(tiny_data, tmp_path, run_name="r", max_iters=30, init_from="resume"))
+    run_in_process(train_args(tiny_data, tmp_path, run_name="r", max_iters=30, init_from="resume"))
     log2 = read_log(run_dir)
     assert log2[:len(log)] == log  # appended, not truncated
     assert [r["event"] for r in log2[len(log):]][0] == "resume"
@@ -47,8 +47,8 @@ def test_short_run_lowers_loss_writes_checkpoint_and_resumes(tiny_data, tmp_path
 
 
 def test_positions_from_a_set_travel_into_the_checkpoint(tiny_data, tmp_path):
-    run_script([PYTHON, "init_pos.py", "layout=random", "n_layer=2", "n_embed=36", "seed=5", f"out={tmp_path / 'pos'}"])
-    run_script(train_args(tiny_data, tmp_path, run_name="p", max_iters=2, position_dir=str(tmp_path / "pos")))
+    run_in_process([PYTHON, "init_pos.py", "layout=random", "n_layer=2", "n_embed=36", "seed=5", f"out={tmp_path / 'pos'}"])
+    run_in_process(train_args(tiny_data, tmp_path, run_name="p", max_iters=2, position_dir=str(tmp_path / "pos")))
     import numpy as np
     saved = np.load(tmp_path / "pos" / "positions.npy")
     ckpt = final_weights(tmp_path / "p", 2)
@@ -157,9 +157,9 @@ def test_keep_last_prunes_old_checkpoints_and_ignores_partial_files(tiny_data, t
     run_dir = tmp_path / "k"
     run_dir.mkdir()
     (run_dir / "ckpt-0000099.pt.tmp123").write_bytes(b"partial")  # a save that was killed midway
-    run_script(train_args(tiny_data, tmp_path, run_name="k", max_iters=6, save_interval=2, keep_last=2))
+    run_in_process(train_args(tiny_data, tmp_path, run_name="k", max_iters=6, save_interval=2, keep_last=2))
     assert sorted(p.name for p in run_dir.glob("ckpt-*.pt")) == ["ckpt-0000004.pt", "ckpt-0000006.pt"]
-    run_script(train_args(tiny_data, tmp_path, run_name="k", max_iters=8, save_interval=2, keep_last=2,
+    run_in_process(train_args(tiny_data, tmp_path, run_name="k", max_iters=8, save_interval=2, keep_last=2,
                           init_from="resume"))
     resumed = [r for r in read_log(run_dir) if r["event"] == "resume"]
     assert resumed[0]["iter"] == 6
@@ -194,14 +194,14 @@ def test_output_vocab_corpus_records_the_corpus_ids_and_resumes(tiny_data, tmp_p
     used = np.union1d(np.fromfile(tiny_data / "train.bin", dtype=np.uint16),
                       np.fromfile(tiny_data / "val.bin", dtype=np.uint16))
     assert 10 < len(used) < 64  # the pattern data leave some ids of the 64 unused
-    run_script(train_args(tiny_data, tmp_path, run_name="v", max_iters=20, output_vocab="corpus"))
+    run_in_process(train_args(tiny_data, tmp_path, run_name="v", max_iters=20, output_vocab="corpus"))
     ckpt = final_weights(tmp_path / "v", 20)
     assert ckpt["model_config"]["n_output_ids"] == len(used)
     assert np.array_equal(ckpt["model"]["output_ids"].numpy(), used)
     evals = [r for r in read_log(tmp_path / "v") if r["event"] == "eval"]
     assert evals[0]["val"]["task"] < np.log(len(used)) + 0.1  # starts near uniform over the corpus ids
     assert evals[-1]["val"]["task"] < evals[0]["val"]["task"] - 0.3
-    run_script(train_args(tiny_data, tmp_path, run_name="v", max_iters=22, output_vocab="corpus", init_from="resume"))
+    run_in_process(train_args(tiny_data, tmp_path, run_name="v", max_iters=22, output_vocab="corpus", init_from="resume"))
     assert np.array_equal(final_weights(tmp_path / "v", 22)["model"]["output_ids"].numpy(), used)
-    proc = run_script(train_args(tiny_data, tmp_path, run_name="v", max_iters=24, init_from="resume"), check=False)
+    proc = run_in_process(train_args(tiny_data, tmp_path, run_name="v", max_iters=24, init_from="resume"), check=False)
     assert proc.returncode == 2 and f"n_output_ids={len(used)} in checkpoint vs 0 now" in proc.stderr

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import ablate
 import analyze
 from topolm import analysis
 from conftest import PYTHON, REPO, one_error_line, overrides, run_main, run_script
@@ -189,6 +190,57 @@ def test_a_response_that_is_not_a_number_is_an_error(gpt2_run, tmp_path, value, 
     model, _, _ = load_model(path)
     with pytest.raises(UserError, match=rf"site layer.1.mlp to held-out window 0 is {kind}"):
         analysis.heldout_correlations(model, np.ones((2, 8), dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------- the ablation's units file
+
+def _write_units(path, ckpt_file, t, provenance=True):
+    from topolm.checkpoint import load_model
+    from topolm.provenance import provenance as record
+    model, ckpt, ckpt_path = load_model(ckpt_file)
+    extra = {"provenance": np.array(json.dumps(record(ckpt_path, ckpt, model)))} if provenance else {}
+    np.savez(path, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t, **extra)
+    return path
+
+
+def test_ablate_never_chooses_a_unit_whose_t_is_undefined(gpt2_run, tmp_path):
+    t = np.random.default_rng(0).normal(size=(4, 36))
+    t[1, 4:] = np.nan  # layer.0.mlp: 4 units with a defined t
+    units = _write_units(tmp_path / "units.npz", gpt2_run.ckpt, t)
+    out = tmp_path / "ablation.json"
+    args = [f"ckpt={gpt2_run.ckpt}", f"units={units}", f"data_dir={gpt2_run.pairs}", f"out={out}"]
+    one_error_line(run_main(ablate, [*args, "k=5"]), "k=5", f"units={units}", "only 4 of 36 units of layer.0.mlp",
+                   "k <= 4")
+    assert not out.exists()
+    proc = run_main(ablate, [*args, "k=4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chosen = json.loads(out.read_text())["selective"]["units"]
+    assert chosen["layer.0.mlp"] == np.argsort(-t[1, :4]).tolist()
+    assert all(np.isfinite(t[s, chosen[name]]).all() for s, name in enumerate(chosen))
+
+
+def test_ablate_refuses_the_units_file_of_another_model(gpt2_run, tmp_path):
+    """A control shares its layout with the model: only the weights tell its units file apart."""
+    control = _with_weight(gpt2_run, tmp_path / "control", "transformer.h.0.mlp.c_fc.weight", (0, 0), 0.5)
+    fig = tmp_path / "fig"
+    assert run_main(analyze, [f"ckpt={gpt2_run.ckpt}", f"compare={control}", f"out={fig}", *FAST]).returncode == 0
+    out = tmp_path / "ablation.json"
+    common = ["k=2", f"data_dir={gpt2_run.pairs}", f"out={out}"]
+    proc = run_main(ablate, [f"ckpt={gpt2_run.ckpt}", f"units={fig / 'compare_units.npz'}", *common])
+    one_error_line(proc, f"{fig / 'compare_units.npz'} was measured on {control} (step {gpt2_run.iters}",
+                   f"not on the model loaded, {gpt2_run.ckpt} (step {gpt2_run.iters}",
+                   f"run python analyze.py ckpt={gpt2_run.ckpt}")
+    one_error_line(run_main(ablate, [f"ckpt={control}", f"units={fig / 'units.npz'}", *common]),
+                   f"measured on {gpt2_run.ckpt}", f"not on the model loaded, {control}")
+    bare = _write_units(tmp_path / "bare.npz", gpt2_run.ckpt, np.load(fig / "units.npz")["t_localizer"], False)
+    one_error_line(run_main(ablate, [f"ckpt={gpt2_run.ckpt}", f"units={bare}", *common]),
+                   f"{bare} records no provenance", f"run python analyze.py ckpt={gpt2_run.ckpt}")
+    assert not out.exists()
+    for ckpt, units in ((gpt2_run.ckpt, "units.npz"), (control, "compare_units.npz")):
+        proc = run_main(ablate, [f"ckpt={ckpt}", f"units={fig / units}", *common])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(out.read_text())
+        assert r["units_provenance"] == r["provenance"] and r["checkpoint"] == str(ckpt)
 
 
 def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):

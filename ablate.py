@@ -11,6 +11,11 @@ with_resid=False that removes exactly those units' contribution to the residual 
 condition is scored on BLiMP (as blimp.py) and, with `dataset`, on the validation loss over the
 same fixed windows of val.bin. Prints a table and writes JSON (`out`, default
 `<checkpoint>.ablation-k<k>.json` beside the checkpoint).
+
+Refused before any scoring: a units file whose provenance names other weights than the checkpoint's
+(a control and its topographic model share their layout, so only the weights digest tells them apart),
+or that records none; and a site with fewer than k units whose t is defined (an undefined t is no
+selectivity).
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ class AblateConfig(BlimpKeys, SeedKey):
     """ablate.py's keys: its own below; ckpt, device, data_dir, paradigms and batch_size from topolm.blimp.BlimpKeys,
     seed from topolm.config.SeedKey."""
     units: str = ""
-    """units.npz written by analyze.py for this checkpoint (site_names, coords, t_localizer)."""
+    """units.npz written by analyze.py for this checkpoint (site_names, coords, t_localizer, provenance naming
+    this checkpoint's weights)."""
     k: int = 10
     """Units zeroed per site."""
     draws: int = 5
@@ -77,11 +83,9 @@ def main(argv: list[str]) -> None:
     n_embed, names = model.config.n_embed, list(model.site_names)
     if cfg.k > n_embed:
         raise UserError(f"k={cfg.k} exceeds the {n_embed} units of a site")
-    units = load_units(Path(cfg.units), model)
-    units_source = json.loads(str(units["provenance"])) if "provenance" in units else None
-    if units_source and units_source["weights_sha256"] != source["weights_sha256"]:
-        print(f"note: {cfg.units} was measured on other weights ({units_source['checkpoint']}, step "
-              f"{units_source['step']}) than {path}'s; the units are chosen by that model's t-values")
+    units = load_units(Path(cfg.units), model, source)
+    units_source = json.loads(str(units["provenance"]))
+    selective = top_units(units["t_localizer"], cfg.k, names, f"units={cfg.units}")
     val_tokens = None
     if cfg.dataset:
         val_file = resolve_path(cfg.dataset, DATA_DIR) / "val.bin"
@@ -106,7 +110,6 @@ def main(argv: list[str]) -> None:
 
     print(f"ablating k={cfg.k} of {n_embed} units at each of {len(names)} sites; {len(pairs)} BLiMP pairs"
           + (f", {cfg.val_batches} x {cfg.val_batch_size} validation windows" if val_tokens is not None else ""))
-    selective = top_units(units["t_localizer"], cfg.k)
     significant = (np.take_along_axis(units["selective_localizer"], selective, axis=1).sum(axis=1).tolist()
                    if "selective_localizer" in units else None)
     rng = np.random.default_rng(cfg.seed)

@@ -13,9 +13,15 @@
   beside the same curve with unit positions shuffled;
 - response_profile.png: mean response of the language-selective units to S, W, J and N
   (cross-validated: selected on odd items, measured on even ones and vice versa);
-- summary.json (per site and averaged), units.npz (and compare_units.npz): per-unit arrays; both carry
+- summary.json (per site and averaged, and under `stimuli` the items analysed and left out),
+  units.npz (and compare_units.npz): per-unit arrays; both carry
   each model's provenance (checkpoint, step, weights digest, code version; in units.npz as the JSON
   string `provenance`).
+A stimulus longer than the block (its tokens and the `<|endoftext|>` prefix; the smallest block_size of
+the models analysed, so both are measured on the same items) is left out with its matched counterparts
+(topolm.analysis.Stimuli.fitting), counted per condition in the console and in summary.json; a contrast
+left with fewer than 2 items on a side is undefined, with the reason. A response that is not a number is
+an error naming the site and the stimulus, before anything is written.
 All keys are fields of `AnalyzeConfig`.
 """
 from __future__ import annotations
@@ -132,13 +138,9 @@ class Loaded:
         return f"{self.name} (step {self.step})"
 
 
-def load(cfg: AnalyzeConfig, device: str, label: str, arg: str, stim: Stimuli, localizer) -> Loaded:
+def load(cfg: AnalyzeConfig, device: str, label: str, arg: str, localizer) -> Loaded:
     model, ckpt, path = load_model(arg, device)
     require_gpt2_tokenizer(ckpt, path, "the analysis's stimuli")
-    if stim.longest + 1 > model.config.block_size:
-        raise UserError(f"{path}: the longest stimulus has {stim.longest} tokens (+1 prefix), more than "
-                        f"block_size={model.config.block_size}; analyse a model with block_size >= {stim.longest + 1}, "
-                        f"or pass shorter stimuli with stimuli=<folder>")
     tokens, source, chosen_by = heldout_tokens(cfg, ckpt, localizer)
     if len(tokens) < 16:
         raise UserError(f"held-out text {source} has only {len(tokens)} tokens")
@@ -148,6 +150,21 @@ def load(cfg: AnalyzeConfig, device: str, label: str, arg: str, stim: Stimuli, l
     seq_len = min(model.config.block_size - 1, 256)
     return Loaded(label, model, ckpt, path, heldout_windows(tokens, cfg.heldout_tokens, seq_len, cfg.seed), source,
                   chosen_by, provenance(path, ckpt, model))
+
+
+def fit_stimuli(stim: Stimuli, models: list[Loaded]) -> tuple[Stimuli, dict]:
+    """The stimuli every analysed model reads whole (`Stimuli.fitting` at the smallest block_size, so that
+    a compared model is measured on the same items), and the counts left out; printed when any is."""
+    block_size = min(loaded.model.config.block_size for loaded in models)
+    kept, counts = stim.fitting(block_size)
+    left, too_long = counts["left_out"], counts["too_long"]
+    if any(left.values()):
+        n = len(stim.localizer["S"][0])
+        print(f"block_size={block_size}: items longer than {block_size - 1} tokens (+1 prefix) are left out with their "
+              f"matched items (too long: {', '.join(f'{c} {v}' for c, v in too_long.items())}); left out: "
+              f"{', '.join(f'{c} {v}' for c, v in left.items())}; analysed: {n - left['S']} of {n} localizer items "
+              f"per condition, {len(set(kept.pos_word))} of {len(set(stim.pos_word))} nouns and verbs")
+    return kept, counts
 
 
 # ----------------------------------------------------------------------------- console
@@ -180,43 +197,67 @@ def print_table(loaded: Loaded, summary: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, out: Path) -> list[tuple[Loaded, dict]]:
+    """`measure_model` of every model on the same stimuli; a refusal (a response that is not a number)
+    leaves no trace in `out`: the folder is removed again when this analysis made it and it is empty."""
+    from tqdm import tqdm
+
+    made = not out.exists()
+    require_writable(out)
+    torch.manual_seed(cfg.seed)
+    results = []
+    try:
+        for loaded in models:
+            with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
+                m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
+                                  null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size,
+                                  progress=bar)
+            results.append((loaded, m))
+    except UserError:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return results
+
+
+def stimuli_summary(localizer: dict, pos_rows: list[dict], full: Stimuli, kept: Stimuli, fit: dict) -> dict:
+    """summary.json's `stimuli`: what was analysed (items per condition, nouns, verbs, frames) and what was left out."""
+    return {"localizer_items_per_condition": len(kept.localizer_index),
+            "localizer_items_in_file": len(localizer["S"]),
+            "nouns": int(len(set(kept.pos_word[kept.pos_category == "noun"]))),
+            "verbs": int(len(set(kept.pos_word[kept.pos_category == "verb"]))),
+            "frames": int(len(pos_rows) // len(set(full.pos_word))),
+            "left_out": {"block_size": fit["block_size"], "per_condition": fit["left_out"], "too_long": fit["too_long"],
+                         "reason": "longer than block_size - 1 tokens (the item and its <|endoftext|> prefix), or "
+                                   "matched to an item that is (localizer items leave every condition, words leave "
+                                   "with all their frames)"}}
+
+
 def main(argv: list[str]) -> None:
     cfg: AnalyzeConfig = load_config(AnalyzeConfig, argv)
     device = resolve_device(cfg.device)
     folder = Path(cfg.stimuli) if Path(cfg.stimuli).is_absolute() else REPO / cfg.stimuli
     try:
         localizer, pos_rows = read_localizer(folder), read_pos(folder)
-        stim = Stimuli.build(localizer, pos_rows, gpt2_encoding())
+        full = Stimuli.build(localizer, pos_rows, gpt2_encoding())
     except (OSError, ValueError) as e:
         raise UserError(f"stimuli={cfg.stimuli}: {e}") from e
-    models = [load(cfg, device, "model", cfg.ckpt, stim, localizer)]
+    models = [load(cfg, device, "model", cfg.ckpt, localizer)]
     if cfg.compare:
-        models.append(load(cfg, device, "compare", cfg.compare, stim, localizer))
+        models.append(load(cfg, device, "compare", cfg.compare, localizer))
     out = Path(cfg.out) if cfg.out else REPO / "figures" / models[0].name
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an analysis (summary.json); choose another out= or set overwrite=true")
-    require_writable(out)
-
-    from tqdm import tqdm
+    stim, fit = fit_stimuli(full, models)
 
     import matplotlib
     matplotlib.use("Agg")
 
     start = time.time()
-    torch.manual_seed(cfg.seed)
-    results = []
-    for loaded in models:
-        with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
-            m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
-                              null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar)
-        results.append((loaded, m))
-
+    results = measure_all(cfg, models, stim, out)
     written = []
     summary = {"analysis": {k: v for k, v in asdict(cfg).items()},
-               "stimuli": {"localizer_items_per_condition": len(localizer["S"]),
-                           "nouns": int(len(set(stim.pos_word[stim.pos_category == "noun"]))),
-                           "verbs": int(len(set(stim.pos_word[stim.pos_category == "verb"]))),
-                           "frames": int(len(pos_rows) // len(set(stim.pos_word)))}}
+               "stimuli": stimuli_summary(localizer, pos_rows, full, stim, fit)}
     for loaded, m in results:
         summary[loaded.label] = {"name": loaded.name, "checkpoint": str(loaded.path), "step": loaded.step,
                                  "provenance": loaded.provenance,

@@ -1,14 +1,16 @@
 """analyze.py end to end on a tiny trained checkpoint: every file, and summary.json consistent with units.npz."""
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import ablate
 import analyze
 from topolm import analysis
-from conftest import PYTHON, REPO, overrides, run_script
+from conftest import PYTHON, REPO, one_error_line, overrides, run_main, run_script
 
 # GPT-2's vocabulary (the stimuli are GPT-2 text) and a block long enough for the longest item
 TINY_GPT2 = dict(vocab_size=50304, block_size=64, max_iters=2, eval_interval=2, save_interval=2, eval_iters=1)
@@ -95,13 +97,150 @@ def _save_untrained(folder, **config):
 
 
 def test_analyze_refuses_models_it_cannot_read_stimuli_with(tmp_path):
-    for name, config, message in (("v64", dict(vocab_size=64, block_size=64), "vocab_size=64"),
-                                  ("short", dict(block_size=32), "block_size=32")):
-        run = _save_untrained(tmp_path / name, **config)
-        proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={tmp_path / 'fig'}"], check=False)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
-        assert proc.stderr.count("\n") == 1
+    run = _save_untrained(tmp_path / "v64", vocab_size=64, block_size=64)
+    proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={tmp_path / 'fig'}"], check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "vocab_size=64" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
     assert not (tmp_path / "fig").exists()
+
+
+FAST = ["permutations=9", "null_shuffles=2", "heldout_tokens=256"]
+
+
+def test_a_short_block_analyses_the_matched_items_that_fit(tmp_path):
+    """block_size=32 reads 6 of the 96 nonword lists whole: the items that do not fit leave every condition, and
+    the statistics are those of the matched items that are left."""
+    from topolm import stimuli
+    from topolm.checkpoint import load_model
+    from topolm.tokenizer import gpt2_encoding
+    run = _save_untrained(tmp_path / "short", block_size=32)
+    out = tmp_path / "fig"
+    proc = run_main(analyze, [f"ckpt={run}", f"out={out}", *FAST])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    enc, loc = gpt2_encoding(), stimuli.read_localizer()
+    fits = {c: np.array([len(enc.encode_ordinary(x)) + 1 <= 32 for x in loc[c]]) for c in "SWJN"}
+    keep = np.flatnonzero(fits["S"] & fits["W"] & fits["J"] & fits["N"])
+    assert 2 <= len(keep) < 96 and fits["S"].all() and not fits["N"].all()
+    st = json.loads((out / "summary.json").read_text())["stimuli"]
+    gone = 96 - len(keep)
+    assert st["localizer_items_per_condition"] == len(keep) and st["localizer_items_in_file"] == 96
+    assert st["left_out"]["per_condition"] == {"S": gone, "W": gone, "J": gone, "N": gone, "noun": 0, "verb": 0}
+    assert st["left_out"]["too_long"] == {**{c: int((~fits[c]).sum()) for c in "SWJN"}, "noun": 0, "verb": 0}
+    assert st["left_out"]["block_size"] == 32 and (st["nouns"], st["verbs"]) == (113, 114)
+    assert f"left out: S {gone}, W {gone}, J {gone}, N {gone}, noun 0, verb 0" in proc.stdout
+    assert f"analysed: {len(keep)} of 96 localizer items per condition" in proc.stdout
+    units = np.load(out / "units.npz")
+    assert units["localizer_items"].tolist() == keep.tolist() and units["n_items_localizer"].tolist() == [len(keep)] * 2
+    # the contrast of the matched items, measured here item by item
+    model, _, _ = load_model(run)
+    resp = {}
+    for c in "SN":
+        ids = [enc.encode_ordinary(loc[c][k]) for k in keep]
+        resp[c] = analysis.site_responses(model, ids, [(0, len(x)) for x in ids], batch_size=1)
+    t, p = analysis.welch_t(resp["S"].swapaxes(0, 1), resp["N"].swapaxes(0, 1))
+    np.testing.assert_array_equal(units["t_localizer"], t)
+    np.testing.assert_array_equal(units["p_localizer"], p)
+    model_summary = json.loads((out / "summary.json").read_text())["model"]
+    assert isinstance(model_summary["sites"]["layer.0.mlp"]["localizer"]["morans_i"], float)
+
+
+def test_a_side_left_with_fewer_than_2_items_is_undefined(tmp_path):
+    """block_size=16 fits no jabberwocky item: every localizer item leaves, S - N is undefined with the reason,
+    and verbs - nouns (every frame fits) is measured."""
+    run = _save_untrained(tmp_path / "shorter", block_size=16)
+    out = tmp_path / "fig"
+    proc = run_main(analyze, [f"ckpt={run}", f"out={out}", *FAST])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stimuli"]["localizer_items_per_condition"] == 0
+    assert summary["stimuli"]["left_out"]["per_condition"]["N"] == 96
+    for site in summary["model"]["sites"].values():
+        assert site["localizer"]["morans_i"] is None and site["localizer"]["p"] is None
+        assert site["localizer"]["undefined"].startswith("fewer than 2 items on a side (0 vs 0; 96 vs 96 left out")
+        assert isinstance(site["verb_noun"]["morans_i"], float)
+    assert summary["model"]["mean"]["localizer"]["sites_undefined"] == 2
+    assert "Moran's I undefined: fewer than 2 items on a side" in proc.stdout
+    assert np.isnan(np.load(out / "units.npz")["t_localizer"]).all()
+
+
+def _with_weight(gpt2_run, folder, name, index, value):
+    """A copy of the session's checkpoint with one weight set to `value`, saved by the project's writer."""
+    from topolm.checkpoint import load_checkpoint, save_checkpoint
+    ckpt = load_checkpoint(gpt2_run.ckpt)
+    ckpt["model"][name][index] = value
+    path = folder / gpt2_run.ckpt.name
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "infinite")])
+def test_a_response_that_is_not_a_number_is_an_error(gpt2_run, tmp_path, value, kind):
+    path = _with_weight(gpt2_run, tmp_path / "bad", "transformer.h.1.mlp.c_proj.weight", (3, 0), value)
+    out = tmp_path / "fig"
+    proc = run_main(analyze, [f"ckpt={path}", f"out={out}", *FAST])
+    bar = [x for x in proc.stderr.splitlines() if x.startswith("stimuli (")]  # the progress bar, cut short
+    proc = proc._replace(stderr="".join(x + "\n" for x in proc.stderr.splitlines() if x and x not in bar))
+    line = one_error_line(proc, "the response of site layer.1.mlp to ", f"is {kind}", "NaN or inf in its weights",
+                          "nothing was written")
+    assert re.search(r"to (localizer item \d+ of condition [SWJN]|the (noun|verb) '\w+' in its frame \d) is", line)
+    assert not out.exists()
+    # the held-out activations are refused the same way
+    from topolm.checkpoint import load_model
+    from topolm.config import UserError
+    model, _, _ = load_model(path)
+    with pytest.raises(UserError, match=rf"site layer.1.mlp to held-out window 0 is {kind}"):
+        analysis.heldout_correlations(model, np.ones((2, 8), dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------- the ablation's units file
+
+def _write_units(path, ckpt_file, t, provenance=True):
+    from topolm.checkpoint import load_model
+    from topolm.provenance import provenance as record
+    model, ckpt, ckpt_path = load_model(ckpt_file)
+    extra = {"provenance": np.array(json.dumps(record(ckpt_path, ckpt, model)))} if provenance else {}
+    np.savez(path, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t, **extra)
+    return path
+
+
+def test_ablate_never_chooses_a_unit_whose_t_is_undefined(gpt2_run, tmp_path):
+    t = np.random.default_rng(0).normal(size=(4, 36))
+    t[1, 4:] = np.nan  # layer.0.mlp: 4 units with a defined t
+    units = _write_units(tmp_path / "units.npz", gpt2_run.ckpt, t)
+    out = tmp_path / "ablation.json"
+    args = [f"ckpt={gpt2_run.ckpt}", f"units={units}", f"data_dir={gpt2_run.pairs}", f"out={out}"]
+    one_error_line(run_main(ablate, [*args, "k=5"]), "k=5", f"units={units}", "only 4 of 36 units of layer.0.mlp",
+                   "k <= 4")
+    assert not out.exists()
+    proc = run_main(ablate, [*args, "k=4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chosen = json.loads(out.read_text())["selective"]["units"]
+    assert chosen["layer.0.mlp"] == np.argsort(-t[1, :4]).tolist()
+    assert all(np.isfinite(t[s, chosen[name]]).all() for s, name in enumerate(chosen))
+
+
+def test_ablate_refuses_the_units_file_of_another_model(gpt2_run, tmp_path):
+    """A control shares its layout with the model: only the weights tell its units file apart."""
+    control = _with_weight(gpt2_run, tmp_path / "control", "transformer.h.0.mlp.c_fc.weight", (0, 0), 0.5)
+    fig = tmp_path / "fig"
+    assert run_main(analyze, [f"ckpt={gpt2_run.ckpt}", f"compare={control}", f"out={fig}", *FAST]).returncode == 0
+    out = tmp_path / "ablation.json"
+    common = ["k=2", f"data_dir={gpt2_run.pairs}", f"out={out}"]
+    proc = run_main(ablate, [f"ckpt={gpt2_run.ckpt}", f"units={fig / 'compare_units.npz'}", *common])
+    one_error_line(proc, f"{fig / 'compare_units.npz'} was measured on {control} (step {gpt2_run.iters}",
+                   f"not on the model loaded, {gpt2_run.ckpt} (step {gpt2_run.iters}",
+                   f"run python analyze.py ckpt={gpt2_run.ckpt}")
+    one_error_line(run_main(ablate, [f"ckpt={control}", f"units={fig / 'units.npz'}", *common]),
+                   f"measured on {gpt2_run.ckpt}", f"not on the model loaded, {control}")
+    bare = _write_units(tmp_path / "bare.npz", gpt2_run.ckpt, np.load(fig / "units.npz")["t_localizer"], False)
+    one_error_line(run_main(ablate, [f"ckpt={gpt2_run.ckpt}", f"units={bare}", *common]),
+                   f"{bare} records no provenance", f"run python analyze.py ckpt={gpt2_run.ckpt}")
+    assert not out.exists()
+    for ckpt, units in ((gpt2_run.ckpt, "units.npz"), (control, "compare_units.npz")):
+        proc = run_main(ablate, [f"ckpt={ckpt}", f"units={fig / units}", *common])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(out.read_text())
+        assert r["units_provenance"] == r["provenance"] and r["checkpoint"] == str(ckpt)
 
 
 def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):

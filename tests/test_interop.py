@@ -306,21 +306,31 @@ def test_zeroing_a_whole_site_removes_that_sublayer():
 def test_top_units_rank_by_t():
     t = np.array([[0.5, 3.0, np.nan, 3.0, -1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     np.testing.assert_array_equal(top_units(t, 3), [[1, 3, 0], [4, 3, 2]])
-    np.testing.assert_array_equal(top_units(t, 5)[0, -1], 2)  # NaN last
+    np.testing.assert_array_equal(top_units(t, 4), [[1, 3, 0, 4], [4, 3, 2, 1]])  # every defined unit, NaN never
+    with pytest.raises(UserError, match=r"k=5: u.npz has a defined t_localizer at only 4 of 5 units of b.*k <= 4"):
+        top_units(t, 5, ["b", "a"], "u.npz")
+
+
+def write_units(path, run, **arrays):
+    """A units file as analyze.py writes one for the checkpoint of `run`: the arrays given, the model's sites
+    and positions, and the model's provenance."""
+    from topolm.provenance import provenance
+    model, ckpt, ckpt_path = load_model(run)
+    np.savez(path, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(),
+             provenance=np.array(json.dumps(provenance(ckpt_path, ckpt, model))), **arrays)
+    return path
 
 
 def test_ablate_selective_against_random_units(grammar, tmp_path):
     model, _, _ = load_model(grammar["run"])
     rng = np.random.default_rng(0)
     t = rng.normal(size=(4, 36))
-    units = tmp_path / "units.npz"
-    np.savez(units, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t,
-             selective_localizer=t > 1.0)
+    units = write_units(tmp_path / "units.npz", grammar["run"], t_localizer=t, selective_localizer=t > 1.0)
     out = tmp_path / "ablation.json"
     ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}",
                  f"dataset={grammar['data']}", "val_batches=2", "val_batch_size=4", f"out={out}", "seed=3"])
     r = json.loads(out.read_text())
-    assert r["provenance"]["weights_sha256"] == weights_digest(model) and r["units_provenance"] is None
+    assert r["provenance"]["weights_sha256"] == weights_digest(model) and r["units_provenance"] == r["provenance"]
     expected_top = top_units(t, 6)
     assert r["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
     assert r["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()
@@ -340,7 +350,7 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
     assert r["selective"]["val_loss"] != pytest.approx(r["intact"]["val_loss"])
 
     np.savez(units, site_names=np.array(model.site_names), coords=np.roll(model.sheet.unit_coords.numpy(), 1, 1),
-             t_localizer=t)
+             t_localizer=t, provenance=np.array(json.dumps(r["provenance"])))
     with pytest.raises(UserError, match="measured on a model with other unit positions"):
         ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}"])
     with pytest.raises(UserError, match="draws=2 must be >= 5"):
@@ -476,8 +486,7 @@ def test_ablation_of_a_restricted_vocabulary_is_batch_size_invariant(restricted,
     model, _, _ = load_model(restricted)
     pairs = write_restricted_pairs(tmp_path / "pairs")
     t = np.random.default_rng(0).normal(size=(4, 36))
-    units = tmp_path / "units.npz"
-    np.savez(units, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t)
+    units = write_units(tmp_path / "units.npz", restricted, t_localizer=t)
     blimp.main([f"ckpt={restricted}", f"data_dir={pairs}", f"out={tmp_path / 'blimp.json'}", "batch_size=1"])
     alone = json.loads((tmp_path / "blimp.json").read_text())["overall"]
     runs = []

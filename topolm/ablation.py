@@ -7,6 +7,7 @@ unit's contribution; with with_resid=True the site is the residual stream itself
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,11 +96,20 @@ def zeroed_units(model, units: dict[str, torch.Tensor | np.ndarray | list[int]])
             h.remove()
 
 
-def top_units(t: np.ndarray, k: int) -> np.ndarray:
+def top_units(t: np.ndarray, k: int, names: list[str] | None = None, source: str = "the units file") -> np.ndarray:
     """The k units with the largest t at each site, (n_sites, k), in descending order of t (ties: lower
-    unit index first; NaN never chosen before a number)."""
-    t = np.where(np.isnan(t), -np.inf, np.asarray(t, dtype=np.float64))
-    return np.argsort(-t, axis=1, kind="stable")[:, :k]
+    unit index first). A unit whose t is undefined (NaN: zero variance in both groups, or a side with
+    fewer than 2 items) is never among the most selective: raises UserError naming `k`, `source` and
+    how many units have a defined t when a site (named from `names`) has fewer than k of them."""
+    t = np.asarray(t, dtype=np.float64)
+    defined = np.isfinite(t).sum(axis=1)
+    if len(defined) and defined.min() < k:
+        s = int(np.argmin(defined))
+        site = names[s] if names is not None else f"site {s}"
+        raise UserError(f"k={k}: {source} has a defined t_localizer at only {int(defined[s])} of {t.shape[1]} units "
+                        f"of {site} (the others are undefined: zero variance in both groups, or too few items); "
+                        f"an undefined unit is not selective: choose k <= {int(defined.min())}")
+    return np.argsort(-np.where(np.isfinite(t), t, -np.inf), axis=1, kind="stable")[:, :k]
 
 
 def random_units(n_sites: int, n_embed: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,12 +120,38 @@ def random_units(n_sites: int, n_embed: int, k: int, rng: np.random.Generator) -
 UNITS_KEYS = ("site_names", "coords", "t_localizer")
 
 
-def load_units(path: Path, model) -> dict[str, np.ndarray]:
+def _describe(record: dict) -> str:
+    return f"{record.get('checkpoint')} (step {record.get('step')}, weights {str(record.get('weights_sha256'))[:12]})"
+
+
+def require_same_model(path: Path, data: dict, loaded: dict) -> dict:
+    """The provenance of a per-unit file (`data["provenance"]`, a JSON string), checked against the loaded
+    model's (`topolm.provenance.provenance`): the weights digest must match.
+
+    Raises UserError naming both models when it does not, and when the file records no provenance (its
+    model cannot be told: a control and its topographic model share their layout). Returns the record."""
+    again = f"run python analyze.py ckpt={loaded['checkpoint']} and pass the units.npz it writes"
+    if "provenance" not in data:
+        raise UserError(f"{path} records no provenance (no model to check it against {_describe(loaded)}): {again}")
+    try:
+        record = json.loads(str(data["provenance"]))
+        digest = record["weights_sha256"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: its provenance is not a record with weights_sha256 ({e}): {again}") from e
+    if digest != loaded["weights_sha256"]:
+        raise UserError(f"{path} was measured on {_describe(record)}, not on the model loaded, {_describe(loaded)}: "
+                        f"its units are another model's; {again}")
+    return record
+
+
+def load_units(path: Path, model, loaded: dict) -> dict[str, np.ndarray]:
     """The analysis's per-unit arrays (`units.npz` of analyze.py), checked against `model`.
 
     Needs site_names (n_sites,), coords (n_sites, n_embed, 2) and t_localizer (n_sites, n_embed);
-    selective_localizer (bool, same shape) is used when present. Raises UserError when the file is
-    missing, lacks a key, or was measured on another model (other sites, shape or unit positions)."""
+    selective_localizer (bool, same shape) is used when present. loaded: the model's provenance record
+    (`topolm.provenance.provenance`); the file's must name the same weights (`require_same_model`). Raises UserError
+    when the file is missing, lacks a key, or was measured on another model (other weights, sites,
+    shape or unit positions)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"units file not found: {path} (analyze.py writes units.npz)")
@@ -127,6 +163,7 @@ def load_units(path: Path, model) -> dict[str, np.ndarray]:
     missing = [k for k in UNITS_KEYS if k not in data]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (written by analyze.py?)")
+    require_same_model(path, data, loaded)
     names = [str(n) for n in data["site_names"]]
     n_embed = model.config.n_embed
     if names != list(model.site_names):

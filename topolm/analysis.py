@@ -9,7 +9,10 @@ value, and empty cells are not part of the map.
   start in training; a site's response is its activation (as `with_resid` defines it) averaged
   over the item's own tokens, or over the target word's tokens, never over the prefix. Items
   are batched by exact token length, never padded, so a response is bit-identical at every
-  batch size (on the CPU; topolm.batching).
+  batch size (on the CPU; topolm.batching). A NaN or infinite response (or held-out activation)
+  is an error naming the site and the stimulus, never a number of a statistic (`require_finite`).
+- Items that do not fit the model's block (`Stimuli.fitting`) are left out, never cut, with their
+  matched counterparts: localizer item k leaves every condition, a word leaves with all its frames.
 - Contrasts (`welch_t`, `fdr`): per unit a Welch t-test across items (scipy.stats.ttest_ind,
   equal_var=False), Benjamini-Hochberg FDR over the units of each site
   (scipy.stats.false_discovery_control). A unit is selective when its adjusted p <= q and t > 0.
@@ -41,6 +44,7 @@ import scipy.stats
 import torch
 
 from topolm.batching import filled, invariant_kernels, length_batches
+from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN
 from positions import spatial_losses
 
@@ -80,9 +84,23 @@ def tokenize_items(texts: list[str], encoding, spans: list[tuple[int, int]] | No
     return ids, ranges
 
 
+def require_finite(values: np.ndarray, site: str, what, total_what: str) -> None:
+    """Refuse a response that is not a number: values (n, ...) of one site, what(i) names the i-th one.
+
+    Raises UserError naming the site, the first non-finite value's stimulus (`what`) and the reason: a
+    NaN or inf response is never a statistic (its t would be undefined, or a number of nothing)."""
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        kind = "NaN" if np.isnan(values[first]).any() else "infinite"
+        raise UserError(f"the response of site {site} to {what(first)} is {kind} ({int(bad.sum())} of {len(values)} "
+                        f"{total_what} are not finite): the model's activations are not numbers (NaN or inf in its "
+                        f"weights?); nothing was written")
+
+
 @torch.no_grad()
 def site_responses(model, ids: list[list[int]], ranges: list[tuple[int, int]], batch_size: int = 32,
-                   progress=None) -> np.ndarray:
+                   progress=None, labels: list[str] | None = None) -> np.ndarray:
     """Per-item responses of every site, (n_sites, n_items, n_embed) float32, sites in model.site_names order.
 
     Each item is prefixed with `<|endoftext|>` (position 0, never averaged); the response is the
@@ -90,15 +108,18 @@ def site_responses(model, ids: list[list[int]], ranges: list[tuple[int, int]], b
     selected, never multiplied by a mask. Items run in batches of one exact length (topolm.batching:
     no padding; the math attention kernel on the CPU), so an item's response is bit-identical at
     every batch size on the CPU.
-    `progress`: a tqdm-like object whose `update(n)` is called per batch. Raises ValueError if an
-    item does not fit the model's block.
+    `progress`: a tqdm-like object whose `update(n)` is called per batch; `labels`: a name per item for
+    the errors (default "item <k>"). Raises ValueError if an item does not fit the model's block, and
+    UserError (`require_finite`) for a NaN or infinite response.
     """
+    names = model.site_names
+    out = np.empty((len(names), len(ids), model.config.n_embed), dtype=np.float32)
+    if not ids:
+        return out
     lengths = np.array([1 + len(x) for x in ids], dtype=np.int64)
     if lengths.max() > model.config.block_size:
         raise ValueError(f"an item of {lengths.max() - 1} tokens (+1 prefix) exceeds block_size={model.config.block_size}")
     device = next(model.parameters()).device
-    names = model.site_names
-    out = np.empty((len(names), len(ids), model.config.n_embed), dtype=np.float32)
     for batch in length_batches(lengths, batch_size):
         width = int(lengths[batch[0]])
         x = torch.tensor([[EOT_TOKEN] + ids[k] for k in filled(batch, width)], dtype=torch.long, device=device)
@@ -112,6 +133,8 @@ def site_responses(model, ids: list[list[int]], ranges: list[tuple[int, int]], b
             a = acts[name][:len(batch)].double()
             mean = torch.where(inside, a, 0.0).sum(1) / (stop - first)
             out[s, batch] = mean.float().cpu().numpy()
+            require_finite(out[s, batch], name, lambda i, batch=batch: labels[batch[i]] if labels else
+                           f"item {batch[i]}", "responses of its batch")
         if progress is not None:
             progress.update(len(batch))
     return out
@@ -158,14 +181,20 @@ def selective(t: np.ndarray, p: np.ndarray, q: float = 0.05) -> np.ndarray:
     return fdr(p, q)[1] & (np.nan_to_num(t, nan=0.0) > 0)
 
 
-def undefined_map(t: np.ndarray, n_items: tuple[int, int] | None = None) -> str | None:
+def undefined_map(t: np.ndarray, n_items: tuple[int, int] | None = None,
+                  n_left_out: tuple[int, int] | None = None) -> str | None:
     """Why Moran's I of one site's t-map (n_units,) is undefined, or None when it is not.
 
-    n_items: the items on each side of the contrast (a side with fewer than 2 leaves t undefined)."""
+    n_items: the items on each side of the contrast (a side with fewer than 2 leaves t undefined);
+    n_left_out: the items of each side left out as longer than the model's block (`Stimuli.fitting`)."""
     t = np.asarray(t, np.float64)
     if n_items is not None and min(n_items) < 2:
-        return (f"fewer than 2 items on a side ({int(n_items[0])} vs {int(n_items[1])}): Welch's t is undefined at "
-                f"every unit")
+        why = ""
+        if n_left_out is not None and max(n_left_out) > 0:
+            why = (f"; {int(n_left_out[0])} vs {int(n_left_out[1])} left out, longer than the model's block or matched "
+                   f"to an item that is")
+        return (f"fewer than 2 items on a side ({int(n_items[0])} vs {int(n_items[1])}{why}): Welch's t is undefined "
+                f"at every unit")
     n_nan = int(np.isnan(t).sum())
     if n_nan:
         return f"t undefined at {n_nan} of {t.size} units (zero variance in both groups): the map has holes"
@@ -417,7 +446,8 @@ def heldout_correlations(model, windows: np.ndarray, batch_size: int = 8) -> tup
     """Unit correlations per site over held-out windows: (n_sites, n_embed, n_embed) float64 and the sample count.
 
     Each window runs after an `<|endoftext|>` prefix, which is left out of the samples.
-    Raises ValueError if a window does not fit the model's block.
+    Raises ValueError if a window does not fit the model's block, UserError (`require_finite`) for an
+    activation that is NaN or infinite.
     """
     if windows.shape[1] + 1 > model.config.block_size:
         raise ValueError(f"windows of {windows.shape[1]} tokens (+1 prefix) exceed block_size={model.config.block_size}")
@@ -427,8 +457,10 @@ def heldout_correlations(model, windows: np.ndarray, batch_size: int = 8) -> tup
         w = torch.as_tensor(windows[b:b + batch_size])
         x = torch.cat([torch.full((len(w), 1), EOT_TOKEN, dtype=torch.long), w], dim=1).to(device)
         acts = model.site_activations(x)
-        acc.add(np.stack([acts[name][:, 1:].reshape(-1, acts[name].shape[-1]).float().cpu().numpy()
-                          for name in model.site_names]))
+        batch = np.stack([acts[name][:, 1:].float().cpu().numpy() for name in model.site_names])
+        for s, name in enumerate(model.site_names):
+            require_finite(batch[s], name, lambda i, b=b: f"held-out window {b + i}", "held-out windows of its batch")
+        acc.add(batch.reshape(len(batch), -1, batch.shape[-1]))
     return acc.correlations(), acc.n
 
 
@@ -450,12 +482,21 @@ CORRELATION_NULL_SHUFFLES = 10  # the nulls of the correlation curve and the spa
 
 @dataclass
 class Stimuli:
-    """Tokenized stimuli: the localizer's conditions and the part-of-speech rows (word x frame)."""
+    """Tokenized stimuli: the localizer's conditions and the part-of-speech rows (word x frame).
+
+    localizer_index (n_kept,): the localizer items kept, as indices into the file's items (all of them
+    unless `fitting` left some out); left_out: {condition or 'noun'/'verb': items (words) left out}."""
     localizer: dict[str, tuple[list[list[int]], list[tuple[int, int]]]]
     pos_ids: list[list[int]]
     pos_ranges: list[tuple[int, int]]
     pos_category: np.ndarray  # (n_rows,) 'noun' / 'verb'
     pos_word: np.ndarray  # (n_rows,)
+    localizer_index: np.ndarray | None = None
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.localizer_index is None:
+            self.localizer_index = np.arange(len(self.localizer[CONDITIONS[0]][0]))
 
     @classmethod
     def build(cls, localizer: dict[str, list[str]], pos_rows: list[dict], encoding) -> "Stimuli":
@@ -469,12 +510,92 @@ class Stimuli:
 
     @property
     def longest(self) -> int:
-        return max(len(x) for ids in [v[0] for v in self.localizer.values()] + [self.pos_ids] for x in ids)
+        return max((len(x) for ids in [v[0] for v in self.localizer.values()] + [self.pos_ids] for x in ids), default=0)
+
+    def fitting(self, block_size: int) -> tuple["Stimuli", dict]:
+        """The matched stimuli a model with `block_size` reads whole: an item fits when its tokens and the
+        `<|endoftext|>` prefix do (len + 1 <= block_size).
+
+        Cutting an item would bias the contrasts (a nonword list has 2-3x the tokens of its sentence), so
+        an item that does not fit is left out, matched: localizer item k leaves every condition when it
+        does not fit in one (the conditions stay built from the same sentences), and a noun or verb
+        leaves with all its frames when one of them does not fit (every word is the mean over the same
+        frames). Returns the kept stimuli (their `left_out` set) and the counts {"block_size",
+        "too_long": {key: items that do not fit themselves}, "left_out": {key: items left out}}, keys the
+        conditions S, W, J, N and 'noun', 'verb' (the part-of-speech set counted in words)."""
+        fits = {c: np.array([len(x) + 1 <= block_size for x in self.localizer[c][0]], dtype=bool) for c in CONDITIONS}
+        keep = np.logical_and.reduce([fits[c] for c in CONDITIONS])
+        row_fits = np.array([len(x) + 1 <= block_size for x in self.pos_ids], dtype=bool)
+        bad_words = set(self.pos_word[~row_fits].tolist())
+        keep_row = np.array([w not in bad_words for w in self.pos_word], dtype=bool)
+        too_long = {c: int((~fits[c]).sum()) for c in CONDITIONS}
+        left_out = {c: int((~keep).sum()) for c in CONDITIONS}
+        for category in ("noun", "verb"):
+            words = set(self.pos_word[self.pos_category == category].tolist())
+            too_long[category] = left_out[category] = len(words & bad_words)
+        index = np.flatnonzero(keep)
+        rows = np.flatnonzero(keep_row)
+        kept = Stimuli({c: ([ids[k] for k in index], [ranges[k] for k in index]) for c, (ids, ranges)
+                        in self.localizer.items()}, [self.pos_ids[r] for r in rows], [self.pos_ranges[r] for r in rows],
+                       self.pos_category[rows], self.pos_word[rows], self.localizer_index[index], left_out)
+        return kept, {"block_size": int(block_size), "too_long": too_long, "left_out": left_out}
 
 
-def word_means(resp: np.ndarray, words: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+def word_means(resp: np.ndarray, words: np.ndarray, wanted: list) -> np.ndarray:
     """Mean response over the rows (frames) of each wanted word: (n_sites, n_rows, C) -> (n_sites, n_words, C)."""
+    if not wanted:
+        return np.empty((resp.shape[0], 0, resp.shape[2]), dtype=resp.dtype)
     return np.stack([resp[:, words == w].mean(axis=1) for w in wanted], axis=1)
+
+
+def stimulus_labels(stim: Stimuli) -> list[str]:
+    """A name for every stimulus, in `measure_model`'s order (the localizer by condition, then the part-of-speech rows)."""
+    labels = [f"localizer item {int(k)} of condition {c}" for c in CONDITIONS for k in stim.localizer_index]
+    seen: dict[str, int] = {}
+    for category, word in zip(stim.pos_category, stim.pos_word):
+        seen[word] = seen.get(word, -1) + 1
+        labels.append(f"the {category} {word!r} in its frame {seen[word]}")
+    return labels
+
+
+def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 32, progress=None) -> dict:
+    """The per-unit contrasts and response profiles of `measure_model` (see there), from the responses to `stim`.
+
+    A side with fewer than 2 items leaves its contrast undefined (`welch_t`); the counts of each side
+    (n_items_<contrast>) and of the items `Stimuli.fitting` left out (n_left_out_<contrast>) are kept.
+    Raises UserError for a response that is not a number (`site_responses`)."""
+    ids = [x for c in CONDITIONS for x in stim.localizer[c][0]] + stim.pos_ids
+    ranges = [x for c in CONDITIONS for x in stim.localizer[c][1]] + stim.pos_ranges
+    resp = site_responses(model, ids, ranges, batch_size=batch_size, progress=progress, labels=stimulus_labels(stim))
+    n_loc = len(stim.localizer["S"][0])
+    loc = {c: resp[:, k * n_loc:(k + 1) * n_loc] for k, c in enumerate(CONDITIONS)}
+    pos = resp[:, 4 * n_loc:]
+    nouns = list(dict.fromkeys(stim.pos_word[stim.pos_category == "noun"]))
+    verbs = list(dict.fromkeys(stim.pos_word[stim.pos_category == "verb"]))
+    noun_resp, verb_resp = word_means(pos, stim.pos_word, nouns), word_means(pos, stim.pos_word, verbs)
+
+    out: dict[str, np.ndarray] = {}
+    t, p = welch_t(loc["S"].swapaxes(0, 1), loc["N"].swapaxes(0, 1))
+    qv, sig = fdr(p, q)
+    out.update(t_localizer=t, p_localizer=p, q_localizer=qv, selective_localizer=sig & (t > 0))
+    t, p = welch_t(verb_resp.swapaxes(0, 1), noun_resp.swapaxes(0, 1))
+    qv, sig = fdr(p, q)
+    out.update(t_verb_noun=t, p_verb_noun=p, q_verb_noun=qv, selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
+    n_sites, n_embed = resp.shape[0], resp.shape[2]
+    out["mean_localizer"] = np.stack([loc[c].mean(axis=1) if n_loc else np.full((n_sites, n_embed), np.nan)
+                                      for c in CONDITIONS], axis=1)
+    out["n_items_localizer"] = np.array([loc["S"].shape[1], loc["N"].shape[1]])
+    out["n_items_verb_noun"] = np.array([len(verbs), len(nouns)])
+    left = stim.left_out
+    out["n_left_out_localizer"] = np.array([left.get("S", 0), left.get("N", 0)])
+    out["n_left_out_verb_noun"] = np.array([left.get("verb", 0), left.get("noun", 0)])
+    out["localizer_items"] = np.asarray(stim.localizer_index, dtype=np.int64)
+
+    profiles = [response_profile({c: loc[c][s] for c in CONDITIONS}, q) for s in range(n_sites)]
+    out["profile_mean"] = np.stack([x["mean"] for x in profiles])
+    out["profile_sem"] = np.stack([x["sem"] for x in profiles])
+    out["profile_n_selected"] = np.stack([x["n_selected"] for x in profiles])
+    return out
 
 
 def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, permutations: int = 999,
@@ -487,35 +608,14 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
     moran_<contrast>, moran_p_<contrast>, null_moran_<contrast> (null_shuffles, n_sites),
     profile_mean/profile_sem (n_sites, 4), profile_n_selected (n_sites, 2), corr_centres,
     corr_curve, null_corr_curve (n_sites, n_bins), adjacent_corr, far_corr, null_adjacent_corr,
-    null_far_corr, spatial_loss, null_spatial_loss; heldout_samples (tokens behind the correlations).
+    null_far_corr, spatial_loss, null_spatial_loss; heldout_samples (tokens behind the correlations);
+    n_items_<contrast> and n_left_out_<contrast> (2,) per side, localizer_items (the file's items analysed).
+    Raises UserError for a response or held-out activation that is NaN or infinite.
     """
     names = list(model.site_names)
     coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
-    ids = [x for c in CONDITIONS for x in stim.localizer[c][0]] + stim.pos_ids
-    ranges = [x for c in CONDITIONS for x in stim.localizer[c][1]] + stim.pos_ranges
-    resp = site_responses(model, ids, ranges, batch_size=batch_size, progress=progress)
-    n_loc = len(stim.localizer["S"][0])
-    loc = {c: resp[:, k * n_loc:(k + 1) * n_loc] for k, c in enumerate(CONDITIONS)}
-    pos = resp[:, 4 * n_loc:]
-    nouns = list(dict.fromkeys(stim.pos_word[stim.pos_category == "noun"]))
-    verbs = list(dict.fromkeys(stim.pos_word[stim.pos_category == "verb"]))
-    noun_resp, verb_resp = word_means(pos, stim.pos_word, nouns), word_means(pos, stim.pos_word, verbs)
-
-    out: dict[str, np.ndarray] = {"site_names": np.array(names), "coords": coords}
-    t, p = welch_t(loc["S"].swapaxes(0, 1), loc["N"].swapaxes(0, 1))
-    qv, sig = fdr(p, q)
-    out.update(t_localizer=t, p_localizer=p, q_localizer=qv, selective_localizer=sig & (t > 0))
-    t, p = welch_t(verb_resp.swapaxes(0, 1), noun_resp.swapaxes(0, 1))
-    qv, sig = fdr(p, q)
-    out.update(t_verb_noun=t, p_verb_noun=p, q_verb_noun=qv, selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
-    out["mean_localizer"] = np.stack([loc[c].mean(axis=1) for c in CONDITIONS], axis=1)
-    out["n_items_localizer"] = np.array([loc["S"].shape[1], loc["N"].shape[1]])
-    out["n_items_verb_noun"] = np.array([len(verbs), len(nouns)])
-
-    profiles = [response_profile({c: loc[c][s] for c in CONDITIONS}, q) for s in range(len(names))]
-    out["profile_mean"] = np.stack([x["mean"] for x in profiles])
-    out["profile_sem"] = np.stack([x["sem"] for x in profiles])
-    out["profile_n_selected"] = np.stack([x["n_selected"] for x in profiles])
+    out: dict[str, np.ndarray] = {"site_names": np.array(names), "coords": coords,
+                                  **stimulus_measures(model, stim, q, batch_size, progress)}
 
     corr, n_samples = heldout_correlations(model, windows)
     rng = np.random.default_rng(seed)
@@ -576,7 +676,8 @@ def summarize(m: dict) -> dict:
     `sites_p_below_0.05` take the defined sites only, and `sites_undefined` counts the others.
     """
     names = [str(n) for n in m["site_names"]]
-    reasons = {c: [undefined_map(m[f"t_{c}"][s], m.get(f"n_items_{c}")) for s in range(len(names))] for c in CONTRASTS}
+    reasons = {c: [undefined_map(m[f"t_{c}"][s], m.get(f"n_items_{c}"), m.get(f"n_left_out_{c}"))
+                  for s in range(len(names))] for c in CONTRASTS}
     sites = {}
     for s, name in enumerate(names):
         entry = {}

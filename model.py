@@ -40,6 +40,8 @@ class SheetShape(Checked):
     """Vocabulary size; GPT-2's 50257 padded to a multiple of 64."""
     with_resid: bool = False
     """Site activation: False = sublayer output before the residual add (the paper); True = residual stream after it."""
+    bias: bool = False
+    """Biases in Linear and LayerNorm layers."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,8 +65,6 @@ class GPTConfig(SheetShape):
     """Context length in tokens."""
     dropout: float = 0.0
     """Dropout probability, in [0, 1) (0.0 for pretraining)."""
-    bias: bool = False
-    """Biases in Linear and LayerNorm layers."""
     radius: int = 5
     """Neighborhood radius: a neighborhood is a (2r-1) x (2r-1) block of the grid."""
     neighborhoods_per_batch: int = 5

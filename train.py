@@ -13,6 +13,7 @@ of its own, re-seeded at each evaluation, so it never shifts the training stream
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,13 +25,13 @@ import torch.distributed as dist
 
 from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, load_checkpoint, make_payload,
                                tokenizer_for)
-from topolm.config import (DATA_DIR, POSITIONS_DIR, LoopConfig, UserError, cli_main, load_config, require,
-                           resolve_path)
+from topolm.config import (DATA_DIR, POSITIONS_DIR, LoopConfig, UserError, cli_main, command_line_keys, load_config,
+                           require, resolve_path)
 from topolm.distributed import Dist, check_on_main, print0, run_distributed
 from topolm.files import open_tokens, remove_partial_writes, require_writable, tokens_meta
 from topolm.corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
-from topolm.position_sets import load_positions
+from topolm.position_sets import MODEL_KEYS, initial_weights_digest, load_positions, match_model_record, read_meta
 from positions import random_layout
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
                              check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops,
@@ -73,7 +74,9 @@ class TrainConfig(LoopConfig, GPTConfig):
     follows from it: leave that 0.)"""
     # ---- topography
     position_dir: str = ""
-    """Position set (init_pos.py output); a bare name means gpt2-positions/<name>; empty draws a random layout from `seed`."""
+    """Position set (init_pos.py output); a bare name means gpt2-positions/<name>; empty draws a random layout from
+    `seed`. A swapopt set optimized for the model of seed S makes S the run's seed unless `seed` is given on the
+    command line (another seed there is refused), and a run whose shape keys differ from that model's is refused."""
     # ---- length of the run
     max_iters: int = 600000
     """Optimizer steps in the whole run (0 with eval_only)."""
@@ -128,15 +131,46 @@ class Batches:
 
 # ----------------------------------------------------------------------------- setup
 
-def positions_for(cfg: TrainConfig) -> tuple[np.ndarray, str]:
+def positions_for(cfg: TrainConfig) -> tuple[np.ndarray, str, dict]:
+    """A new run's unit positions, where they come from, and their set's meta.json ({} if none)."""
     if not cfg.position_dir:
-        return random_layout(2 * cfg.n_layer, cfg.n_embed, cfg.seed), f"random(seed={cfg.seed})"
+        return random_layout(2 * cfg.n_layer, cfg.n_embed, cfg.seed), f"random(seed={cfg.seed})", {}
     folder = resolve_path(cfg.position_dir, POSITIONS_DIR)
     try:
         coords, meta = load_positions(folder, cfg.n_layer, cfg.n_embed)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from e
-    return coords, f"{folder} ({meta.get('layout', '?')})"
+    return coords, f"{folder} ({meta.get('layout', '?')})", meta
+
+
+def seed_for_positions(cfg: TrainConfig, seed_given: bool) -> TrainConfig:
+    """The config with the seed of the model a new run's swapopt position set was optimized for
+    (topolm.position_sets.match_model_record: adopted unless `seed` was given on the command line,
+    refused when that differs). A missing or unreadable set is left to positions_for to report."""
+    if not cfg.position_dir or cfg.init_from != "scratch":
+        return cfg
+    folder = resolve_path(cfg.position_dir, POSITIONS_DIR)
+    try:
+        meta = read_meta(folder)
+    except (FileNotFoundError, ValueError):
+        return cfg
+    model = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    seed, message = match_model_record(meta, folder, model, cfg.seed, seed_given)
+    if message:
+        print0(message)
+    return cfg if seed == cfg.seed else dataclasses.replace(cfg, seed=seed)
+
+
+def check_initial_weights(raw_model: GPT, meta: dict, cfg: TrainConfig) -> None:
+    """Warn when the model built here is not the one the position set was optimized for although seed and
+    shape keys match (another torch version draws other initial weights)."""
+    record = meta.get("optimized_for")
+    if not isinstance(record, dict) or "seed" not in record or record["seed"] != cfg.seed:
+        return
+    if record.get("weights_sha256") not in (None, initial_weights_digest(raw_model)):
+        print0(f"warning: the model seed={cfg.seed} initialises here is not the one position set {cfg.position_dir} "
+               f"was optimized for (its weights digest differs: another torch version?), so the layout's head "
+               f"start may not carry over; re-run init_pos.py here")
 
 
 def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: int) -> None:
@@ -186,6 +220,7 @@ class Inputs:
     ckpt: dict | None  # the checkpoint a resume continues (None: a new run)
     ckpt_file: Path | None
     coords: np.ndarray | None  # a new run's unit positions
+    positions_meta: dict  # their set's meta.json ({} for a resume or a layout drawn from the seed)
     record: dict  # the payload fields that describe the model: tokenizer, layout source, data
 
 
@@ -234,6 +269,7 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
         output_ids = token_ids_used([source.path for source in batches.values()], cfg.vocab_size)
     run_dir = cfg.run_dir()
     ckpt = ckpt_file = coords = None
+    positions_meta = {}
     if cfg.init_from == "resume":
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
@@ -244,7 +280,7 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
         check_resume_config(ckpt, cfg, ckpt_file, 0 if output_ids is None else len(output_ids))
         positions_source = ckpt["layout"]["source"]
     else:
-        coords, positions_source = positions_for(cfg)
+        coords, positions_source, positions_meta = positions_for(cfg)
         if list_checkpoints(run_dir):
             raise UserError(f"{run_dir} already holds checkpoints; use init_from=resume to continue it "
                             f"or another run_name/out_dir for a new run")
@@ -256,7 +292,7 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
     if cfg.eval_only and ckpt is None:
         print0("warning: eval_only=true with init_from=scratch evaluates a freshly initialised model; use "
                "init_from=resume to evaluate the run's newest checkpoint")
-    return Inputs(batches, output_ids, ckpt, ckpt_file, coords, record)
+    return Inputs(batches, output_ids, ckpt, ckpt_file, coords, positions_meta, record)
 
 
 def start_log(cfg: TrainConfig, d: Dist, fresh: bool) -> JsonLog:
@@ -280,6 +316,7 @@ def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), inputs.coords,
                     output_ids).to(d.device)
+    check_initial_weights(raw_model, inputs.positions_meta, cfg)
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {
         "batch": torch.Generator().manual_seed(stream_seed(cfg.seed, "batch", d.rank)),
@@ -365,7 +402,8 @@ def check_ranks_agree(run: TrainRun) -> None:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str]) -> None:
-    run_distributed(load_config(TrainConfig, argv, default_file="train_shakespeare.yaml"), train)
+    cfg = load_config(TrainConfig, argv, default_file="train_shakespeare.yaml")
+    run_distributed(seed_for_positions(cfg, "seed" in command_line_keys(argv)), train)
 
 
 def train(cfg: TrainConfig, d: Dist) -> None:

@@ -8,7 +8,8 @@ Sentences keep real English function words and morphology but use invented conte
 lexical meaning. The content words are nonwords from the project's shared generator
 (`stimuli.nonwords`, checked against wordfreq's English list; --regenerate needs wordfreq,
 from requirements-dev.txt). Grammar and vocabulary are seeded: --regenerate reproduces the
-shipped sentences.txt.
+shipped sentences.txt. The tokenization is `topolm.corpus.tokenize_sentences`, which init_pos.py
+also runs when train.bin is missing.
 """
 import argparse
 import random
@@ -20,9 +21,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from topolm.config import cli_main
-from topolm.files import atomic_write, read_text
-from topolm.tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
-from topolm.corpus import ArgumentParser, TokenFiles, positive_int, seed_int  # noqa: E402
+from topolm.files import atomic_write  # noqa: E402
+from topolm.corpus import ArgumentParser, positive_int, seed_int, tokenize_sentences  # noqa: E402
 from topolm.stimuli import nonwords, past, plural  # noqa: E402
 
 third = plural  # third-person singular: the same -s/-es rule
@@ -104,13 +104,8 @@ def main(argv: list[str]) -> None:
     if args.regenerate or not text_file.exists():
         rng, vocab = random.Random(args.seed), vocabulary()
         atomic_write(text_file, "\n".join(sentence(rng, vocab) for _ in range(args.sentences)) + "\n")
-    enc = gpt2_encoding()
-    with TokenFiles(HERE, ("train",)) as out:
-        for line in read_text(text_file).splitlines():
-            if line.strip():
-                out.write("train", enc.encode_ordinary(line) + [EOT_TOKEN])
-        out.commit({"source": "init-data/sentences.txt (jabberwocky-style sentences)"})
-    print(f"train.bin: {out.counts['train']:,} tokens from {text_file.name}")
+    n_tokens = tokenize_sentences(text_file, HERE)
+    print(f"train.bin: {n_tokens:,} tokens from {text_file.name}")
 
 
 if __name__ == "__main__":

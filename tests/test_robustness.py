@@ -106,7 +106,7 @@ DOMAINS = [
       "max_epochs": [0], "max_iters": [-1], "eval_interval": [-1], "patience": [0]}),
     (init_pos.InitPosConfig, ["init_pos.yaml"],
      {**SHEET, **SYSTEM, "radius": [0, -3], "n_neighborhoods": [0], "local_steps": [0], "n_tokens": [0],
-      "block_size": [0]}),
+      "block_size": [0], "model_block_size": [0]}),
     (sample.SampleConfig, [],
      {**SYSTEM, "num_samples": [0], "max_new_tokens": [-1], "temperature": [0, -1, NAN, INF], "top_k": [-1]}),
     (SummaryConfig, [], {}),
@@ -133,7 +133,8 @@ def test_out_of_domain_value_is_refused_naming_the_key(cls, base, key, value):
     assert re.search(rf"\b{key}\b", str(e.value)), str(e.value)
 
 
-@pytest.mark.parametrize("key,value", [("radius", 1), ("n_neighborhoods", 10**6), ("n_tokens", 64)])
+@pytest.mark.parametrize("key,value", [("radius", 1), ("n_neighborhoods", 10**6), ("n_tokens", 64),
+                                       ("block_size", 2048)])
 def test_swap_search_keys_are_checked_against_the_grid(key, value):
     with pytest.raises(UserError, match=rf"\b{key}={value}\b"):
         load_config(init_pos.InitPosConfig, ["init_pos.yaml", "layout=swapopt", f"{key}={value}"])

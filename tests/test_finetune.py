@@ -161,14 +161,10 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny checkpoint made by train.py, with GPT-2's vocabulary so that real text fits."""
-    root = tmp_path_factory.mktemp("pre")
-    data = write_pattern_data(root / "data")
-    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
-                *overrides(dataset=str(data), out_dir=str(root), run_name="r", vocab_size=50304, max_iters=4,
-                           eval_interval=4, save_interval=4)])
-    return root / "r"
+def pretrained(gpt2_run):
+    """The session's tiny checkpoint (conftest.gpt2_run), with GPT-2's vocabulary so that real text fits;
+    finetuning reads it and writes into its own folder."""
+    return gpt2_run.run
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +275,7 @@ def test_ddp_two_ranks_evaluate_the_whole_validation_set(pretrained, glue_dir, t
 @pytest.mark.parametrize("kw,match", [
     (dict(task="glue"), "task must be one of cola, sst2"),
     (dict(task="rte"), "data folder not found: .*rte"),
-    (dict(task="sst2", max_length=64), "max_length=64 exceeds the checkpoint's block_size=32"),
+    (dict(task="sst2", max_length=65), "max_length=65 exceeds the checkpoint's block_size=64"),
     (dict(task="sst2", batch_size=600), "the training set has 512 examples; one optimizer step needs 600"),
     (dict(ckpt="nowhere"), "checkpoint not found: nowhere"),
 ])

@@ -3,6 +3,7 @@ files; the same pairs through the export), and unit ablation at the sites."""
 import itertools
 import math
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import export_hf
 from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import NOUNS, PYTHON, UNSEEN, VERBS, grammar_corpus, overrides, run_in_process, write_pairs
+from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process
 from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
 from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
@@ -27,17 +28,13 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def grammar(tmp_path_factory):
-    """A tiny TopoLM with GPT-2's vocabulary trained by train.py on the grammar corpus, its BLiMP-format
-    pairs, and its Hugging Face export."""
+def grammar(gpt2_run, tmp_path_factory):
+    """The session's tiny TopoLM (conftest.gpt2_run: GPT-2's vocabulary, trained on the grammar corpus),
+    copied so that what the tests write beside its checkpoint stays here; its pairs; its export."""
     root = tmp_path_factory.mktemp("grammar")
-    data = grammar_corpus(root / "data")
-    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
-                *overrides(dataset=str(data), out_dir=str(root), run_name="run", vocab_size=50304, block_size=16,
-                           batch_size=8, learning_rate=1e-2, max_iters=12, warmup_iters=2, lr_decay_iters=12,
-                           min_lr=1e-3, eval_interval=12, save_interval=12, eval_iters=1)])
+    shutil.copytree(gpt2_run.run, root / "run")
     export_hf.main([f"ckpt={root / 'run'}", f"out={root / 'hf'}"])
-    return {"root": root, "run": root / "run", "data": data, "pairs": write_pairs(root / "blimp"), "hf": root / "hf"}
+    return {"root": root, "run": root / "run", "data": gpt2_run.data, "pairs": gpt2_run.pairs, "hf": root / "hf"}
 
 
 def hf_model(folder):
@@ -58,7 +55,7 @@ def test_exported_model_gives_our_logits_through_transformers(grammar):
     config = json.loads((grammar["hf"] / "config.json").read_text())
     assert config["activation_function"] == "gelu" and config["layer_norm_epsilon"] == 1e-5
     assert (config["n_positions"], config["vocab_size"], config["n_embd"], config["tie_word_embeddings"]) == \
-        (16, 50304, 36, True)
+        (GPT2_TINY["block_size"], 50304, 36, True)
     from safetensors import safe_open
     with safe_open(str(grammar["hf"] / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -115,7 +112,7 @@ def test_exported_tokenizer_encodes_like_ours(grammar):
              " leading space and trailing ", "it's we'll they're", "x" * 300, "a<|endoftext|>b"]
     for text in texts:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all"), text
-    assert tok.eos_token_id == EOT_TOKEN and tok.model_max_length == 16
+    assert tok.eos_token_id == EOT_TOKEN and tok.model_max_length == GPT2_TINY["block_size"]
     assert "local_files_only" not in json.loads((grammar["hf"] / "tokenizer_config.json").read_text())
 
 

@@ -9,7 +9,7 @@ import train
 from topolm import training
 from topolm.config import UserError, load_config
 from topolm.distributed import Dist
-from conftest import PYTHON, overrides, read_checkpoint, run_script, write_pattern_data
+from conftest import PYTHON, overrides, read_checkpoint, run_in_process, run_script, write_pattern_data
 from topolm.position_sets import save_positions
 from positions import random_layout
 
@@ -28,7 +28,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key 'batch_sise'"
     assert proc.stdout == ""
-    proc = run_script([PYTHON, "train.py", "train_shakespeare.yaml", "batch_size=four"], check=False)
+    proc = run_in_process([PYTHON, "train.py", "train_shakespeare.yaml", "batch_size=four"], check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("error: bad value for config key 'batch_size'")
 

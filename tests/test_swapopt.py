@@ -8,7 +8,7 @@ import torch
 
 import init_pos
 import train
-from conftest import (PYTHON, numpy_spatial_loss, one_error_line, overrides, read_log, run_main, run_script,
+from conftest import (PYTHON, numpy_spatial_loss, one_error_line, overrides, read_log, run_in_process, run_main,
                       write_pattern_data)
 from topolm import corpus
 from topolm.checkpoint import load_checkpoint
@@ -112,7 +112,7 @@ def test_init_pos_swapopt_cli_and_training_from_it(tmp_path):
     args = [PYTHON, "init_pos.py", "config/init_pos.yaml", "layout=swapopt", "n_layer=2", "n_embed=36", "n_head=2",
             "vocab_size=64", "radius=2", "n_neighborhoods=5", "local_steps=20", f"data={data / 'train.bin'}",
             "n_tokens=512", "block_size=32", "model_block_size=32", f"out={out}"]
-    proc = run_script(args)
+    proc = run_in_process(args)
     assert "layer.1.mlp" in proc.stdout and "swap search" in proc.stdout
     coords = np.load(out / "positions.npy")
     check_layout(coords, 4, 36)
@@ -123,22 +123,22 @@ def test_init_pos_swapopt_cli_and_training_from_it(tmp_path):
     for site in summary["sites"]:
         assert site["visited_loss_after"] <= site["visited_loss_before"] + 1e-12
         assert 0 < site["swaps_accepted"] <= site["swaps_attempted"] == 100
-    again = run_script(args, check=False)  # never overwrites silently
+    again = run_in_process(args, check=False)  # never overwrites silently
     assert again.returncode == 2 and "overwrite=True" in again.stderr
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="s", max_iters=3, position_dir=str(out))])
     assert read_log(tmp_path / "s")[-1]["event"] == "end"
 
 
 def test_swapopt_from_a_trained_checkpoint(tmp_path):
     data = write_pattern_data(tmp_path / "data")
-    run_script([PYTHON, "train.py", "train_shakespeare.yaml",
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml",
                 *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="r", max_iters=10)])
     common = [PYTHON, "init_pos.py", "config/init_pos.yaml", "layout=swapopt", "n_layer=2", "n_embed=36", "n_head=2",
               "vocab_size=64", "radius=2", "n_neighborhoods=5", "local_steps=20", f"data={data / 'train.bin'}",
               "n_tokens=512", "block_size=32"]
-    run_script(common + [f"out={tmp_path / 'fresh'}"])
-    run_script(common + [f"out={tmp_path / 'trained'}", f"ckpt={tmp_path / 'r'}"])
+    run_in_process(common + [f"out={tmp_path / 'fresh'}"])
+    run_in_process(common + [f"out={tmp_path / 'trained'}", f"ckpt={tmp_path / 'r'}"])
     meta = json.loads((tmp_path / "trained" / "meta.json").read_text())
     ckpt_file = tmp_path / "r" / "ckpt-0000010.pt"
     assert meta["optimized_for"] == {"ckpt": str(ckpt_file), "step": 10,
@@ -157,7 +157,7 @@ def test_swapopt_from_a_trained_checkpoint(tmp_path):
     # same starting layout, other activations: the starting losses differ
     assert all(abs(a["grid_loss_before"] - b["grid_loss_before"]) > 1e-6 for a, b in zip(fresh, trained))
     check_layout(np.load(tmp_path / "trained" / "positions.npy"), 4, 36)
-    wrong = run_script(common + [f"out={tmp_path / 'wrong'}", f"ckpt={tmp_path / 'r'}", "n_layer=3"], check=False)
+    wrong = run_in_process(common + [f"out={tmp_path / 'wrong'}", f"ckpt={tmp_path / 'r'}", "n_layer=3"], check=False)
     assert wrong.returncode == 2
     assert wrong.stderr.strip().endswith("has n_layer=2, n_embed=36; the position set asks for n_layer=3, n_embed=36")
 

@@ -6,7 +6,7 @@
 Sentences keep real English function words and morphology but use invented content words
 ("the brillig tove has gimbled a mome rath"), so that activations reflect syntax more than
 lexical meaning. The content words are nonwords from the project's shared generator
-(`stimuli.nonwords`, checked against wordfreq's English list; --regenerate needs wordfreq,
+(`topolm.stimuli.nonwords`, checked against wordfreq's English list; --regenerate needs wordfreq,
 from requirements-dev.txt). Grammar and vocabulary are seeded: --regenerate reproduces the
 shipped sentences.txt. The tokenization is `topolm.corpus.tokenize_sentences`, which init_pos.py
 also runs when train.bin is missing.
@@ -28,7 +28,7 @@ from topolm.stimuli import nonwords, past, plural  # noqa: E402
 third = plural  # third-person singular: the same -s/-es rule
 
 # The nonce vocabulary: pronounceable nonwords from the project's shared generator
-# (stimuli.nonwords), none of whose inflected forms is an English word (checked with wordfreq).
+# (topolm.stimuli.nonwords), none of whose inflected forms is an English word (checked with wordfreq).
 # Drawn only when sentences.txt is (re)generated.
 N_NOUNS, N_ADJECTIVES, N_VERBS, N_ADVERBS = 30, 18, 20, 8
 VOCABULARY_SEED = 11
@@ -40,7 +40,7 @@ CONNECTIVES = ["because", "while", "although", "when", "after", "before", "if"]
 
 
 def vocabulary(seed: int = VOCABULARY_SEED) -> dict[str, list[str]]:
-    """Nonce nouns, adjectives, verbs (stems) and adverbs (stem + -ly), from stimuli.nonwords."""
+    """Nonce nouns, adjectives, verbs (stems) and adverbs (stem + -ly), from topolm.stimuli.nonwords."""
     stems = nonwords(N_NOUNS + N_ADJECTIVES + N_VERBS + N_ADVERBS, seed=seed)
     cuts = np.cumsum([N_NOUNS, N_ADJECTIVES, N_VERBS])
     nouns, adjectives, verbs, adverbs = np.split(np.array(stems), cuts)

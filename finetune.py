@@ -198,11 +198,12 @@ def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig,
     mine = np.arange(d.rank, len(examples), d.world_size)
     largest_shard = -(-len(examples) // d.world_size)
     n_steps = -(-largest_shard // cfg.batch_size)  # every rank takes part in as many batches as the largest shard has
-    rows, totals = [], torch.zeros(2, dtype=torch.float64)  # spatial sum and batch count over all ranks
+    # spatial sum and batch count over all ranks, on the device (NCCL reduces device tensors only)
+    rows, totals = [], torch.zeros(2, dtype=torch.float64, device=d.device)
     try:
         for start in range(0, n_steps * cfg.batch_size, cfg.batch_size):
             index = mine[start:start + cfg.batch_size]
-            batch = torch.zeros(2, dtype=torch.float64)
+            batch = torch.zeros(2, dtype=torch.float64, device=d.device)
             if len(index):
                 idx, lengths, labels = collate(examples, index, d.device)
                 with ctx:
@@ -211,8 +212,8 @@ def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig,
                 preds = (outputs.float().squeeze(-1) if outputs.size(-1) == 1 else outputs.argmax(-1)).tolist()
                 rows.extend(zip(index.tolist(), preds, per_example.tolist()))
                 if per_site is not None:
-                    batch += torch.tensor([float(model.gpt.combine_losses(per_example.mean(), per_site).spatial), 1.0],
-                                          dtype=torch.float64)
+                    spatial = float(model.gpt.combine_losses(per_example.mean(), per_site).spatial)
+                    batch += torch.tensor([spatial, 1.0], dtype=torch.float64, device=d.device)
             batch, stopped = reduce_with_stop(batch, stop, d)
             if stopped:
                 return None

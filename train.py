@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, load_checkpoint, make_payload,
                                tokenizer_for)

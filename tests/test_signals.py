@@ -16,7 +16,7 @@ import analyze
 import blimp
 from conftest import PYTHON, REPO, run_main
 from topolm.checkpoint import load_model
-from topolm.signals import Stopped, exit_on_stop, held
+from topolm.signals import Stopped, exit_on_stop
 
 
 class Watched:

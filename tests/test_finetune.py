@@ -349,13 +349,13 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, 
 
 
 def test_a_stop_during_the_evaluation_abandons_it_and_the_resumed_run_does_it_first(pretrained, glue_dir, tmp_path):
-    """SIGTERM while the last evaluation runs (1,000 validation batches): the run leaves it within seconds,
+    """SIGTERM while the last evaluation runs (500 validation batches): the run leaves it within seconds,
     logs no partial evaluation, writes no metrics and saves ckpt-last.pt at the last step with the
     evaluation pending; resumed, it evaluates first and ends with an uninterrupted run's results."""
     glue = tmp_path / "glue"
     (glue / "sst2").mkdir(parents=True)
     shutil.copy(glue_dir / "sst2" / "train.jsonl", glue / "sst2")
-    write_jsonl(glue / "sst2" / "validation.jsonl", sentiment_rows(4000, np.random.default_rng(1)))
+    write_jsonl(glue / "sst2" / "validation.jsonl", sentiment_rows(2000, np.random.default_rng(1)))
     common = dict(task="sst2", max_iters=2, eval_interval=2, batch_size=4, log_interval=1)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue, whole, **common)])

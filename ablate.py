@@ -29,6 +29,7 @@ from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import DATA_DIR, SeedKey, UserError, cli_main, load_config, require, resolve_device, resolve_path
 from topolm.files import atomic_write, open_tokens, require_writable
 from topolm.provenance import provenance
+from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
 from topolm.ablation import (load_units, random_units, top_units, validation_loss, validation_windows,
                              zeroed_units)
@@ -73,6 +74,7 @@ def spread(values: list[float]) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    exit_on_stop()
     cfg: AblateConfig = load_config(AblateConfig, argv)
     device = resolve_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, device)
@@ -142,7 +144,8 @@ def main(argv: list[str]) -> None:
               "selective": {**top, "units": {name: selective[s].tolist() for s, name in enumerate(names)},
                             "significant_per_site": significant},
               "random": rand}
-    atomic_write(out, json.dumps(record, indent=2) + "\n")
+    with held(f"{out} was written in full"):  # a stop during the write lets it finish
+        atomic_write(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -38,8 +38,10 @@ from topolm.analysis import CONTRASTS, Stimuli, defined_mean, heldout_windows, m
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, REPO, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
                            resolve_device, resolve_path)
-from topolm.files import atomic_write, read_text, require_writable
+from topolm.files import (atomic_write, commit_staged, discard_staged, read_text, remove_partial_writes,
+                          require_writable, staging_folder)
 from topolm.provenance import provenance
+from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
 from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
@@ -197,29 +199,6 @@ def print_table(loaded: Loaded, summary: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, out: Path) -> list[tuple[Loaded, dict]]:
-    """`measure_model` of every model on the same stimuli; a refusal (a response that is not a number)
-    leaves no trace in `out`: the folder is removed again when this analysis made it and it is empty."""
-    from tqdm import tqdm
-
-    made = not out.exists()
-    require_writable(out)
-    torch.manual_seed(cfg.seed)
-    results = []
-    try:
-        for loaded in models:
-            with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
-                m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
-                                  null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size,
-                                  progress=bar)
-            results.append((loaded, m))
-    except UserError:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    return results
-
-
 def stimuli_summary(localizer: dict, pos_rows: list[dict], full: Stimuli, kept: Stimuli, fit: dict) -> dict:
     """summary.json's `stimuli`: what was analysed (items per condition, nouns, verbs, frames) and what was left out."""
     return {"localizer_items_per_condition": len(kept.localizer_index),
@@ -234,6 +213,7 @@ def stimuli_summary(localizer: dict, pos_rows: list[dict], full: Stimuli, kept: 
 
 
 def main(argv: list[str]) -> None:
+    exit_on_stop()
     cfg: AnalyzeConfig = load_config(AnalyzeConfig, argv)
     device = resolve_device(cfg.device)
     folder = Path(cfg.stimuli) if Path(cfg.stimuli).is_absolute() else REPO / cfg.stimuli
@@ -249,13 +229,39 @@ def main(argv: list[str]) -> None:
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an analysis (summary.json); choose another out= or set overwrite=true")
     stim, fit = fit_stimuli(full, models)
-
-    import matplotlib
-    matplotlib.use("Agg")
-
+    existed = out.exists()
+    remove_partial_writes(require_writable(out))
     start = time.time()
-    results = measure_all(cfg, models, stim, out)
-    written = []
+    try:
+        results, summary = measure_all(cfg, models, stim, (localizer, pos_rows, full, fit))
+        written = write_staged(results, summary, cfg.q, out)
+    except BaseException:  # a stop or an error: a folder made for this analysis goes again
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+    for loaded, _ in results:
+        print_table(loaded, summary[loaded.label])
+    print(f"\n{len(written)} files in {out} ({time.time() - start:.0f} s): summary.json, units.npz, "
+          f"{', '.join(f'{c}_maps.png' for c in CONTRASTS)}, morans_i.png, correlation_vs_distance.png, "
+          f"response_profile.png, sites/")
+    print(f"maps: {out / 'localizer_maps.png'}")
+
+
+def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: tuple) -> tuple[list, dict]:
+    """Every model's measures (topolm.analysis.measure_model) on the stimuli that fit every model (`stim`)
+    and the summary that summary.json holds; `read`: the localizer and part-of-speech rows as read, all
+    their items (`Stimuli`) and what was left out (`fit_stimuli`)."""
+    from tqdm import tqdm
+
+    localizer, pos_rows, full, fit = read
+    torch.manual_seed(cfg.seed)
+    results = []
+    for loaded in models:
+        with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
+            m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
+                              null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar)
+        results.append((loaded, m))
     summary = {"analysis": {k: v for k, v in asdict(cfg).items()},
                "stimuli": stimuli_summary(localizer, pos_rows, full, stim, fit)}
     for loaded, m in results:
@@ -266,28 +272,47 @@ def main(argv: list[str]) -> None:
                                  "heldout": {"source": loaded.heldout_source, "from": loaded.heldout_chosen_by,
                                              "tokens": int(m["heldout_samples"])},
                                  **summarize(m)}
+    return results, summary
+
+
+def write_staged(results: list, summary: dict, q: float, out: Path) -> list[Path]:
+    """Every output file, drawn into a staging folder and moved into `out` at the end: a stop (or an error)
+    before that leaves `out` as it was, never part of a new analysis beside part of an old one. Returns
+    the files' paths (in the staging folder)."""
+    import matplotlib
+    matplotlib.use("Agg")
+
+    stage = staging_folder(out)
+    try:
+        written = write_outputs(results, summary, q, stage)
+        with held(f"{out} holds the complete analysis"):
+            commit_staged(stage, out)
+    finally:
+        discard_staged(stage)
+    return written
+
+
+def write_outputs(results: list, summary: dict, q: float, out: Path) -> list[Path]:
+    """units.npz (compare_units.npz), the figures and summary.json of the analysed models into `out`."""
+    written = []
+    for loaded, m in results:
         npz = out / ("units.npz" if loaded.label == "model" else "compare_units.npz")
         arrays = {**m, "provenance": np.array(json.dumps(loaded.provenance))}  # a string: loads without pickle
         atomic_write(npz, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
         written.append(npz)
     for contrast in CONTRASTS:
-        written.append(save_figure(plot_maps(results, contrast, cfg.q), out / f"{contrast}_maps.png"))
+        written.append(save_figure(plot_maps(results, contrast, q), out / f"{contrast}_maps.png"))
         vmax = _vmax(results, contrast)
         for loaded, m in results:
             for s, name in enumerate(m["site_names"]):
-                written.append(save_figure(plot_site(loaded, m, s, contrast, cfg.q, vmax),
+                written.append(save_figure(plot_site(loaded, m, s, contrast, q, vmax),
                                            out / "sites" / loaded.label / contrast / f"{name}.png"))
     written.append(save_figure(plot_morans(results), out / "morans_i.png"))
     written.append(save_figure(plot_correlation(results), out / "correlation_vs_distance.png"))
     written.append(save_figure(plot_profile(results), out / "response_profile.png"))
     atomic_write(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
-
-    for loaded, _ in results:
-        print_table(loaded, summary[loaded.label])
-    print(f"\n{len(written) + 1} files in {out} ({time.time() - start:.0f} s): summary.json, units.npz, "
-          f"{', '.join(f'{c}_maps.png' for c in CONTRASTS)}, morans_i.png, correlation_vs_distance.png, "
-          f"response_profile.png, sites/")
-    print(f"maps: {out / 'localizer_maps.png'}")
+    written.append(out / "summary.json")
+    return written
 
 
 if __name__ == "__main__":

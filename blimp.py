@@ -22,6 +22,7 @@ from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import cli_main, load_config, resolve_device
 from topolm.files import atomic_write, require_writable
 from topolm.provenance import provenance
+from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
 from topolm.blimp import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_local, score_blimp
 
@@ -41,6 +42,7 @@ def finite_or_none(values) -> list:
 
 
 def main(argv: list[str]) -> None:
+    exit_on_stop()
     cfg: BlimpConfig = load_config(BlimpConfig, argv)
     device = resolve_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, device)
@@ -56,7 +58,8 @@ def main(argv: list[str]) -> None:
     if cfg.save_pairs:
         record["pairs"] = {"paradigm": pairs.paradigm, "lp_good": finite_or_none(lp_good),
                            "lp_bad": finite_or_none(lp_bad), "scorable": scorable.tolist()}
-    atomic_write(out, json.dumps(record, indent=2) + "\n")
+    with held(f"{out} was written in full"):  # a stop during the write lets it finish
+        atomic_write(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

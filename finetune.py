@@ -9,8 +9,9 @@
 Writes into out_dir/<task>/ (default finetuned/<task>/): `ckpt-best.pt` (the model at its best
 validation loss), `log.jsonl`, `metrics.json` (the best model's metrics on the full validation
 set(s)) and `predictions-<split>.jsonl` (its prediction for every validation example). While it
-runs, `ckpt-last.pt` holds the state after the latest evaluation; SIGTERM/SIGINT save it and exit,
-and `init_from=resume` continues bit-exactly (it is deleted when the run ends normally).
+runs, `ckpt-last.pt` holds the state after the latest evaluation; SIGTERM/SIGINT/SIGUSR1 save it at
+the last completed step (an evaluation they interrupt is abandoned and left pending) and exit, and
+`init_from=resume` continues bit-exactly (it is deleted when the run ends normally).
 
 Design decisions
 - The model is the pretrained GPT (positions, alpha, radius and architecture from its checkpoint;
@@ -54,8 +55,9 @@ from topolm.files import atomic_write, remove_partial_writes, require_writable
 from topolm.provenance import provenance
 from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
 from model import SequenceClassifier
-from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
-                             check_wandb, epoch_seed, eval_seeds, gather_objects, learning_rate_at, params_digest,
+from topolm.signals import StopFlag
+from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
+                             epoch_seed, eval_seeds, gather_objects, learning_rate_at, params_digest, reduce_with_stop,
                              resolve_dtype, start_wandb, stream_seed)
 
 
@@ -182,33 +184,48 @@ def task_loss(outputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig, d: Dist, ctx) -> dict:
+def evaluate(model: SequenceClassifier, examples: Examples, cfg: FinetuneConfig, d: Dist, ctx,
+             stop: StopFlag | None = None) -> dict | None:
     """Task loss, mean spatial loss (model.GPT.combine_losses' alpha-weighted sum over sites) and
-    predictions over a whole split, sharded over ranks."""
+    predictions over a whole split, sharded over ranks.
+
+    `stop` is read after every batch (under DDP all-reduced with the batch's spatial sum, so every rank
+    leaves at the same batch; a rank whose shard has one batch fewer takes part with nothing); once it
+    is set, the evaluation is abandoned and None returned."""
     was_training = model.training
     model.eval()
     g_nbhd = torch.Generator(device=d.device).manual_seed(eval_seeds(cfg.seed, d.rank)[1])
     mine = np.arange(d.rank, len(examples), d.world_size)
-    rows, spatial_sum, n_batches = [], 0.0, 0
-    for start in range(0, len(mine), cfg.batch_size):
-        index = mine[start:start + cfg.batch_size]
-        idx, lengths, labels = collate(examples, index, d.device)
-        with ctx:
-            outputs, per_site = model(idx, lengths, units=model.gpt.sample_units(g_nbhd))
-        per_example = task_loss(outputs, labels, reduction="none")
-        preds = (outputs.float().squeeze(-1) if outputs.size(-1) == 1 else outputs.argmax(-1)).tolist()
-        rows.extend(zip(index.tolist(), preds, per_example.tolist()))
-        if per_site is not None:
-            spatial_sum += float(model.gpt.combine_losses(per_example.mean(), per_site).spatial)
-            n_batches += 1
-    gathered = gather_objects((rows, spatial_sum, n_batches), d)
-    rows = sorted(r for part in gathered for r in part[0])
-    n_batches = sum(part[2] for part in gathered)
-    model.train(was_training)
+    largest_shard = -(-len(examples) // d.world_size)
+    n_steps = -(-largest_shard // cfg.batch_size)  # every rank takes part in as many batches as the largest shard has
+    # spatial sum and batch count over all ranks, on the device (NCCL reduces device tensors only)
+    rows, totals = [], torch.zeros(2, dtype=torch.float64, device=d.device)
+    try:
+        for start in range(0, n_steps * cfg.batch_size, cfg.batch_size):
+            index = mine[start:start + cfg.batch_size]
+            batch = torch.zeros(2, dtype=torch.float64, device=d.device)
+            if len(index):
+                idx, lengths, labels = collate(examples, index, d.device)
+                with ctx:
+                    outputs, per_site = model(idx, lengths, units=model.gpt.sample_units(g_nbhd))
+                per_example = task_loss(outputs, labels, reduction="none")
+                preds = (outputs.float().squeeze(-1) if outputs.size(-1) == 1 else outputs.argmax(-1)).tolist()
+                rows.extend(zip(index.tolist(), preds, per_example.tolist()))
+                if per_site is not None:
+                    spatial = float(model.gpt.combine_losses(per_example.mean(), per_site).spatial)
+                    batch += torch.tensor([spatial, 1.0], dtype=torch.float64, device=d.device)
+            batch, stopped = reduce_with_stop(batch, stop, d)
+            if stopped:
+                return None
+            totals += batch
+    finally:
+        model.train(was_training)
+    rows = sorted(r for part in gather_objects(rows, d) for r in part)
+    spatial_sum, n_batches = totals.tolist()
     return {
         "pred": np.array([r[1] for r in rows]),
         "task": float(np.mean([r[2] for r in rows])),
-        "spatial": sum(part[1] for part in gathered) / n_batches if n_batches else 0.0,
+        "spatial": spatial_sum / n_batches if n_batches else 0.0,
     }
 
 
@@ -260,6 +277,7 @@ class FinetuneRun:
     evals_since_best: int
     best: dict  # loss, iter and splits (metrics) of the best evaluation so far
     wandb_id: str | None
+    eval_pending: bool  # the evaluation due at iter_num is still to be done (a stop abandoned it)
 
     @property
     def patience_exhausted(self) -> bool:
@@ -349,11 +367,12 @@ def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {"nbhd": torch.Generator(device=d.device).manual_seed(stream_seed(cfg.seed, "nbhd", d.rank))}
     torch.manual_seed(stream_seed(cfg.seed, "dropout", d.rank))  # dropout differs per rank
-    iter_num, evals_since_best, wandb_id = 0, 0, None
+    iter_num, evals_since_best, wandb_id, eval_pending = 0, 0, None, False
     best = {"loss": float("inf"), "iter": -1, "splits": None}
     if resume:
         iter_num, evals_since_best, wandb_id = ckpt["iter_num"], ckpt["evals_since_best"], ckpt.get("wandb_id")
         best = ckpt["best"]
+        eval_pending = bool(ckpt.get("eval_pending", False))
     max_iters = batches.steps_per_epoch * cfg.max_epochs
     if cfg.max_iters:
         max_iters = min(max_iters, cfg.max_iters)
@@ -381,7 +400,7 @@ def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
                             name=cfg.wandb_run_name or f"{cfg.task}-{Path(pretrained['path']).parent.name}")
     return FinetuneRun(cfg, d, raw_model, opt, generators, ckpts, log, wandb_run, batches, val_sets, record,
                        accum_steps, max_iters, eval_interval, iter_num, evals_since_best, best,
-                       wandb_run.id or wandb_id)
+                       wandb_run.id or wandb_id, eval_pending)
 
 
 # ----------------------------------------------------------------------------- the loop's steps
@@ -407,14 +426,20 @@ def model_payload(run: FinetuneRun, it: int) -> dict:
 def save_last(run: FinetuneRun, it: int) -> None:
     """ckpt-last.pt: everything a resumed run needs (weights, optimizer, best so far, patience, random streams)."""
     run.ckpts.save(run.cfg.task_dir() / "ckpt-last.pt", model_payload(run, it), best=run.best,
-                   evals_since_best=run.evals_since_best, wandb_id=run.wandb_id)
+                   evals_since_best=run.evals_since_best, wandb_id=run.wandb_id, eval_pending=run.eval_pending)
 
 
-def evaluate_and_log(run: FinetuneRun, it: int) -> None:
+def evaluate_and_log(run: FinetuneRun, it: int, stop: StopFlag) -> bool:
     """Evaluate every validation split, log, count patience; a new best is saved as ckpt-best.pt, with its
-    predictions."""
+    predictions. False: a stop was requested during the evaluation, which is abandoned (nothing logged,
+    patience and best unchanged)."""
     cfg, d = run.cfg, run.d
-    results = {s: evaluate(run.raw_model, ex, cfg, d, run.opt.ctx) for s, ex in run.val_sets.items()}
+    results = {}
+    for s, ex in run.val_sets.items():
+        results[s] = evaluate(run.raw_model, ex, cfg, d, run.opt.ctx, stop)
+        if results[s] is None:
+            print0(f"stop requested during the evaluation at step {it}: evaluation abandoned")
+            return False
     splits = {s: {"loss": r["task"], "spatial": r["spatial"], "n": len(run.val_sets[s]),
                   **compute_metrics(cfg.task, r["pred"], run.val_sets[s].labels)} for s, r in results.items()}
     watched = results[GLUE_TASKS[cfg.task].val_splits[0]]["task"]
@@ -431,6 +456,7 @@ def evaluate_and_log(run: FinetuneRun, it: int) -> None:
                        best_val_loss=watched)
         if d.is_main:
             write_predictions(cfg.task_dir(), {s: r["pred"] for s, r in results.items()}, run.val_sets)
+    return True
 
 
 def log_step(run: FinetuneRun, it: int, lr: float, step: StepResult, dt: float) -> None:
@@ -449,8 +475,6 @@ def finish(run: FinetuneRun) -> None:
     reason = "max_iters" if run.max_iters < steps_per_epoch * cfg.max_epochs else "max_epochs"
     if run.patience_exhausted:
         reason = "early stopping"
-    if best["splits"] is None:
-        evaluate_and_log(run, run.iter_num)
     digests = gather_objects(params_digest(run.raw_model), d)
     if d.ddp and len(set(digests)) != 1:
         raise UserError("ranks ended with different weights")
@@ -470,33 +494,57 @@ def main(argv: list[str]) -> None:
 
 
 def finetune(cfg: FinetuneConfig, d: Dist) -> None:
-    run = setup(cfg, d)
-    stop = StopSignal()
-    t0 = time.time()
+    stop = StopFlag()  # before setup: a stop while the data and model load is honoured at the first check
     try:
-        while run.iter_num < run.max_iters and not run.patience_exhausted:
-            it = run.iter_num
-            lr = learning_rate_at(it, cfg)
-            micro = partial(micro_step, run, iter(run.batches.step_indices(it)))
-            step = run.opt.step(it, lr, run.accum_steps, micro, CHECKS, stop.requested)
-            run.iter_num += 1
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
-            if it % cfg.log_interval == 0:
-                log_step(run, it, lr, step, dt)
-            if run.iter_num % run.eval_interval == 0 or run.iter_num == run.max_iters:
-                evaluate_and_log(run, run.iter_num)
-            if run.ckpts.due(run.iter_num) or step.stop:
-                save_last(run, run.iter_num)
-            if step.stop:
-                print0(f"stop requested: saved {cfg.task_dir() / 'ckpt-last.pt'} at step {run.iter_num}; "
-                       f"continue with init_from=resume")
-                run.log.write(event="stopped", iter=run.iter_num)
-                return
-        finish(run)
+        run = setup(cfg, d)
+        try:
+            if finetune_loop(run, stop):
+                stop_and_save(run)
+            else:
+                finish(run)
+        finally:
+            run.wandb.finish()
     finally:
         stop.restore()
-        run.wandb.finish()
+
+
+def finetune_loop(run: FinetuneRun, stop: StopFlag) -> bool:
+    """Train to max_iters or early stopping, evaluating every eval_interval steps and after the last one.
+    True when a stop was requested: after a step, or during an evaluation, which is then abandoned and
+    left pending (`run.eval_pending`, kept in ckpt-last.pt), so a resumed run does it first."""
+    cfg = run.cfg
+    t0 = time.time()
+    while True:
+        if run.eval_pending:
+            if not evaluate_and_log(run, run.iter_num, stop):
+                return True
+            run.eval_pending = False
+            if run.ckpts.due(run.iter_num):
+                save_last(run, run.iter_num)
+        if run.iter_num >= run.max_iters or run.patience_exhausted:
+            break
+        it = run.iter_num
+        lr = learning_rate_at(it, cfg)
+        micro = partial(micro_step, run, iter(run.batches.step_indices(it)))
+        step = run.opt.step(it, lr, run.accum_steps, micro, CHECKS, stop.requested)
+        run.iter_num += 1
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if it % cfg.log_interval == 0:
+            log_step(run, it, lr, step, dt)
+        run.eval_pending = run.iter_num % run.eval_interval == 0 or run.iter_num == run.max_iters
+        if step.stop:
+            return True
+    return run.best["splits"] is None and not evaluate_and_log(run, run.iter_num, stop)
+
+
+def stop_and_save(run: FinetuneRun) -> None:
+    """ckpt-last.pt at the last completed step (with any evaluation still pending), then exit (status 0)."""
+    cfg = run.cfg
+    save_last(run, run.iter_num)
+    print0(f"stop requested: saved {cfg.task_dir() / 'ckpt-last.pt'} at step {run.iter_num}; "
+           f"continue with init_from=resume")
+    run.log.write(event="stopped", iter=run.iter_num)
 
 
 OUTPUTS = ("ckpt-best.pt", "ckpt-last.pt", "metrics.json", "log.jsonl", "predictions-*.jsonl")

@@ -16,6 +16,7 @@ from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (InferenceKeys, SeedKey, UserError, cli_main, load_config, require, require_finite,
                            resolve_device)
 from topolm.files import read_text
+from topolm.signals import exit_on_stop
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
@@ -46,6 +47,7 @@ class SampleConfig(InferenceKeys, SeedKey):
 
 
 def main(argv: list[str]) -> None:
+    exit_on_stop()
     cfg: SampleConfig = load_config(SampleConfig, argv)
     device = resolve_device(cfg.device)
     start = cfg.start

@@ -21,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, load_checkpoint, make_payload,
                                tokenizer_for)
@@ -33,8 +32,9 @@ from topolm.corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
 from topolm.position_sets import MODEL_KEYS, initial_weights_digest, load_positions, match_model_record, read_meta
 from positions import random_layout
-from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
-                             check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops,
+from topolm.signals import StopFlag
+from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
+                             eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops, reduce_with_stop,
                              resolve_dtype, start_wandb, stream_seed)
 
 
@@ -182,32 +182,40 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
                         f"as in the checkpoint, or start a new run with another run_name")
 
 
-def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfig, d: Dist, ctx) -> dict:
+def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfig, d: Dist, ctx,
+             stop: StopFlag | None = None) -> dict | None:
     """Per split: the mean of each field of model.Losses (total as "loss", task, spatial, per-site SL
     as "sites") over eval_iters batches per rank, averaged over ranks. Its generators are re-seeded
-    identically at every evaluation (training.eval_seeds), so evaluations compare."""
+    identically at every evaluation (training.eval_seeds), so evaluations compare.
+
+    `stop` is read after every batch (under DDP all-reduced with the batch's sums, so every rank leaves
+    at the same batch); once it is set, the evaluation is abandoned and None returned."""
     model.eval()
-    out = {}
-    batch_seed, nbhd_seed = eval_seeds(cfg.seed, d.rank)
-    for split, source in batches.items():
-        g_batch = torch.Generator().manual_seed(batch_seed)
-        g_nbhd = torch.Generator(device=d.device).manual_seed(nbhd_seed)
-        sums = None
-        with torch.no_grad():
-            for _ in range(cfg.eval_iters):
-                x, y = source.get(g_batch)
-                with ctx:
-                    _, losses = raw_model(x, y, units=raw_model.sample_units(g_nbhd), return_logits=False)
-                values = {name: v.detach().float() for name, v in losses._asdict().items()}
-                sums = values if sums is None else {k: sums[k] + values[k] for k in sums}
-        if d.ddp:  # one collective for all fields
-            flat = torch.cat([v.reshape(-1) for v in sums.values()])
-            dist.all_reduce(flat)
-            sums = {k: part.view_as(v) for (k, v), part in zip(sums.items(), flat.split([v.numel() for v in sums.values()]))}
-        mean = {k: (v / (cfg.eval_iters * d.world_size)).tolist() for k, v in sums.items()}
-        out[split] = {"loss": mean["total"], "task": mean["task"], "spatial": mean["spatial"], "sites": mean["per_site"]}
-    model.train()
-    return out
+    try:
+        out = {}
+        batch_seed, nbhd_seed = eval_seeds(cfg.seed, d.rank)
+        for split, source in batches.items():
+            g_batch = torch.Generator().manual_seed(batch_seed)
+            g_nbhd = torch.Generator(device=d.device).manual_seed(nbhd_seed)
+            sums = None
+            with torch.no_grad():
+                for _ in range(cfg.eval_iters):
+                    x, y = source.get(g_batch)
+                    with ctx:
+                        _, losses = raw_model(x, y, units=raw_model.sample_units(g_nbhd), return_logits=False)
+                    values = {name: v.detach().float() for name, v in losses._asdict().items()}
+                    flat, stopped = reduce_with_stop(torch.cat([v.reshape(-1) for v in values.values()]), stop, d)
+                    if stopped:
+                        return None
+                    sums = flat if sums is None else sums + flat
+            parts = sums.split([v.numel() for v in values.values()])
+            mean = {k: (part.view_as(v) / (cfg.eval_iters * d.world_size)).tolist()
+                    for (k, v), part in zip(values.items(), parts)}
+            out[split] = {"loss": mean["total"], "task": mean["task"], "spatial": mean["spatial"],
+                          "sites": mean["per_site"]}
+        return out
+    finally:
+        model.train()
 
 
 # ----------------------------------------------------------------------------- the run's state
@@ -359,9 +367,13 @@ def save(run: TrainRun, it: int) -> None:
     print0(f"saved checkpoint {path}")
 
 
-def evaluate_and_log(run: TrainRun, it: int) -> bool:
-    """Evaluate, log, and say whether the validation loss is the best so far (recorded in run.best_val_loss)."""
-    res = evaluate(run.model, run.raw_model, run.batches, run.cfg, run.d, run.opt.ctx)
+def evaluate_and_log(run: TrainRun, it: int, stop: StopFlag) -> bool | None:
+    """Evaluate, log, and say whether the validation loss is the best so far (recorded in run.best_val_loss).
+    None: a stop was requested during the evaluation, which is abandoned (nothing logged)."""
+    res = evaluate(run.model, run.raw_model, run.batches, run.cfg, run.d, run.opt.ctx, stop)
+    if res is None:
+        print0(f"stop requested during the evaluation at iteration {it}: evaluation abandoned")
+        return None
     improved = res["val"]["loss"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, res["val"]["loss"])
     print0(f"step {it}: train loss {res['train']['loss']:.4f} (task {res['train']['task']:.4f}, spatial "
@@ -407,41 +419,59 @@ def main(argv: list[str]) -> None:
 
 
 def train(cfg: TrainConfig, d: Dist) -> None:
-    run = setup(cfg, d)
-    stop = StopSignal()
-    last_improved = True
-    t0 = time.time()
+    stop = StopFlag()  # before setup: a stop while the data and model load is honoured at the first check
     try:
-        if cfg.eval_only:
-            evaluate_and_log(run, run.iter_num)
-            return
-        while run.iter_num < cfg.max_iters:
-            it = run.iter_num
-            if it % cfg.eval_interval == 0:
-                last_improved = evaluate_and_log(run, it)
-            if run.ckpts.due(it, last_improved):
-                save(run, it)
-
-            lr = learning_rate_at(it, cfg)
-            step = run.opt.step(it, lr, run.accum_steps, run.micro_step, run.checks, stop.requested)
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
-            run.iter_num += 1
-            if it % cfg.log_interval == 0:
-                log_step(run, it, lr, step, dt)
-            if step.stop:
-                print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting")
-                save(run, run.iter_num)
-                run.log.write(event="stopped", iter=run.iter_num)
+        run = setup(cfg, d)
+        try:
+            if cfg.eval_only:
+                evaluate_and_log(run, run.iter_num, stop)
                 return
-
-        evaluate_and_log(run, run.iter_num)
-        if run.ckpts.due(run.iter_num):
-            save(run, run.iter_num)
-        check_ranks_agree(run)
+            if train_loop(run, stop):
+                stop_and_save(run)
+        finally:
+            run.wandb.finish()
     finally:
         stop.restore()
-        run.wandb.finish()
+
+
+def train_loop(run: TrainRun, stop: StopFlag) -> bool:
+    """Train to max_iters with the evaluations and checkpoints on their schedule; True when a stop was
+    requested (after a step, or during an evaluation, which is then abandoned)."""
+    cfg = run.cfg
+    last_improved = True
+    t0 = time.time()
+    while run.iter_num < cfg.max_iters:
+        it = run.iter_num
+        if it % cfg.eval_interval == 0:
+            last_improved = evaluate_and_log(run, it, stop)
+            if last_improved is None:
+                return True
+        if run.ckpts.due(it, last_improved):
+            save(run, it)
+
+        lr = learning_rate_at(it, cfg)
+        step = run.opt.step(it, lr, run.accum_steps, run.micro_step, run.checks, stop.requested)
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        run.iter_num += 1
+        if it % cfg.log_interval == 0:
+            log_step(run, it, lr, step, dt)
+        if step.stop:
+            return True
+
+    if evaluate_and_log(run, run.iter_num, stop) is None:
+        return True
+    if run.ckpts.due(run.iter_num):
+        save(run, run.iter_num)
+    check_ranks_agree(run)
+    return False
+
+
+def stop_and_save(run: TrainRun) -> None:
+    """The checkpoint of the last completed step, then exit (status 0); init_from=resume continues bit-exactly."""
+    print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting")
+    save(run, run.iter_num)
+    run.log.write(event="stopped", iter=run.iter_num)
 
 
 if __name__ == "__main__":

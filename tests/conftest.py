@@ -166,9 +166,9 @@ def tiny_data(tmp_path) -> Path:
 
 @contextlib.contextmanager
 def process_state_restored():
-    """Put back what an in-process run of a command may change for the whole process: the SIGTERM and
-    SIGINT handlers (train.py and finetune.py install their own) and torch's default dtype."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    """Put back what an in-process run of a command may change for the whole process: the SIGTERM, SIGINT
+    and SIGUSR1 handlers (every command that honours a stop installs its own) and torch's default dtype."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     torch = sys.modules.get("torch")  # not imported yet: nothing of it to restore
     dtype = torch.get_default_dtype() if torch else None
     try:
@@ -277,6 +277,23 @@ def start_and_wait_for_log(args: list[str], log_path: Path, text: str, timeout: 
             raise AssertionError(f"{log_path} never showed {text!r}:\n{out[-2000:]}\n{err[-2000:]}")
         time.sleep(0.02)
     return proc
+
+
+def signal_and_wait(proc: subprocess.Popen, sig: int, pid: int | None = None,
+                    timeout: float = 60) -> tuple[float, str, str]:
+    """Send `sig` to `pid` (default: `proc` itself) and wait for `proc` to end: (seconds from the signal
+    to its end, stdout, stderr). A process still running after `timeout` seconds is killed and fails the test."""
+    import time
+
+    sent = time.monotonic()
+    os.kill(pid or proc.pid, sig)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running {timeout} s after signal {sig}:\n{out[-2000:]}\n{err[-2000:]}")
+    return time.monotonic() - sent, out, err
 
 
 # ----------------------------------------------------------------------------- order

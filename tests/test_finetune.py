@@ -1,6 +1,7 @@
 """finetune.py: metrics against independent values, padding invariance, end-to-end GLUE-format runs."""
 import json
 import math
+import shutil
 import signal
 
 import numpy as np
@@ -12,8 +13,8 @@ import finetune
 from topolm import glue
 from topolm.config import UserError
 from topolm.checkpoint import build_classifier
-from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_in_process, run_script, start_and_wait_for_log, torchrun,
-                      write_pattern_data)
+from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_in_process, run_script, signal_and_wait,
+                      start_and_wait_for_log, torchrun, write_pattern_data)
 from topolm.glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import gathered_centred_gram, neighborhood_loss, random_layout
@@ -341,6 +342,37 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, 
     wb = read_checkpoint(cut / "sst2" / "ckpt-best.pt")
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
     assert all(torch.equal(wa["head"][k], wb["head"][k]) for k in wa["head"])
+
+
+def test_a_stop_during_the_evaluation_abandons_it_and_the_resumed_run_does_it_first(pretrained, glue_dir, tmp_path):
+    """SIGTERM while the last evaluation runs (500 validation batches): the run leaves it within seconds,
+    logs no partial evaluation, writes no metrics and saves ckpt-last.pt at the last step with the
+    evaluation pending; resumed, it evaluates first and ends with an uninterrupted run's results."""
+    glue = tmp_path / "glue"
+    (glue / "sst2").mkdir(parents=True)
+    shutil.copy(glue_dir / "sst2" / "train.jsonl", glue / "sst2")
+    write_jsonl(glue / "sst2" / "validation.jsonl", sentiment_rows(2000, np.random.default_rng(1)))
+    common = dict(task="sst2", max_iters=2, eval_interval=2, batch_size=4, log_interval=1)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue, whole, **common)])
+    proc = start_and_wait_for_log([PYTHON, "finetune.py", *finetune_args(pretrained, glue, cut, **common)],
+                                  cut / "sst2" / "log.jsonl", '"iter": 1,')
+    seconds, out, err = signal_and_wait(proc, signal.SIGTERM)
+    assert proc.returncode == 0 and seconds < 5, (proc.returncode, seconds, err[-2000:])
+    assert "stop requested during the evaluation at step 2: evaluation abandoned" in out
+    assert [(r["event"], r["iter"]) for r in read_log(cut / "sst2")] == [("start", 0), ("train", 0), ("train", 1),
+                                                                          ("stopped", 2)]
+    assert read_checkpoint(cut / "sst2" / "ckpt-last.pt")["eval_pending"] is True
+    assert not (cut / "sst2" / "metrics.json").exists() and not (cut / "sst2" / "ckpt-best.pt").exists()
+
+    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue, cut, init_from="resume", **common)])
+    log = read_log(cut / "sst2")
+    assert [(r["event"], r["iter"]) for r in log[4:]] == [("resume", 2), ("eval", 2), ("end", 2)]
+    a = json.loads((whole / "sst2" / "metrics.json").read_text())
+    b = json.loads((cut / "sst2" / "metrics.json").read_text())
+    assert a["splits"] == b["splits"] and a["best_iter"] == b["best_iter"] == 2
+    wa, wb = read_checkpoint(whole / "sst2" / "ckpt-best.pt"), read_checkpoint(cut / "sst2" / "ckpt-best.pt")
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
 
 
 def test_classifier_with_padding_mask_compiles_in_one_graph():

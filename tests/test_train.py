@@ -1,14 +1,15 @@
 """train.py end to end: loss falls, checkpoints, resume (bit-exact after a kill), DDP over gloo."""
 import pytest
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import torch
 
-from conftest import (PYTHON, REPO, overrides, read_checkpoint, read_log, run_in_process, run_script, start_and_wait_for_log,
-                      torchrun, torchrun_launcher)
+from conftest import (PYTHON, REPO, overrides, read_checkpoint, read_log, run_in_process, run_script, signal_and_wait,
+                      start_and_wait_for_log, torchrun, torchrun_launcher)
 
 
 def train_args(data, out, **kw):
@@ -143,14 +144,47 @@ def test_ddp_two_ranks_train_and_agree(tiny_data, tmp_path):
     assert "tokens per iteration: 512 (2 micro-steps x 2 ranks x 4 x 32)" in proc.stdout
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_and_exits_cleanly(tiny_data, tmp_path, sig):
+    """SIGUSR1 (SLURM sites' usual pre-emption warning) stops a run as SIGTERM does, within seconds."""
     proc = start_and_wait_for_log(train_args(tiny_data, tmp_path, run_name="t", max_iters=100000, save_interval=100000),
                                   tmp_path / "t" / "log.jsonl", '"event": "train"')
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    seconds, out, err = signal_and_wait(proc, sig)
+    assert proc.returncode == 0 and seconds < 5, (proc.returncode, seconds, err[-2000:])
     stopped = [r for r in read_log(tmp_path / "t") if r["event"] == "stopped"]
     assert stopped and (tmp_path / "t" / f"ckpt-{stopped[0]['iter']:07d}.pt").is_file()
+
+
+def test_a_stop_during_an_evaluation_abandons_it_saves_the_last_step_and_resumes_exactly(tiny_data, tmp_path):
+    """SIGTERM in an evaluation of 10 million batches: the run leaves it within seconds, logs no partial
+    evaluation, saves the state after its last completed step (5) and exits 0; resumed, it evaluates at
+    step 5 again and trains on as an uninterrupted run does, bit for bit. (The evaluation's length is
+    eval_iters, which touches no training stream: the resumed run evaluates with the whole run's 2.)"""
+    common = dict(max_iters=12, save_interval=3, eval_interval=5, dropout=0.1)
+    run_script(train_args(tiny_data, tmp_path, run_name="whole", **common))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tmp_path / "whole" / "ckpt-0000003.pt", cut)  # resumed at 3: the next evaluation is at 5
+    proc = start_and_wait_for_log(train_args(tiny_data, tmp_path, run_name="cut", init_from="resume",
+                                             **{**common, "eval_iters": 10**7}), cut / "log.jsonl", '"iter": 4,')
+    seconds, out, err = signal_and_wait(proc, signal.SIGTERM)
+    assert proc.returncode == 0 and seconds < 5, (proc.returncode, seconds, err[-2000:])
+    assert "stop requested during the evaluation at iteration 5: evaluation abandoned" in out
+    log = read_log(cut)
+    assert [(r["event"], r["iter"]) for r in log] == [("resume", 3), ("train", 3), ("train", 4), ("stopped", 5)]
+    assert sorted(p.name for p in cut.glob("ckpt-*.pt")) == ["ckpt-0000003.pt", "ckpt-0000005.pt"]
+
+    run_script(train_args(tiny_data, tmp_path, run_name="cut", init_from="resume", **common))
+    log = read_log(cut)
+    assert [(r["event"], r["iter"]) for r in log[4:6]] == [("resume", 5), ("eval", 5)]
+    a, b = last_per_iter(read_log(tmp_path / "whole")), last_per_iter(log)
+    assert sorted(b) == list(range(3, 12))
+    for it in range(3, 12):
+        assert (a[it]["loss"], a[it]["task"], a[it]["spatial"]) == (b[it]["loss"], b[it]["task"], b[it]["spatial"]), it
+    evals = {r["iter"]: r["val"] for r in read_log(tmp_path / "whole") if r["event"] == "eval"}
+    assert {r["iter"]: r["val"] for r in log if r["event"] == "eval"} == {k: evals[k] for k in (5, 10, 12)}
+    wa, wb = final_weights(tmp_path / "whole", 12)["model"], final_weights(cut, 12)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_keep_last_prunes_old_checkpoints_and_ignores_partial_files(tiny_data, tmp_path):
@@ -185,6 +219,33 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly
     assert len(set(end["param_sha256"])) == 1
     wa, wb = final_weights(tmp_path / "whole", 60)["model"], final_weights(tmp_path / "t", 60)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of `rank` (from its environment)."""
+    for pid in _descendants(launcher_pid)[1:]:
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+@pytest.mark.torchrun
+def test_usr1_to_one_worker_stops_every_rank_in_the_same_evaluation_batch(tiny_data, tmp_path):
+    """torchrun does not pass SIGUSR1 on (it dies of it), so it goes to the workers; one is enough: the
+    stop flag is all-reduced with every evaluation batch, both ranks leave the evaluation at the same
+    batch (no rank waits in a collective), rank 0 saves and every process exits 0."""
+    args = train_args(tiny_data, tmp_path, run_name="w", eval_iters=10**7, backend="gloo",
+                      gradient_accumulation_steps=2)
+    proc = start_and_wait_for_log([*torchrun_launcher(2), *args[1:]], tmp_path / "w" / "log.jsonl", '"event": "start"')
+    seconds, out, err = signal_and_wait(proc, signal.SIGUSR1, pid=_worker_of_rank(proc.pid, 1))
+    assert proc.returncode == 0 and seconds < 5, (proc.returncode, seconds, err[-3000:])
+    assert "stop requested during the evaluation at iteration 0: evaluation abandoned" in out
+    assert [(r["event"], r["iter"]) for r in read_log(tmp_path / "w")] == [("start", 0), ("stopped", 0)]
+    assert (tmp_path / "w" / "ckpt-0000000.pt").is_file()
 
 
 def test_output_vocab_corpus_records_the_corpus_ids_and_resumes(tiny_data, tmp_path):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal
 
+from topolm.signals import Stopped
+
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
@@ -42,7 +44,8 @@ class UserError(Exception):
 
 
 def cli_main(main: Callable[[list[str]], Any]) -> None:
-    """Run a script's `main(argv)`, turning a `UserError` into one line and exit status 2."""
+    """Run a script's `main(argv)`, turning a `UserError` into one line and exit status 2, and a stop signal
+    of a command that exits on one (`topolm.signals.Stopped`) into one line and exit status 128 + its number."""
     try:
         main(sys.argv[1:])
     except OSError as e:  # an output or input path the system refuses (a file where a folder goes, no permission)
@@ -55,6 +58,9 @@ def cli_main(main: Callable[[list[str]], Any]) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Stopped as e:  # a stop signal in a command that called topolm.signals.exit_on_stop
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
 
 
 # ----------------------------------------------------------------------------- config

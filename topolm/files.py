@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -110,6 +111,31 @@ def require_writable(folder: Path) -> Path:
     return folder
 
 
+def staging_folder(out: Path) -> Path:
+    """A new empty folder `out/.staging.tmp<pid>` for outputs that must appear in `out` all together
+    (`commit_staged`) or not at all (`discard_staged`). Its name marks it as an unfinished write, so the
+    leftover of a killed command is removed by `remove_partial_writes`."""
+    stage = Path(out) / f".staging.tmp{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def commit_staged(stage: Path, out: Path) -> None:
+    """Move every file of `stage` to the same relative place under `out` (replacing a file there), then
+    remove `stage`. Renames within one filesystem: milliseconds, whatever the files' sizes."""
+    for path in sorted(p for p in Path(stage).rglob("*") if p.is_file()):
+        target = Path(out) / path.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    shutil.rmtree(stage)
+
+
+def discard_staged(stage: Path) -> None:
+    """Remove a staging folder and what it holds; `out` stays as it was."""
+    shutil.rmtree(stage, ignore_errors=True)
+
+
 PARTIAL_WRITE_RE = re.compile(r"\.tmp\d*$")
 
 
@@ -121,9 +147,12 @@ def remove_partial_writes(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_file() and PARTIAL_WRITE_RE.search(p.name)]
+    found = [p for p in folder.iterdir() if PARTIAL_WRITE_RE.search(p.name)]
     for p in found:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():  # a staging folder (`staging_folder`)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     if found:
         print0(f"removed {len(found)} unfinished write(s) of an interrupted run in {folder}: "
                + ", ".join(p.name for p in found))

@@ -2,9 +2,10 @@
 
 Each script keeps its own readable loop; this module holds what both loops call: the optimizer
 step with DDP / autocast / fp16 grad scaler / torch.compile and the non-finite check
-(`Optimization`), the learning-rate schedule, the random streams and their state, SIGTERM
-handling, the JSON log and wandb (or its null stand-in), rank digests, the owner of a run's
-checkpoints (`RunCheckpoints`) and the GPU peak-FLOPs table.
+(`Optimization`), the learning-rate schedule, the random streams and their state, the JSON
+log and wandb (or its null stand-in), rank digests, the owner of a run's
+checkpoints (`RunCheckpoints`), the stop check of an evaluation batch (`reduce_with_stop`; the stop
+flag itself: topolm/signals.py) and the GPU peak-FLOPs table.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from topolm.checkpoint import list_checkpoints, save_checkpoint
 from topolm.config import UserError
 from topolm.distributed import Dist, print0, raise_together
+from topolm.signals import StopFlag
 from topolm.provenance import weights_digest as params_digest  # noqa: F401  (the DDP end check: same weights on every rank)
 from model import configure_adamw
 
@@ -157,6 +158,18 @@ def gather_objects(obj, d: Dist) -> list:
     return out
 
 
+def reduce_with_stop(values: torch.Tensor, stop: StopFlag | None, d: Dist) -> tuple[torch.Tensor, bool]:
+    """One evaluation batch's `values` (1-D) summed over ranks and whether any rank was asked to stop, in one
+    all-reduce: every rank then leaves an evaluation at the same batch. Collective under DDP (all ranks call
+    it once per batch); a single process gets `values` back as they are and its own flag."""
+    requested = bool(stop is not None and stop.requested)
+    if not d.ddp:
+        return values, requested
+    flat = torch.cat([values.reshape(-1), torch.tensor([float(requested)], dtype=values.dtype, device=values.device)])
+    dist.all_reduce(flat)
+    return flat[:-1], bool(flat[-1].item() > 0)
+
+
 def accumulation_per_rank(total: int, d: Dist) -> int:
     """Micro-steps per rank for `total` micro-batches per optimizer step over all ranks (gradient_accumulation_steps)."""
     if total % d.world_size:
@@ -166,7 +179,7 @@ def accumulation_per_rank(total: int, d: Dist) -> int:
     return total // d.world_size
 
 
-# ----------------------------------------------------------------------------- log and signals
+# ----------------------------------------------------------------------------- log
 
 class JsonLog:
     """log.jsonl in a run folder, written by rank 0 only: appended on resume, never truncated;
@@ -181,23 +194,6 @@ class JsonLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the next iteration boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def wandb_logged_in() -> bool:

@@ -263,6 +263,18 @@ def gpt2_run(tmp_path_factory) -> Gpt2Run:
     return Gpt2Run(root / "run", root / "run" / f"ckpt-{iters:07d}.pt", data, write_pairs(root / "blimp"), iters)
 
 
+def write_units(path, run, **arrays):
+    """A units file as analyze.py writes one for the checkpoint of `run`: the arrays given, the model's sites
+    and positions, and the model's provenance."""
+    from topolm.checkpoint import load_model
+    from topolm.provenance import provenance
+
+    model, ckpt, ckpt_path = load_model(run)
+    np.savez(path, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(),
+             provenance=np.array(json.dumps(provenance(ckpt_path, ckpt, model))), **arrays)
+    return path
+
+
 def start_and_wait_for_log(args: list[str], log_path: Path, text: str, timeout: float = 120) -> subprocess.Popen:
     """Start a script in the background and return once its log.jsonl contains `text`."""
     import time

@@ -15,7 +15,7 @@ import export_hf
 from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process
+from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process, write_units
 from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
 from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
@@ -306,16 +306,6 @@ def test_top_units_rank_by_t():
     np.testing.assert_array_equal(top_units(t, 4), [[1, 3, 0, 4], [4, 3, 2, 1]])  # every defined unit, NaN never
     with pytest.raises(UserError, match=r"k=5: u.npz has a defined t_localizer at only 4 of 5 units of b.*k <= 4"):
         top_units(t, 5, ["b", "a"], "u.npz")
-
-
-def write_units(path, run, **arrays):
-    """A units file as analyze.py writes one for the checkpoint of `run`: the arrays given, the model's sites
-    and positions, and the model's provenance."""
-    from topolm.provenance import provenance
-    model, ckpt, ckpt_path = load_model(run)
-    np.savez(path, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(),
-             provenance=np.array(json.dumps(provenance(ckpt_path, ckpt, model))), **arrays)
-    return path
 
 
 def test_ablate_selective_against_random_units(grammar, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 import analyze
 import blimp
-from conftest import PYTHON, REPO, run_main
+from conftest import PYTHON, REPO, run_main, write_units
 from topolm.checkpoint import load_model
 from topolm.signals import Stopped, exit_on_stop
 
@@ -72,9 +72,8 @@ def big_paradigm(folder, pairs, copies: int):
 
 def units_file(path, ckpt):
     model, _, _ = load_model(ckpt)
-    t = np.random.default_rng(0).normal(size=(len(model.site_names), model.config.n_embed))
-    np.savez(path, site_names=np.array(model.site_names), coords=model.sheet.unit_coords.numpy(), t_localizer=t)
-    return path
+    return write_units(path, ckpt, t_localizer=np.random.default_rng(0).normal(size=(len(model.site_names),
+                                                                                    model.config.n_embed)))
 
 
 def command_line(command, gpt2_run, tmp_path) -> tuple[list[str], str, list]:

@@ -29,6 +29,8 @@ from topolm.position_sets import save_positions
 from topolm.swap import swap_optimize, unit_correlations
 from positions import check_radius, grid_side, identity_layout, random_layout, site_names, spatial_losses
 
+DEFAULT_DATA = "init-data/train.bin"
+
 
 @dataclass
 class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
@@ -56,8 +58,9 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
     """Swap attempts per visited neighborhood."""
     visit_all: bool = False
     """Visit every neighborhood of the grid (in random order) instead of n_neighborhoods of them."""
-    data: str = "init-data/train.bin"
-    """Token file of the pre-optimization corpus (init-data/prepare.py makes it)."""
+    data: str = DEFAULT_DATA
+    """Token file of the pre-optimization corpus (init-data/prepare.py makes it), relative to the current folder;
+    left at its default, the repository's init-data/train.bin wherever the command runs."""
     n_tokens: int = 16384
     """Tokens fed through the model to collect activations."""
     block_size: int = 128
@@ -112,7 +115,9 @@ def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | N
     if cfg.block_size > mc.block_size:
         raise UserError(f"block_size={cfg.block_size} exceeds the model's block_size={mc.block_size}; set "
                         f"block_size <= {mc.block_size}")
-    tokens = open_tokens(resolve_path(cfg.data, REPO), cfg.block_size, mc.vocab_size)
+    # Left at its default, the shipped corpus in the repository; a path given is relative to the current folder.
+    tokens = open_tokens(REPO / DEFAULT_DATA if cfg.data == DEFAULT_DATA else Path(cfg.data), cfg.block_size,
+                         mc.vocab_size)
     if len(tokens) < cfg.n_tokens:
         raise UserError(f"{cfg.data} holds {len(tokens)} tokens; n_tokens={cfg.n_tokens} asks for more: set "
                         f"n_tokens <= {len(tokens)}")

@@ -56,7 +56,7 @@ from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_s
 from model import SequenceClassifier
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
                              check_wandb, epoch_seed, eval_seeds, gather_objects, learning_rate_at, params_digest,
-                             resolve_dtype, start_wandb, stream_seed)
+                             resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 # ----------------------------------------------------------------------------- config
@@ -226,6 +226,7 @@ def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -
 
 RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
                "dropout", "alpha_scale", "seed")  # a resumed run must see the same data, order and model
+OVERWRITE_OFF = {"overwrite": "false"}  # a resume refuses overwrite=true
 CHECKS = {"task": "task", "spatial": "spatial"}  # the statistics the optimizer step checks for non-finite values
 
 
@@ -362,6 +363,7 @@ def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
                            last_iter=max_iters)
     if resume:
         ckpts.restore(ckpt, cfg.seed, str(inputs.ckpt_file))
+        print0(f"resumed from iteration {iter_num} ({inputs.ckpt_file})")
     record = {"tokenizer": ckpt["tokenizer"], "layout_source": ckpt["layout"]["source"], "data": ckpt["data"],
               "pretrained": inputs.pretrained}
     opt.wrap()
@@ -489,8 +491,9 @@ def finetune(cfg: FinetuneConfig, d: Dist) -> None:
             if run.ckpts.due(run.iter_num) or step.stop:
                 save_last(run, run.iter_num)
             if step.stop:
+                again = resume_command(out_dir=cfg.out_dir, task=cfg.task, **OVERWRITE_OFF if cfg.overwrite else {})
                 print0(f"stop requested: saved {cfg.task_dir() / 'ckpt-last.pt'} at step {run.iter_num}; "
-                       f"continue with init_from=resume")
+                       f"continue with: {again}")
                 run.log.write(event="stopped", iter=run.iter_num)
                 return
         finish(run)

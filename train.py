@@ -34,7 +34,7 @@ from topolm.position_sets import load_positions
 from positions import random_layout
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, StopSignal, accumulation_per_rank,
                              check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops,
-                             resolve_dtype, start_wandb, stream_seed)
+                             resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 @dataclass
@@ -294,6 +294,7 @@ def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
                            last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint)
     if ckpt is not None:
         ckpts.restore(ckpt, cfg.seed, "the checkpoint")
+        print0(f"resumed from iteration {iter_num} ({inputs.ckpt_file})")
     model = opt.wrap()
 
     log = start_log(cfg, d, fresh=inputs.ckpt_file is None)
@@ -392,7 +393,8 @@ def train(cfg: TrainConfig, d: Dist) -> None:
             if it % cfg.log_interval == 0:
                 log_step(run, it, lr, step, dt)
             if step.stop:
-                print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting")
+                print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting; continue with: "
+                       f"{resume_command(out_dir=cfg.out_dir, run_name=cfg.run_dir().name)}")
                 save(run, run.iter_num)
                 run.log.write(event="stopped", iter=run.iter_num)
                 return

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topolm.config import UserError, cli_main, load_config, require
-from topolm.files import atomic_write, output_file, read_json, require_writable
+from topolm.files import atomic_write, read_json, require_json_target
 from topolm.glue import GLUE_TASKS, task_score
 from topolm.provenance import code_version
 
@@ -62,9 +62,7 @@ def main(argv: list[str]) -> None:
     folder = Path(cfg.dir)
     if not folder.is_dir():
         raise UserError(f"folder not found: {folder}")
-    target = output_file(cfg.json, "glue_summary.json", Path(".")) if cfg.json else None
-    if target is not None:
-        require_writable(target.parent)
+    target = require_json_target(cfg.json, "glue_summary.json")
     rows, average, n = summarize(folder)
     if not rows:
         raise UserError(f"no <task>/metrics.json in {folder}; run finetune.py first")

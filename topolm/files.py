@@ -287,6 +287,16 @@ def names_folder(value: str) -> bool:
     return bool(value) and (value.endswith(("/", os.sep)) or Path(value).is_dir())
 
 
+def require_json_target(value: str, default_name: str) -> Path | None:
+    """The results file of a `json=` key (None when empty; a folder gets default_name inside it,
+    `output_file`), its folder checked with `require_writable` before any work."""
+    if not value:
+        return None
+    target = output_file(value, default_name, Path("."))
+    require_writable(target.parent)
+    return target
+
+
 def output_file(value: str, default_name: str, default_folder: Path) -> Path:
     """The file an `out=`-style key names: empty gives default_folder/default_name; a value ending in "/"
     (or the name of an existing folder) is a folder, and default_name goes inside it; anything else is

@@ -189,15 +189,18 @@ def lone_surrogate(text: str) -> int | None:
     return None if high is None else high[0]
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _surrogate_field(value: Any, where: str = "") -> str | None:
     """The key path ('text', 'meta'[2], [1]['text']) of the first string in `value` holding a lone surrogate."""
     if isinstance(value, str):
-        return where or "a value" if re.search("[\ud800-\udfff]", value) else None
+        return where or "a value" if _SURROGATE.search(value) else None
     if isinstance(value, list):
         paths = ((f"{where}[{i}]", item) for i, item in enumerate(value))
     elif isinstance(value, dict):
         for key in value:
-            if re.search("[\ud800-\udfff]", key):
+            if _SURROGATE.search(key):
                 return f"the key {json.dumps(key)}"
         paths = ((f"{where}[{key!r}]" if where else repr(key), item) for key, item in value.items())
     else:

@@ -378,3 +378,9 @@ def test_stimuli_with_an_empty_field_are_refused_naming_file_and_line(gpt2_run, 
     one_error_line(run_main(analyze, [f"ckpt={gpt2_run.run}", f"stimuli={tmp_path / 'stim'}", "device=cpu",
                                       f"out={tmp_path / 'a'}"]),
                    "localizer.tsv line 4: the field 'text' is empty or missing")
+
+
+def test_the_fineweb_preparer_help_prints(tmp_path):
+    """Its description names the lone-surrogate escape as text; printing it must not fail."""
+    proc = run_script([PYTHON, "data/fineweb/prepare.py", "--help"])
+    assert "--files" in proc.stdout and "\\ud83d" in proc.stdout

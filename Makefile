@@ -1,5 +1,6 @@
 # make demo      install into .venv, prepare Shakespeare, train a small TopoLM on CPU, sample, map its topography
-# make compare   train the demo and its non-topographic control (alpha=0) side by side and compare their maps
+# make compare   the demo beside its non-topographic control (alpha=0): reuses the newest finished demo run
+#                in out/ (or trains one), trains the control unless it is finished, compares their maps
 # make test      install into .venv and run the whole test suite (what CI runs), one pytest worker per core
 # make test-quick  the development subset: without the compile and torchrun tests
 VENV ?= .venv
@@ -7,7 +8,13 @@ PY := $(VENV)/bin/python
 # Expanded once (:=), so every step of a target names the same run folder.
 ifndef RUN
 RUN := shakespeare-$(shell date +%Y%m%d-%H%M%S)
+# make compare's model: the newest demo run in out/ whose training ended (its log.jsonl has the "end" event).
+LAST_DEMO := $(shell for d in $$(ls -d out/shakespeare-*/ 2>/dev/null | grep -v -- '-control/$$' | sort -r); do \
+	grep -qs '"event": "end"' "$${d}log.jsonl" && basename "$$d" && break; done)
+compare: RUN := $(or $(LAST_DEMO),$(RUN))
 endif
+# "yes" when out/<run>/ holds a finished run of train.py (expanded in a recipe, with that target's RUN).
+finished = $(shell grep -qs '"event": "end"' out/$(1)/log.jsonl && echo yes)
 
 .PHONY: install demo compare test test-quick clean-venv
 
@@ -30,9 +37,9 @@ demo: install
 
 compare: install
 	$(PY) data/shakespeare/prepare.py
-	$(PY) train.py train_shakespeare.yaml run_name=$(RUN)
-	$(PY) train.py train_shakespeare.yaml run_name=$(RUN)-control alpha=0
-	$(PY) analyze.py ckpt=out/$(RUN) compare=out/$(RUN)-control out=figures/$(RUN)-compare
+	$(if $(call finished,$(RUN)),@echo "reusing the finished run out/$(RUN) (RUN=<name> picks another)",$(PY) train.py train_shakespeare.yaml run_name=$(RUN))
+	$(if $(call finished,$(RUN)-control),@echo "reusing the finished run out/$(RUN)-control",$(PY) train.py train_shakespeare.yaml run_name=$(RUN)-control alpha=0)
+	$(PY) analyze.py ckpt=out/$(RUN) compare=out/$(RUN)-control out=figures/$(RUN)-compare overwrite=true
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n auto tests

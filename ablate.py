@@ -27,7 +27,7 @@ import numpy as np
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import DATA_DIR, SeedKey, UserError, cli_main, load_config, require, resolve_device, resolve_path
-from topolm.files import atomic_write, open_tokens, require_writable
+from topolm.files import atomic_write, open_tokens, output_file, require_writable
 from topolm.provenance import provenance
 from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
@@ -56,7 +56,8 @@ class AblateConfig(BlimpKeys, SeedKey):
     val_batch_size: int = 8
     """Windows of block_size tokens per validation batch."""
     out: str = ""
-    """JSON results file; empty writes <checkpoint file>.ablation-k<k>.json beside the checkpoint."""
+    """JSON results file; empty writes <checkpoint file>.ablation-k<k>.json beside the checkpoint; a folder (a
+    value ending in / or an existing folder) gets that file name inside it."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> None:
     model, ckpt, path = load_model(cfg.ckpt, device)
     source = provenance(path, ckpt, model)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
-    out = Path(cfg.out) if cfg.out else path.with_name(f"{path.name}.ablation-k{cfg.k}.json")
+    out = output_file(cfg.out, f"{path.name}.ablation-k{cfg.k}.json", path.parent)
     require_writable(out.parent)
     n_embed, names = model.config.n_embed, list(model.site_names)
     if cfg.k > n_embed:

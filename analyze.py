@@ -36,7 +36,7 @@ import torch
 
 from topolm.analysis import CONTRASTS, Stimuli, defined_mean, heldout_windows, measure_model, summarize
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
-from topolm.config import (DATA_DIR, REPO, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
+from topolm.config import (DATA_DIR, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
                            resolve_device, resolve_path)
 from topolm.files import (atomic_write, commit_staged, discard_staged, read_text, remove_partial_writes,
                           require_writable, staging_folder)
@@ -45,7 +45,9 @@ from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
 from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
-from topolm.stimuli import read_localizer, read_pos
+from topolm.stimuli import STIMULI_DIR, read_localizer, read_pos
+
+DEFAULT_STIMULI = "stimuli"
 
 
 
@@ -56,11 +58,12 @@ class AnalyzeConfig(InferenceKeys, SeedKey):
     compare: str = ""
     """Optional second model (e.g. the alpha=0 control), analysed the same way and drawn below the first."""
     out: str = ""
-    """Output folder; empty: figures/<run folder name of ckpt>."""
+    """Output folder, relative to the current folder; empty: figures/<run folder name of ckpt>."""
     overwrite: bool = False
     """Write into an output folder that already holds a summary.json."""
-    stimuli: str = "stimuli"
-    """Folder with localizer.tsv and pos.tsv (stimuli/generate.py writes them)."""
+    stimuli: str = DEFAULT_STIMULI
+    """Folder with localizer.tsv and pos.tsv (stimuli/generate.py writes them); a path is relative to the current
+    folder; left at 'stimuli', the repository's shipped stimuli/ wherever the command runs."""
     heldout: str = ""
     """Held-out text for the correlations and the spatial loss: a uint16 token file (.bin) or a UTF-8 text
     file; empty: val.bin of the text the model was trained on (the checkpoint's `data`: a finetuned
@@ -216,7 +219,8 @@ def main(argv: list[str]) -> None:
     exit_on_stop()
     cfg: AnalyzeConfig = load_config(AnalyzeConfig, argv)
     device = resolve_device(cfg.device)
-    folder = Path(cfg.stimuli) if Path(cfg.stimuli).is_absolute() else REPO / cfg.stimuli
+    # Left at its default, the stimuli shipped in the repository; any path given is relative to the current folder.
+    folder = STIMULI_DIR if cfg.stimuli == DEFAULT_STIMULI else Path(cfg.stimuli)
     try:
         localizer, pos_rows = read_localizer(folder), read_pos(folder)
         full = Stimuli.build(localizer, pos_rows, gpt2_encoding())
@@ -225,7 +229,7 @@ def main(argv: list[str]) -> None:
     models = [load(cfg, device, "model", cfg.ckpt, localizer)]
     if cfg.compare:
         models.append(load(cfg, device, "compare", cfg.compare, localizer))
-    out = Path(cfg.out) if cfg.out else REPO / "figures" / models[0].name
+    out = Path(cfg.out) if cfg.out else Path("figures") / models[0].name
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an analysis (summary.json); choose another out= or set overwrite=true")
     stim, fit = fit_stimuli(full, models)

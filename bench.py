@@ -24,6 +24,7 @@ import torch
 
 from topolm.config import REPO, DeviceKey, LoopConfig, cli_main, load_config, one_of, require, resolve_device
 from topolm.distributed import Dist
+from topolm.files import atomic_write, require_json_target
 from topolm.tokenizer import gpt2_encoding
 from model import GPT, GPTConfig
 from topolm.training import Optimization, peak_flops
@@ -47,7 +48,7 @@ class BenchConfig(DeviceKey):
     compile: bool = False
     """Also time the train step with torch.compile (on CUDA both are always timed)."""
     json: str = ""
-    """Write all figures to this JSON file."""
+    """Write all figures to this JSON file (a folder, a value ending in / or an existing one: bench.json inside it)."""
     data_mb: int = 32
     """Size of the local corpus for the data-preparation figure."""
 
@@ -296,6 +297,7 @@ def bench_data(cfg: BenchConfig) -> dict:
 def main(argv: list[str]) -> None:
     cfg: BenchConfig = load_config(BenchConfig, argv)
     device = resolve_device(cfg.device)
+    target = require_json_target(cfg.json, "bench.json")
     print(f"bench on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {"device": device, "config": asdict(cfg)}
@@ -304,8 +306,9 @@ def main(argv: list[str]) -> None:
     for name, fn in parts.items():
         if cfg.only in ("all", name):
             results[name] = fn()
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps(results, indent=2) + "\n")
+    if target is not None:
+        atomic_write(target, json.dumps(results, indent=2) + "\n")
+        print(f"wrote {target}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import cli_main, load_config, resolve_device
-from topolm.files import atomic_write, require_writable
+from topolm.files import atomic_write, output_file, require_writable
 from topolm.provenance import provenance
 from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
@@ -31,7 +31,8 @@ from topolm.blimp import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_loca
 class BlimpConfig(BlimpKeys):
     """blimp.py's keys: its own below; ckpt, device, data_dir, paradigms and batch_size from topolm.blimp.BlimpKeys."""
     out: str = ""
-    """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint."""
+    """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint; a folder (a value
+    ending in / or an existing folder) gets that file name inside it."""
     save_pairs: bool = False
     """Also write each pair's log-probabilities (lp_good, lp_bad) into the JSON."""
 
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
     device = resolve_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, device)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
-    out = Path(cfg.out) if cfg.out else path.with_name(path.name + ".blimp.json")
+    out = output_file(cfg.out, path.name + ".blimp.json", path.parent)
     require_writable(out.parent)
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
     results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, device)

@@ -58,7 +58,7 @@ from model import SequenceClassifier
 from topolm.signals import StopFlag
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
                              epoch_seed, eval_seeds, gather_objects, learning_rate_at, params_digest, reduce_with_stop,
-                             resolve_dtype, start_wandb, stream_seed)
+                             resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 # ----------------------------------------------------------------------------- config
@@ -243,6 +243,7 @@ def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -
 
 RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
                "dropout", "alpha_scale", "seed")  # a resumed run must see the same data, order and model
+OVERWRITE_OFF = {"overwrite": "false"}  # a resume refuses overwrite=true
 CHECKS = {"task": "task", "spatial": "spatial"}  # the statistics the optimizer step checks for non-finite values
 
 
@@ -381,6 +382,7 @@ def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
                            last_iter=max_iters)
     if resume:
         ckpts.restore(ckpt, cfg.seed, str(inputs.ckpt_file))
+        print0(f"resumed from iteration {iter_num} ({inputs.ckpt_file})")
     record = {"tokenizer": ckpt["tokenizer"], "layout_source": ckpt["layout"]["source"], "data": ckpt["data"],
               "pretrained": inputs.pretrained}
     opt.wrap()
@@ -542,8 +544,8 @@ def stop_and_save(run: FinetuneRun) -> None:
     """ckpt-last.pt at the last completed step (with any evaluation still pending), then exit (status 0)."""
     cfg = run.cfg
     save_last(run, run.iter_num)
-    print0(f"stop requested: saved {cfg.task_dir() / 'ckpt-last.pt'} at step {run.iter_num}; "
-           f"continue with init_from=resume")
+    again = resume_command(out_dir=cfg.out_dir, task=cfg.task, **OVERWRITE_OFF if cfg.overwrite else {})
+    print0(f"stop requested: saved {cfg.task_dir() / 'ckpt-last.pt'} at step {run.iter_num}; continue with: {again}")
     run.log.write(event="stopped", iter=run.iter_num)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topolm.config import UserError, cli_main, load_config, require
-from topolm.files import atomic_write, read_json, require_writable
+from topolm.files import atomic_write, read_json, require_json_target
 from topolm.glue import GLUE_TASKS, task_score
 from topolm.provenance import code_version
 
@@ -26,7 +26,8 @@ class SummaryConfig:
     dir: str = "finetuned"
     """Folder holding one <task>/metrics.json per finetuned task."""
     json: str = ""
-    """Also write the table as JSON to this file."""
+    """Also write the table as JSON to this file (a folder: a value ending in / or an existing folder gets
+    glue_summary.json inside it)."""
 
     def __post_init__(self):
         require(bool(self.dir), "dir= is empty; name the folder that holds <task>/metrics.json")
@@ -61,10 +62,7 @@ def main(argv: list[str]) -> None:
     folder = Path(cfg.dir)
     if not folder.is_dir():
         raise UserError(f"folder not found: {folder}")
-    if cfg.json and Path(cfg.json).is_dir():
-        raise UserError(f"json={cfg.json} is a folder; name a file to write the table to")
-    if cfg.json:
-        require_writable(Path(cfg.json).parent)
+    target = require_json_target(cfg.json, "glue_summary.json")
     rows, average, n = summarize(folder)
     if not rows:
         raise UserError(f"no <task>/metrics.json in {folder}; run finetune.py first")
@@ -74,10 +72,11 @@ def main(argv: list[str]) -> None:
         print(f"{r['task']:<6} {r['score']:>7.4f}  {r['best_iter']:>9}  {r['stop_reason'] or '':<16} {r['details']}")
     if average is not None:
         print(f"{'avg':<6} {average:>7.4f}  (mean over {n} task(s), WNLI excluded)")
-    if cfg.json:
-        atomic_write(Path(cfg.json), json.dumps({"rows": rows, "average_excluding_wnli": average,
+    if target is not None:
+        atomic_write(target, json.dumps({"rows": rows, "average_excluding_wnli": average,
                                                  "tasks_in_average": n, "code_version": code_version()},
                                                 indent=2) + "\n")
+        print(f"wrote {target}")
 
 
 if __name__ == "__main__":

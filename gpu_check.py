@@ -28,12 +28,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from topolm.config import DeviceKey, LoopConfig, cli_main, load_config, one_of, require, resolve_device
 from topolm.distributed import Dist
+from topolm.files import atomic_write, require_json_target
 from model import GPT, GPTConfig
 from topolm.training import Optimization, peak_flops
 from positions import random_layout
@@ -67,7 +67,8 @@ class GpuCheckConfig(DeviceKey):
     loss_rtol: float = 0.02
     """Largest relative difference of a compared loss, compiled vs eager."""
     json: str = ""
-    """Write all figures to this JSON file."""
+    """Write all figures to this JSON file (a folder, a value ending in / or an existing one: gpu_check.json inside
+    it)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -166,6 +167,7 @@ def attention_kernels(variant: Variant, state: dict) -> dict:
 def main(argv: list[str]) -> None:
     cfg: GpuCheckConfig = load_config(GpuCheckConfig, argv)
     device = resolve_device(cfg.device)
+    target = require_json_target(cfg.json, "gpu_check.json")
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     print(f"gpu_check on {device} ({name}), torch {torch.__version__}, size {cfg.size}, dtype {cfg.dtype}, "
           f"batch {cfg.batch_size} x {cfg.block_size}", flush=True)
@@ -236,10 +238,8 @@ def main(argv: list[str]) -> None:
                       for s, (e, c) in enumerate(zip(losses["eager"], losses["compiled"])))
           + f"; largest relative difference {max(diffs):.2e} ({'ok' if ok else 'FAILED'}, tolerance {cfg.loss_rtol:g})",
           flush=True)
-    if cfg.json:
-        tmp = Path(cfg.json).with_name(Path(cfg.json).name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(cfg.json)
+    if target is not None:
+        atomic_write(target, json.dumps(results, indent=2) + "\n")
     if not ok:
         sys.exit(1)
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from topolm.checkpoint import data_record, make_payload, plain_dataset, save_checkpoint, tokenizer_for
+from topolm.checkpoint import (checkpoint_path, data_record, make_payload, plain_dataset, save_checkpoint,
+                               tokenizer_for)
 from topolm.config import UserError, cli_main, load_config, require
-from topolm.files import require_writable
+from topolm.files import names_folder, require_writable
 from topolm.research import convert_research
 
 
@@ -36,7 +37,8 @@ class ImportConfig:
     positions: str = ""
     """Its positions folder (layer.{i}.attn.pkl and layer.{i}.mlp.pkl for every layer)."""
     out: str = ""
-    """Checkpoint file to write (this project's format)."""
+    """Checkpoint file to write (this project's format); a folder (a value ending in / or an existing folder)
+    gets ckpt-<iteration>.pt inside it, a run folder that ckpt=<folder> reads."""
     overwrite: bool = False
     """Replace `out` if it exists."""
     ignore_activation_decay: bool = False
@@ -50,11 +52,17 @@ class ImportConfig:
 
 def main(argv: list[str]) -> None:
     cfg: ImportConfig = load_config(ImportConfig, argv)
+    # A folder (a trailing / or an existing folder) gets ckpt-<iteration>.pt, so that ckpt=<folder> finds it.
+    into_folder = names_folder(cfg.out)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
+    if not into_folder and out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass overwrite=true to replace it")
-    require_writable(out.parent)
+    require_writable(out if into_folder else out.parent)
     gpt, record = convert_research(Path(cfg.ckpt), Path(cfg.positions), cfg.ignore_activation_decay)
+    if into_folder:
+        out = checkpoint_path(out, record["iter_num"])
+        if out.exists() and not cfg.overwrite:
+            raise UserError(f"{out} already exists; pass overwrite=true to replace it")
     c = gpt.config
     dataset = plain_dataset(record["config"])  # where the research code's data lived is not ours to resolve
     payload = make_payload(gpt, kind="imported", config=asdict(cfg), iter_num=record["iter_num"],

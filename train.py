@@ -35,7 +35,7 @@ from positions import random_layout
 from topolm.signals import StopFlag
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
                              eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops, reduce_with_stop,
-                             resolve_dtype, start_wandb, stream_seed)
+                             resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 @dataclass
@@ -339,6 +339,7 @@ def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
                            last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint)
     if ckpt is not None:
         ckpts.restore(ckpt, cfg.seed, "the checkpoint")
+        print0(f"resumed from iteration {iter_num} ({inputs.ckpt_file})")
     model = opt.wrap()
 
     log = start_log(cfg, d, fresh=inputs.ckpt_file is None)
@@ -469,7 +470,9 @@ def train_loop(run: TrainRun, stop: StopFlag) -> bool:
 
 def stop_and_save(run: TrainRun) -> None:
     """The checkpoint of the last completed step, then exit (status 0); init_from=resume continues bit-exactly."""
-    print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting")
+    cfg = run.cfg
+    print0(f"stop requested: saving a checkpoint at iteration {run.iter_num} and exiting; continue with: "
+           f"{resume_command(out_dir=cfg.out_dir, run_name=cfg.run_dir().name)}")
     save(run, run.iter_num)
     run.log.write(event="stopped", iter=run.iter_num)
 

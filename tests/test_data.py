@@ -232,7 +232,7 @@ def test_fineweb_prepare_reads_only_the_text_column(tmp_path):
     import pyarrow.parquet as pq
     a = _jsonl(tmp_path / "a.jsonl", [{"text": f"alpha {i}", "id": i} for i in range(6)])
     b = _jsonl(tmp_path / "b.jsonl", [{"text": t, "id": str(i), "url": "x", "score": [1.5]}
-                                      for i, t in enumerate(["NA", "null", "None", "N/A", "nan", ""])])
+                                      for i, t in enumerate(["NA", "null", "None", "N/A", "nan", "-"])])
     pq.write_table(pa.table({"meta": [{"k": 1}] * 3, "text": ["p0", "p1", "p2"]}), tmp_path / "c.parquet")
     out = tmp_path / "out"
     run_script([PYTHON, FINEWEB, "--files", a, b, str(tmp_path / "c.parquet"), "--out_dir", str(out),
@@ -242,7 +242,7 @@ def test_fineweb_prepare_reads_only_the_text_column(tmp_path):
     for split in ("train", "val"):
         ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
         docs += [enc.decode(d[:-1].tolist()) for d in np.split(ids, np.where(ids == EOT_TOKEN)[0] + 1)[:-1]]
-    expected = [f"alpha {i}" for i in range(6)] + ["NA", "null", "None", "N/A", "nan", ""] + ["p0", "p1", "p2"]
+    expected = [f"alpha {i}" for i in range(6)] + ["NA", "null", "None", "N/A", "nan", "-"] + ["p0", "p1", "p2"]
     assert sorted(docs) == sorted(expected)
     _jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"body": "no text here"}])
     line = _error_line(run_script([PYTHON, FINEWEB, "--files", a, str(tmp_path / "d.jsonl"), "--out_dir",

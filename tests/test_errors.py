@@ -142,6 +142,6 @@ def test_nonfinite_loss_skip(tiny_data, tmp_path, monkeypatch):
 
 def test_string_overrides_stay_text():
     from sample import SampleConfig
-    assert load_config(SampleConfig, ["start=ROMEO:"]).start == "ROMEO:"
+    assert load_config(SampleConfig, ["ckpt=out/run", "start=ROMEO:"]).start == "ROMEO:"
     cfg = load_config(train.TrainConfig, ["position_dir=''", "run_name=123"])
     assert cfg.position_dir == "" and cfg.run_name == "123"

@@ -405,3 +405,56 @@ def test_compiled_finetuning_matches_eager(pretrained, glue_dir, tmp_path):
     bad = {k: (losses[False][k], losses[True][k]) for k in losses[False]
            if abs(losses[False][k] - losses[True][k]) > 1e-4 * abs(losses[False][k])}
     assert not bad, bad
+
+
+class StopAtOnce:
+    """finetune.py's StopSignal as if SIGTERM had arrived before the first step."""
+    requested = True
+
+    def restore(self):
+        pass
+
+
+def test_a_stopped_finetuning_prints_its_resume_command_and_the_resume_says_where(pretrained, glue_dir, tmp_path,
+                                                                                   monkeypatch):
+    import shlex
+    from conftest import run_main
+
+    args = finetune_args(pretrained, glue_dir, tmp_path, task="sst2", max_iters=3, max_train_examples=64,
+                         overwrite="true")
+    monkeypatch.setattr(finetune, "StopSignal", StopAtOnce)
+    ran = run_main(finetune, args)
+    assert ran.returncode == 0, ran.stderr
+    (line,) = [s for s in ran.stdout.splitlines() if s.startswith("stop requested")]
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[0] == "python" and command[1].endswith("finetune.py") and command[2] == "finetune_glue.yaml"
+    assert command[-4:] == [f"out_dir={tmp_path}", "task=sst2", "overwrite=false", "init_from=resume"]
+    monkeypatch.undo()
+    resumed = run_main(finetune, command[2:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from iteration 1 ({tmp_path / 'sst2' / 'ckpt-last.pt'})" in resumed.stdout.splitlines()
+    assert (tmp_path / "sst2" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"sentence": "fine \ud83d", "label": 0}, "train.jsonl line 2: 'sentence' holds the escape \\ud83d"),
+    ({"sentence": None, "label": 0}, "train.jsonl line 2: 'sentence' is null, not a string"),
+], ids=["surrogate", "null"])
+def test_glue_jsonl_rows_are_refused_naming_file_line_and_field(pretrained, tmp_path, row, message):
+    from conftest import one_error_line, run_main
+
+    glue = tmp_path / "glue"
+    write_jsonl(glue / "cola" / "train.jsonl", [{"sentence": "a good one", "label": 1}, row])
+    write_jsonl(glue / "cola" / "validation.jsonl", [{"sentence": "x", "label": 0}])
+    one_error_line(run_main(finetune, finetune_args(pretrained, glue, tmp_path / "ft", task="cola")), message)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_glue_keeps_empty_text_as_qqp_has_it(pretrained, tmp_path):
+    """QQP's train split holds two empty question2 (on the Hub too): empty GLUE text is text, not an error."""
+    folder = tmp_path / "glue"
+    rows = [{"question1": "How can I develop android app?", "question2": "", "label": 0},
+            {"question1": "a", "question2": "b", "label": 1}]
+    write_jsonl(folder / "qqp" / "train.jsonl", rows)
+    write_jsonl(folder / "qqp" / "validation.jsonl", rows)
+    assert glue.load_glue("qqp", str(folder))["train"]["question2"] == ["", "b"]

@@ -228,7 +228,7 @@ def test_blimp_refuses_bad_inputs(grammar, tmp_path):
     with pytest.raises(UserError, match=r"p.jsonl line 1, byte 23: not valid UTF-8"):
         load_blimp_local(bad)
     (bad / "p.jsonl").write_text('{"sentence_good": "a"}\n')
-    with pytest.raises(UserError, match="pair 1: no text field 'sentence_bad'"):
+    with pytest.raises(UserError, match="p.jsonl line 1: no field 'sentence_bad'"):
         load_blimp_local(bad)
     with pytest.raises(UserError, match="unknown BLiMP paradigm\\(s\\) wh_island"):
         load_blimp_local(grammar["pairs"], "known_verb,wh_island")

@@ -107,7 +107,7 @@ DOMAINS = [
     (init_pos.InitPosConfig, ["init_pos.yaml"],
      {**SHEET, **SYSTEM, "radius": [0, -3], "n_neighborhoods": [0], "local_steps": [0], "n_tokens": [0],
       "block_size": [0], "model_block_size": [0]}),
-    (sample.SampleConfig, [],
+    (sample.SampleConfig, ["ckpt=somewhere"],
      {**SYSTEM, "num_samples": [0], "max_new_tokens": [-1], "temperature": [0, -1, NAN, INF], "top_k": [-1]}),
     (SummaryConfig, [], {}),
 ]
@@ -181,7 +181,7 @@ def test_one_device_check_for_every_command():
     import export_hf
     from topolm.config import resolve_device
     trainers = [(train.TrainConfig, ["train_shakespeare.yaml"]), (finetune.FinetuneConfig, ["finetune_glue.yaml", "ckpt=x"])]
-    inference = [(sample.SampleConfig, []), (analyze.AnalyzeConfig, ["ckpt=x"]), (blimp.BlimpConfig, ["ckpt=x"]),
+    inference = [(sample.SampleConfig, ["ckpt=x"]), (analyze.AnalyzeConfig, ["ckpt=x"]), (blimp.BlimpConfig, ["ckpt=x"]),
                  (ablate.AblateConfig, ["ckpt=x", "units=u.npz"])]
     for cls, base in trainers + inference:
         for device in ("auto", "cpu", "cuda", "cuda:1"):

@@ -26,7 +26,8 @@ from torch.nn import functional as F
 from topolm.batching import filled, invariant_kernels, length_batches
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import InferenceKeys, UserError, require
-from topolm.files import read_jsonl
+from topolm.files import read_jsonl, require_text_fields
+from topolm.hub import load_hub_dataset
 
 # The 67 paradigms of BLiMP (nyu-mll/blimp configurations; the jsonl names of github.com/alexwarstadt/blimp).
 BLIMP_PARADIGMS = (
@@ -53,6 +54,8 @@ BLIMP_PARADIGMS = (
     "wh_vs_that_with_gap", "wh_vs_that_with_gap_long_distance",
 )
 BLIMP_HUB = "nyu-mll/blimp"
+SENTENCE_FIELDS = ("sentence_good", "sentence_bad")  # each non-empty text in every row
+BLIMP_OFFLINE = "pass data_dir=<folder of <paradigm>.jsonl files> to read BLiMP from local files"
 
 
 # ============================================================================= BLiMP data
@@ -86,12 +89,11 @@ class MinimalPairs:
     def __len__(self) -> int:
         return len(self.good)
 
-    def extend(self, rows: Iterable[dict], paradigm: str, where: str) -> None:
-        for n, row in enumerate(rows, 1):
-            for key in ("sentence_good", "sentence_bad"):
-                if not isinstance(row.get(key), str):
-                    raise UserError(f"{where} pair {n}: no text field '{key}' (a BLiMP row has sentence_good, "
-                                    f"sentence_bad, UID, linguistics_term, field)")
+    def extend(self, rows: Iterable[tuple[str, dict]], paradigm: str) -> None:
+        """Append (where, row) pairs; `where` names the row in errors ("<file> line 3"). Raises UserError for a
+        row whose sentence_good or sentence_bad is missing, not text or empty."""
+        for where, row in rows:
+            require_text_fields(row, SENTENCE_FIELDS, where)
             self.paradigm.append(str(row.get("UID") or paradigm))
             self.phenomenon.append(str(row.get("linguistics_term") or "(none)"))
             self.field.append(str(row.get("field") or "(none)"))
@@ -118,9 +120,10 @@ def load_blimp_local(folder: Path, paradigms: str = "") -> MinimalPairs:
     """Minimal pairs from `folder/<paradigm>.jsonl` files (BLiMP's own jsonl, or rows of nyu-mll/blimp
     written as jsonl): one JSON object per line with sentence_good and sentence_bad, and optionally
     UID (default: the file name), linguistics_term and field. Read by `topolm.files.read_jsonl` (strict
-    UTF-8, lines split at line feeds only).
+    UTF-8, lines split at line feeds only, no escaped lone surrogates).
 
-    Raises UserError for a missing folder, no jsonl files, unknown paradigms, bad lines."""
+    Raises UserError for a missing folder, no jsonl files, unknown paradigms, bad lines, and a sentence
+    that is missing or empty (naming the file, line and field)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"BLiMP folder not found: {folder}")
@@ -129,26 +132,26 @@ def load_blimp_local(folder: Path, paradigms: str = "") -> MinimalPairs:
         raise UserError(f"no <paradigm>.jsonl files in {folder}")
     pairs = MinimalPairs([], [], [], [], [])
     for name in parse_paradigms(paradigms, files):
-        rows = [row for _, row in read_jsonl(files[name])]
+        rows = [(f"{files[name]} line {n}", row) for n, row in read_jsonl(files[name], SENTENCE_FIELDS)]
         if not rows:
             raise UserError(f"{files[name]} holds no pairs")
-        pairs.extend(rows, name, str(files[name]))
+        pairs.extend(rows, name)
     return pairs
 
 
 def load_blimp_hub(paradigms: str = "", progress: bool = True) -> MinimalPairs:
-    """Minimal pairs of nyu-mll/blimp through `datasets` (the Hub, or its local cache when offline)."""
-    import datasets
+    """Minimal pairs of nyu-mll/blimp (topolm.hub: the local cache first, then the Hub). Raises UserError in
+    one line when a paradigm is neither cached nor reachable (offline: within seconds), or a row is empty."""
     from tqdm import tqdm
 
     pairs = MinimalPairs([], [], [], [], [])
-    for name in tqdm(parse_paradigms(paradigms, BLIMP_PARADIGMS), desc="loading BLiMP", disable=not progress):
-        try:
-            rows = datasets.load_dataset(BLIMP_HUB, name, split="train")
-        except Exception as e:  # offline without a cache, or the Hub unreachable
-            raise UserError(f"cannot load {BLIMP_HUB}/{name}: {str(e).splitlines()[0]} (offline? pass data_dir= with "
-                            f"local <paradigm>.jsonl files)") from e
-        pairs.extend(rows, name, f"{BLIMP_HUB}/{name}")
+    names = parse_paradigms(paradigms, BLIMP_PARADIGMS)
+    # The first paradigm before the progress bar: a refusal (offline, not cached) is then the only line printed.
+    first = load_hub_dataset(BLIMP_HUB, names[0], split="train", offline_key=BLIMP_OFFLINE)
+    for name in tqdm(names, desc="loading BLiMP", disable=not progress):
+        rows = first if name == names[0] else load_hub_dataset(BLIMP_HUB, name, split="train",
+                                                               offline_key=BLIMP_OFFLINE)
+        pairs.extend(((f"{BLIMP_HUB}/{name} row {n}", row) for n, row in enumerate(rows, 1)), name)
     return pairs
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from topolm.tokenizer import EOT_TOKEN
-from topolm.config import UserError
+from topolm.config import UserError, run_suggestions
 from topolm.files import atomic_write
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import NOT_A_PERMUTATION, is_permutation
@@ -69,17 +69,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def find_checkpoint(path_or_run: str | Path) -> Path:
     """A checkpoint file, the newest complete checkpoint of a run folder, or a finetuned folder's best.
 
-    Raises UserError when there is none."""
+    Raises UserError when there is none, naming the newest runs in out/ that hold one (run_suggestions)."""
     p = Path(path_or_run)
     if p.is_dir():
         ckpts = list_checkpoints(p)
         if not ckpts and (p / "ckpt-best.pt").is_file():  # a finetune.py output folder
             return p / "ckpt-best.pt"
         if not ckpts:
-            raise UserError(f"no checkpoint (ckpt-*.pt) in {p}")
+            raise UserError(f"no checkpoint (ckpt-*.pt) in {p}; {run_suggestions()}")
         return ckpts[-1]
     if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}")
+        raise UserError(f"checkpoint not found: {p}; {run_suggestions()}")
     return p
 
 

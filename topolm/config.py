@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
 DATA_DIR = REPO / "data"
 POSITIONS_DIR = REPO / "gpt2-positions"
+RUNS_DIR = Path("out")  # train.py's default out_dir, relative to the current folder
+RUN_CHECKPOINT_RE = re.compile(r"^ckpt-\d+\.pt$")  # topolm.checkpoint.checkpoint_path's names
 
 
 class UserError(Exception):
@@ -407,6 +409,22 @@ class SeedKey(Checked):
         check_seed(self.seed)
 
 
+def run_suggestions(root: Path = RUNS_DIR, n: int = 3) -> str:
+    """What to pass as ckpt=: the newest `n` run folders under `root` that hold a checkpoint (newest
+    checkpoint file first), as ready-to-paste `ckpt=out/<run>`, or how to make one when there is none."""
+    runs = []
+    for folder in (root.iterdir() if root.is_dir() else ()):
+        times = [p.stat().st_mtime for p in folder.glob("ckpt-*.pt") if RUN_CHECKPOINT_RE.match(p.name)] \
+            if folder.is_dir() else []
+        if times:
+            runs.append((max(times), folder))
+    if not runs:
+        return (f"no run folder in {root}/ holds a checkpoint yet: train one (python train.py train_shakespeare.yaml, "
+                f"or make demo) or pass the path of one")
+    newest = [folder for _, folder in sorted(runs, key=lambda r: (r[0], r[1].name), reverse=True)[:n]]
+    return f"newest runs with a checkpoint in {root}/: " + ", ".join(f"ckpt={folder}" for folder in newest)
+
+
 @dataclass
 class CheckpointKey(Checked):
     """The model of every command that loads a checkpoint."""
@@ -418,8 +436,8 @@ class CheckpointKey(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        require(bool(self.ckpt) or not self.ckpt_required,
-                "ckpt= is required: a checkpoint file or run folder (e.g. ckpt=out/<run>)")
+        if self.ckpt_required and not self.ckpt:
+            raise ValueError(f"ckpt= is required: a checkpoint file or run folder; {run_suggestions()}")
 
 
 @dataclass

@@ -37,7 +37,8 @@ from typing import Iterator
 import numpy as np
 
 from topolm.config import UserError
-from topolm.files import atomic_write, decode_utf8, read_json, read_jsonl, read_text, remove_partial_writes, write_error
+from topolm.files import (atomic_write, decode_utf8, read_json, read_jsonl, read_text, remove_partial_writes,
+                          require_text_fields, write_error)
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 VAL_SEED = 42
@@ -52,7 +53,8 @@ def iter_jsonl_column(path: Path, column: str) -> Iterator[str]:
 
     A `.json` file may also hold one JSON array of records (then "item" counts the array's items).
     Raises topolm.config.UserError naming the file and line for bytes that are not UTF-8, a line that is
-    not a JSON object, a record without `column`, or a value that is not a string (null included)."""
+    not a JSON object, an escaped lone surrogate, a record without `column`, or a value that is not a
+    string (null included) or is empty."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         with open(path, "rb") as f:
@@ -71,17 +73,15 @@ def _text_of(record, column: str, where: str) -> str:
     if column not in record:
         raise UserError(f"{where}: no '{column}' column (its columns: {', '.join(map(str, record)) or 'none'}); "
                         f"name the text column with --text_column")
-    value = record[column]
-    if not isinstance(value, str):
-        raise UserError(f"{where}: '{column}' is {json.dumps(value)[:40]}, not a string")
-    return value
+    require_text_fields(record, (column,), where)
+    return record[column]
 
 
 def iter_parquet_column(path: Path, column: str, batch_rows: int = 4096) -> Iterator[str]:
     """The strings of one column of a parquet file, in order; no other column is read.
 
     Raises topolm.config.UserError naming the file (and row) when the file is not parquet, has no such
-    column, the column is not text, or a value is null or not valid UTF-8."""
+    column, the column is not text, or a value is null, empty or not valid UTF-8."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -110,7 +110,11 @@ def iter_parquet_column(path: Path, column: str, batch_rows: int = 4096) -> Iter
             for i, b in enumerate(raw.to_pylist()):
                 decode_utf8(b, f"{path}, row {row + i + 1}", first_line=0)
             raise
-        yield from values.to_pylist()
+        texts = values.to_pylist()
+        empty = next((i for i, t in enumerate(texts) if not t or t.isspace()), None)
+        if empty is not None:
+            raise UserError(f"{path}, row {row + empty + 1}: '{column}' is empty; give it text (or remove the row)")
+        yield from texts
         row += len(values)
 
 
@@ -162,15 +166,14 @@ def local_documents(files: list[str], column: str):
 
 
 def hub_documents(name: str, column: str):
-    """FineWeb-Edu's subset `name` through `datasets` (downloaded once, then cached), only `column`
-    read, renamed "text". Raises topolm.config.UserError when the column is missing."""
-    from datasets import load_dataset
+    """FineWeb-Edu's subset `name` (topolm.hub: the local cache first, then the Hub, which downloads it
+    once), only `column` read, renamed "text". Raises topolm.config.UserError in one line when it is neither
+    cached nor reachable (offline: within seconds, naming --files) or the column is missing."""
+    from topolm.hub import load_hub_dataset
 
-    try:
-        ds = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", columns=[column])
-    except ValueError as e:
-        raise UserError(f"cannot load HuggingFaceFW/fineweb-edu:{name} column '{column}': "
-                        f"{str(e).splitlines()[0]}") from None
+    ds = load_hub_dataset("HuggingFaceFW/fineweb-edu", name, split="train", columns=[column],
+                          offline_key="pass --files <local .parquet/.jsonl/.json files> to tokenize local files "
+                                      "instead of the download")
     return ds.rename_column(column, "text") if column != "text" else ds
 
 

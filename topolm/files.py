@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -192,14 +192,91 @@ def read_text(path: Path) -> str:
     return decode_utf8(raw, str(path)).removeprefix("\ufeff")
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+# A JSON escape: \uXXXX, or a backslash and the one character it escapes (so an escaped backslash
+# before a u starts no \u escape).
+_JSON_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Offset in the JSON text `text` of the first \\uD800-\\uDFFF escape that is not half of a pair
+    (high then low), or None. Such an escape is valid JSON but stands for no character: Python keeps it
+    as a lone surrogate, which no UTF-8 writer (Arrow, the tokenizer's output, a file) accepts."""
+    if "\\u" not in text:
+        return None
+    high = None  # (start, end) of a high surrogate escape waiting for its low half
+    for m in _JSON_ESCAPE.finditer(text):
+        code = int(m.group(1), 16) if m.group(1) else -1
+        if high is not None:
+            if m.start() == high[1] and 0xDC00 <= code <= 0xDFFF:
+                high = None
+                continue
+            return high[0]
+        if 0xD800 <= code <= 0xDBFF:
+            high = (m.start(), m.end())
+        elif 0xDC00 <= code <= 0xDFFF:
+            return m.start()
+    return None if high is None else high[0]
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _surrogate_field(value: Any, where: str = "") -> str | None:
+    """The key path ('text', 'meta'[2], [1]['text']) of the first string in `value` holding a lone surrogate."""
+    if isinstance(value, str):
+        return where or "a value" if _SURROGATE.search(value) else None
+    if isinstance(value, list):
+        paths = ((f"{where}[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        for key in value:
+            if _SURROGATE.search(key):
+                return f"the key {json.dumps(key)}"
+        paths = ((f"{where}[{key!r}]" if where else repr(key), item) for key, item in value.items())
+    else:
+        return None
+    return next((found for path, item in paths if (found := _surrogate_field(item, path))), None)
+
+
+def _refuse_surrogate(text: str, value: Any, source: str, first_line: int) -> None:
+    """Raise UserError naming the source, line and field when the JSON text holds a lone surrogate escape."""
+    at = lone_surrogate(text)
+    if at is None:
+        return
+    line = first_line + text.count("\n", 0, at)
+    escape = text[at:at + 6]
+    field = _surrogate_field(value) or "a string"
+    raise UserError(f"{source} line {line}: {field} holds the escape {escape}, half of a UTF-16 pair with no "
+                    f"other half, which is no character; write the character itself (as UTF-8) or both halves "
+                    f"of its pair")
+
+
+def require_text_fields(record: dict, fields: Iterable[str], where: str, allow_empty: bool = False) -> None:
+    """Refuse a record whose `fields` are missing, not strings, or (unless allow_empty) empty or blank.
+
+    where names the record in the error ("path line 12", "nyu-mll/blimp/wh_island row 3"). Raises
+    UserError naming it and the field."""
+    for key in fields:
+        if key not in record:
+            raise UserError(f"{where}: no field '{key}' (its fields: {', '.join(map(str, record)) or 'none'})")
+        value = record[key]
+        if not isinstance(value, str):
+            raise UserError(f"{where}: '{key}' is {json.dumps(value)[:40]}, not a string")
+        if not allow_empty and (not value or value.isspace()):
+            raise UserError(f"{where}: '{key}' is empty; give it text (or remove the line)")
+
+
+def read_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each JSON object of a JSON-lines file, in order, read as it goes.
 
     Lines are split at line feeds (b"\\n") only: str.splitlines would also split inside a string holding
     U+2028, U+0085 or a form feed, which JSON keeps as text. Each line is strict UTF-8 (`decode_utf8`); a
-    leading byte-order mark, a trailing carriage return and blank lines are skipped. Raises UserError naming
-    the file and line for a missing file, bytes that are not UTF-8, or a line that is not one JSON object."""
+    leading byte-order mark, a trailing carriage return and blank lines are skipped. `required` names the
+    fields every record must hold as non-empty text (`require_text_fields`). Raises UserError naming the
+    file and line for a missing file, bytes that are not UTF-8, a line that is not one JSON object, an
+    escaped lone surrogate ("\\ud83d": valid JSON, no character) in any string, or a required field
+    missing, not text or empty."""
     path = Path(path)
+    required = tuple(required)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -220,15 +297,45 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(record, dict):
                 raise UserError(f"{path} line {lineno}: a JSON {type(record).__name__}, not an object; each line must "
                                 f"hold one JSON object")
+            _refuse_surrogate(line, record, str(path), lineno)
+            require_text_fields(record, required, f"{path} line {lineno}")
             yield lineno, record
 
 
 def read_json(path: Path) -> Any:
-    """The JSON value of a whole file, read with `read_text`. Raises UserError naming the file and line."""
+    """The JSON value of a whole file, read with `read_text`. Raises UserError naming the file and line for
+    text that is not JSON or holds an escaped lone surrogate (see `read_jsonl`)."""
+    text = read_text(path)
     try:
-        return json.loads(read_text(path))
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    _refuse_surrogate(text, value, str(path), 1)
+    return value
+
+
+def names_folder(value: str) -> bool:
+    """Whether an output path given by the user means a folder: it ends in "/" or is an existing folder."""
+    return bool(value) and (value.endswith(("/", os.sep)) or Path(value).is_dir())
+
+
+def require_json_target(value: str, default_name: str) -> Path | None:
+    """The results file of a `json=` key (None when empty; a folder gets default_name inside it,
+    `output_file`), its folder checked with `require_writable` before any work."""
+    if not value:
+        return None
+    target = output_file(value, default_name, Path("."))
+    require_writable(target.parent)
+    return target
+
+
+def output_file(value: str, default_name: str, default_folder: Path) -> Path:
+    """The file an `out=`-style key names: empty gives default_folder/default_name; a value ending in "/"
+    (or the name of an existing folder) is a folder, and default_name goes inside it; anything else is
+    the file itself. Relative paths are relative to the current directory."""
+    if not value:
+        return Path(default_folder) / default_name
+    return Path(value) / default_name if names_folder(value) else Path(value)
 
 
 # ----------------------------------------------------------------------------- data

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from topolm.config import UserError
-from topolm.files import read_jsonl, read_text
+from topolm.files import read_jsonl, read_text, require_text_fields
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
 # ----------------------------------------------------------------------------- tasks and metrics
@@ -163,6 +163,8 @@ def _read_jsonl(path: Path, columns: list[str], task: str) -> dict[str, list]:
     for n, record in read_jsonl(path):
         _require_columns(f"{path.parent} {path.stem}" + (f" line {n}" if out[columns[0]] else ""), list(record),
                          columns, task)
+        # Text may be empty (QQP's train split holds two empty question2, on the Hub too), never missing.
+        require_text_fields(record, GLUE_TASKS[task].text_columns, f"{path} line {n}", allow_empty=True)
         for c in columns:
             out[c].append(record[c])
     return out
@@ -212,12 +214,10 @@ def load_glue(task: str, data_dir: str) -> dict[str, dict[str, list]]:
         if not folder.is_dir():
             raise UserError(f"data folder not found: {folder} (data_dir holds one folder per task)")
         return {s: _local_split(folder, s, columns, task) for s in splits}
-    import datasets
-    try:
-        hub = datasets.load_dataset("nyu-mll/glue", task)
-    except Exception as e:
-        raise UserError(f"cannot load nyu-mll/glue/{task} through datasets ({str(e).splitlines()[0]}); "
-                        f"offline, point data_dir at local GLUE-format files") from e
+    from topolm.hub import load_hub_dataset
+
+    hub = load_hub_dataset("nyu-mll/glue", task, offline_key=f"pass data_dir=<folder with {task}/<split>.jsonl, "
+                                                              f".tsv or .parquet files> to read GLUE from local files")
     return {s: {c: list(hub[s][c]) for c in columns} for s in splits}
 
 

@@ -355,7 +355,14 @@ def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[dict]:
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     if tuple(reader.fieldnames or ()) != columns:
         raise ValueError(f"{path}: expected the columns {', '.join(columns)}; got {reader.fieldnames}")
-    return list(reader)
+    rows = []
+    for row in reader:
+        empty = next((c for c in columns if not row[c] or row[c].isspace()), None)
+        if empty:
+            raise ValueError(f"{path} line {reader.line_num}: the field '{empty}' is empty or missing; every row "
+                             f"needs {', '.join(columns)}")
+        rows.append(row)
+    return rows
 
 
 def read_localizer(folder: Path = STIMULI_DIR) -> dict[str, list[str]]:

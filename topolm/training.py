@@ -438,3 +438,26 @@ class RunCheckpoints:
         (`what` names it in the warning of a resume on another number of ranks)."""
         self.opt.load_state_dict(ckpt)
         restore_streams(ckpt, self.generators, self.d, seed, what)
+
+
+def resume_command(**keys: str) -> str:
+    """The command line that continues the running command after a stop: its own arguments (sys.argv)
+    with init_from=resume and each of `keys` (e.g. out_dir, run_name) set, replacing what was given, as
+    `python <script> ...` (under torchrun on one node, `torchrun --standalone --nproc_per_node=N <script> ...`).
+    Every word is shell-quoted, so the line can be pasted as it is."""
+    import shlex
+    import sys
+
+    script = Path(sys.argv[0])
+    if script.is_absolute() and script.is_relative_to(Path.cwd()):
+        script = script.relative_to(Path.cwd())
+    keys = {**keys, "init_from": "resume"}
+    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in keys]
+    words = [str(script), *kept, *(f"{k}={v}" for k, v in keys.items())]
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world > 1:
+        launcher = (f"torchrun --standalone --nproc_per_node={world}" if world == local
+                    else "torchrun <the same launcher options>")
+    else:
+        launcher = "python"
+    return f"{launcher} " + " ".join(shlex.quote(w) for w in words)

@@ -12,9 +12,12 @@ Design decisions (the code is in topolm/corpus.py)
 - The validation documents are exactly those that `datasets`' train_test_split(test_size,
   seed=42, shuffle=True) would pick (the research code's split); both files keep the source
   order, so that the corpus is read front to back in contiguous slices.
+- The download goes through topolm/hub.py: the local `datasets` cache first; offline
+  (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or the Hub unreachable) and not cached, one error line
+  within seconds that names --files.
 - Local files: only the --text_column is read from each file (other columns may differ between
-  files), as exact UTF-8; a missing column, a null, or bytes that are not UTF-8 are refused with
-  the file and line (or row) named.
+  files), as exact UTF-8; a missing column, a null, an empty document, an escaped lone surrogate
+  ("\\ud83d") or bytes that are not UTF-8 are refused with the file and line (or row) named.
 - `--num_proc` forked workers each read their own slices of the memory-mapped Arrow table and
   return uint16 arrays; the parent only appends bytes to the two files, in slice order, so the
   output does not depend on the number of workers. (datasets.map was 8x slower than one

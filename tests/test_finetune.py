@@ -408,7 +408,7 @@ def test_compiled_finetuning_matches_eager(pretrained, glue_dir, tmp_path):
 
 
 class StopAtOnce:
-    """finetune.py's StopSignal as if SIGTERM had arrived before the first step."""
+    """finetune.py's StopFlag as if SIGTERM had arrived before the first step."""
     requested = True
 
     def restore(self):
@@ -422,7 +422,7 @@ def test_a_stopped_finetuning_prints_its_resume_command_and_the_resume_says_wher
 
     args = finetune_args(pretrained, glue_dir, tmp_path, task="sst2", max_iters=3, max_train_examples=64,
                          overwrite="true")
-    monkeypatch.setattr(finetune, "StopSignal", StopAtOnce)
+    monkeypatch.setattr(finetune, "StopFlag", StopAtOnce)
     ran = run_main(finetune, args)
     assert ran.returncode == 0, ran.stderr
     (line,) = [s for s in ran.stdout.splitlines() if s.startswith("stop requested")]

@@ -236,7 +236,7 @@ def test_a_checkpoint_that_is_not_there_suggests_the_runs_and_none_says_how_to_m
 
 
 class StopAtOnce:
-    """train.py's StopSignal as if SIGTERM had arrived before the first step."""
+    """train.py's StopFlag as if SIGTERM had arrived before the first step."""
     requested = True
 
     def restore(self):
@@ -246,10 +246,10 @@ class StopAtOnce:
 def test_a_stopped_run_prints_its_resume_command_and_the_resume_says_where_it_resumed(tmp_path, monkeypatch):
     data = write_pattern_data(tmp_path / "data")
     args = ["train_shakespeare.yaml", *overrides(dataset=str(data), out_dir=str(tmp_path / "runs"), max_iters=6)]
-    monkeypatch.setattr(train, "StopSignal", StopAtOnce)
+    monkeypatch.setattr(train, "StopFlag", StopAtOnce)
     ran = run_main(train, args)
     assert ran.returncode == 0, ran.stderr
-    (line,) = [s for s in ran.stdout.splitlines() if s.startswith("stop requested")]
+    (line,) = [s for s in ran.stdout.splitlines() if "continue with: " in s]
     command = shlex.split(line.split("continue with: ", 1)[1])
     run_dir = next((tmp_path / "runs").iterdir())
     assert command[0] == "python" and Path(command[1]).name == "train.py" and command[2] == "train_shakespeare.yaml"
@@ -257,7 +257,8 @@ def test_a_stopped_run_prints_its_resume_command_and_the_resume_says_where_it_re
     monkeypatch.undo()
     resumed = run_main(train, command[2:])
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from iteration 1 ({run_dir / 'ckpt-0000001.pt'})" in resumed.stdout.splitlines()
+    # the stop is honoured in the evaluation at iteration 0, before any step
+    assert f"resumed from iteration 0 ({run_dir / 'ckpt-0000000.pt'})" in resumed.stdout.splitlines()
     assert (run_dir / "ckpt-0000006.pt").is_file()
 
 

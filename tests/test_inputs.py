@@ -23,7 +23,7 @@ import import_research
 import init_pos
 import sample
 import train
-from conftest import PYTHON, REPO, one_error_line, overrides, run_main, run_script, write_pattern_data
+from conftest import PYTHON, REPO, one_error_line, overrides, run_main, run_script, write_pattern_data, write_units
 
 NO_HUB = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -45,14 +45,13 @@ def timed(args, env, cwd=REPO):
 
 
 def fake_units(ckpt, path):
-    """A units.npz for `ckpt` as analyze.py writes it (site names, positions, localizer t of every unit)."""
+    """A units.npz for `ckpt` as analyze.py writes it (site names, positions, provenance, localizer t of
+    every unit)."""
     from topolm.checkpoint import load_model
 
     model, _, _ = load_model(ckpt)
-    coords = model.sheet.unit_coords.numpy()
-    t = np.random.default_rng(0).normal(size=coords.shape[:2])
-    np.savez(path, site_names=np.array(model.site_names), coords=coords, t_localizer=t)
-    return path
+    return write_units(path, ckpt, t_localizer=np.random.default_rng(0).normal(size=(len(model.site_names),
+                                                                                    model.config.n_embed)))
 
 
 # ----------------------------------------------------------------------------- the Hub

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_in_process, run_script
 
 
 def test_offline_tokenizer_is_gpt2():
@@ -53,7 +53,7 @@ def test_fineweb_prepare_on_local_jsonl_roundtrips(tmp_path):
 def test_fineweb_prepare_refuses_missing_column(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text('{"body": "a"}\n{"body": "b"}\n')
-    proc = run_script([PYTHON, "data/fineweb/prepare.py", "--files", str(src), "--out_dir", str(tmp_path)], check=False)
+    proc = run_in_process([PYTHON, "data/fineweb/prepare.py", "--files", str(src), "--out_dir", str(tmp_path)], check=False)
     assert proc.returncode != 0 and "no 'text' column" in proc.stderr
 
 
@@ -69,7 +69,7 @@ def test_shakespeare_plays_are_delimited_in_both_splits(tmp_path):
     """Each play's head (train) and tail (val) is followed by one EOT, the cut lies on a paragraph
     boundary near 90%, and head + tail is exactly the play's text."""
     from topolm.corpus import shakespeare_plays, split_document
-    run_script([PYTHON, "data/shakespeare/prepare.py", "--out_dir", str(tmp_path)])
+    run_in_process([PYTHON, "data/shakespeare/prepare.py", "--out_dir", str(tmp_path)])
     enc = gpt2_encoding()
     plays = [text for _, text in shakespeare_plays()]
     parts = {}
@@ -128,7 +128,7 @@ def test_preparers_refuse_bad_arguments_with_one_line(tmp_path):
     for args, named in cases:
         if "--out_dir" not in args and "init-data" not in args[0]:
             args = args + ["--out_dir", str(out)]
-        line = _error_line(run_script([PYTHON, *args], check=False))
+        line = _error_line(run_in_process([PYTHON, *args], check=False))
         assert named in line, (args, line)
     assert not out.exists()  # nothing was written, not even the folder
 
@@ -136,11 +136,11 @@ def test_preparers_refuse_bad_arguments_with_one_line(tmp_path):
 def test_fineweb_prepare_refuses_an_empty_split_and_keeps_earlier_files(tmp_path):
     out = tmp_path / "out"
     good = _jsonl(tmp_path / "good.jsonl", [{"text": f"document number {i}"} for i in range(20)])
-    run_script([PYTHON, FINEWEB, "--files", good, "--out_dir", str(out), "--num_proc", "1", "--val_fraction", "0.1"])
+    run_in_process([PYTHON, FINEWEB, "--files", good, "--out_dir", str(out), "--num_proc", "1", "--val_fraction", "0.1"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"train.bin", "val.bin", "meta.json"}
     two = _jsonl(tmp_path / "two.jsonl", [{"text": "one"}, {"text": "two"}])
-    line = _error_line(run_script([PYTHON, FINEWEB, "--files", two, "--out_dir", str(out), "--val_fraction", "0.9",
+    line = _error_line(run_in_process([PYTHON, FINEWEB, "--files", two, "--out_dir", str(out), "--val_fraction", "0.9",
                                    "--num_proc", "1"], check=False))
     assert "2 document(s) with --val_fraction 0.9 give 0 training and 2 validation documents" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -186,7 +186,7 @@ def test_token_files_survive_an_interrupted_run(tmp_path, monkeypatch):
     for name in ("train.bin.tmp4242", "val.bin.tmp4242", "meta.json.tmp4242"):
         (out / name).write_bytes(b"partial")
     docs = _jsonl(tmp_path / "docs.jsonl", [{"text": f"doc {i}"} for i in range(10)])
-    run_script([PYTHON, FINEWEB, "--files", docs, "--out_dir", str(out), "--num_proc", "1", "--val_fraction", "0.2"])
+    run_in_process([PYTHON, FINEWEB, "--files", docs, "--out_dir", str(out), "--num_proc", "1", "--val_fraction", "0.2"])
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["files"]["train.bin"]["tokens"] == (out / "train.bin").stat().st_size // 2
@@ -213,13 +213,13 @@ def test_fineweb_prepare_names_the_line_or_row_of_bytes_that_are_not_utf8(tmp_pa
     import pyarrow.parquet as pq
     good = '{"text": "fine"}\n'.encode()
     (tmp_path / "bad.jsonl").write_bytes(good * 3 + '{"text": "caf\u00e9 au lait"}\n'.encode("latin-1") + good)
-    line = _error_line(run_script([PYTHON, FINEWEB, "--files", str(tmp_path / "bad.jsonl"),
+    line = _error_line(run_in_process([PYTHON, FINEWEB, "--files", str(tmp_path / "bad.jsonl"),
                                    "--out_dir", str(tmp_path / "o")], check=False))
     assert "bad.jsonl line 4" in line and "not valid UTF-8" in line
     raw = pa.array([b"fine", b"also fine", b"caf\xe9"], type=pa.binary())
     text = pa.StringArray.from_buffers(len(raw), raw.buffers()[1], raw.buffers()[2])  # Arrow does not check
     pq.write_table(pa.table({"text": text, "id": [1, 2, 3]}), tmp_path / "bad.parquet")
-    line = _error_line(run_script([PYTHON, FINEWEB, "--files", str(tmp_path / "bad.parquet"),
+    line = _error_line(run_in_process([PYTHON, FINEWEB, "--files", str(tmp_path / "bad.parquet"),
                                    "--out_dir", str(tmp_path / "o")], check=False))
     assert "bad.parquet, row 3" in line and "not valid UTF-8" in line
     assert not (tmp_path / "o").exists()
@@ -235,7 +235,7 @@ def test_fineweb_prepare_reads_only_the_text_column(tmp_path):
                                       for i, t in enumerate(["NA", "null", "None", "N/A", "nan", "-"])])
     pq.write_table(pa.table({"meta": [{"k": 1}] * 3, "text": ["p0", "p1", "p2"]}), tmp_path / "c.parquet")
     out = tmp_path / "out"
-    run_script([PYTHON, FINEWEB, "--files", a, b, str(tmp_path / "c.parquet"), "--out_dir", str(out),
+    run_in_process([PYTHON, FINEWEB, "--files", a, b, str(tmp_path / "c.parquet"), "--out_dir", str(out),
                 "--num_proc", "1", "--val_fraction", "0.1"])
     enc = gpt2_encoding()
     docs = []
@@ -245,9 +245,9 @@ def test_fineweb_prepare_reads_only_the_text_column(tmp_path):
     expected = [f"alpha {i}" for i in range(6)] + ["NA", "null", "None", "N/A", "nan", "-"] + ["p0", "p1", "p2"]
     assert sorted(docs) == sorted(expected)
     _jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"body": "no text here"}])
-    line = _error_line(run_script([PYTHON, FINEWEB, "--files", a, str(tmp_path / "d.jsonl"), "--out_dir",
+    line = _error_line(run_in_process([PYTHON, FINEWEB, "--files", a, str(tmp_path / "d.jsonl"), "--out_dir",
                                    str(tmp_path / "o2")], check=False))
     assert "d.jsonl line 2: no 'text' column (its columns: body)" in line
-    line = _error_line(run_script([PYTHON, FINEWEB, "--files", str(tmp_path / "c.parquet"), "--text_column",
+    line = _error_line(run_in_process([PYTHON, FINEWEB, "--files", str(tmp_path / "c.parquet"), "--text_column",
                                    "body", "--out_dir", str(tmp_path / "o2")], check=False))
     assert "c.parquet: no 'body' column (its columns: meta, text)" in line

@@ -318,7 +318,7 @@ def test_checkpoint_without_gpt2_vocabulary_is_refused(tmp_path, glue_dir):
 def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, tmp_path):
     common = dict(task="sst2", max_iters=60, eval_interval=6, patience=100, log_interval=1, max_train_examples=200)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, whole, **common)])
+    run_in_process([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, whole, **common)])
     proc = start_and_wait_for_log([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)],
                                   cut / "sst2" / "log.jsonl", '"iter": 5,')
     proc.send_signal(signal.SIGTERM)
@@ -327,9 +327,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(pretrained, glue_dir, 
     stopped = [r for r in read_log(cut / "sst2") if r["event"] == "stopped"]
     assert len(stopped) == 1 and 5 < stopped[0]["iter"] < 60
     assert (cut / "sst2" / "ckpt-last.pt").is_file() and not (cut / "sst2" / "metrics.json").exists()
-    refused = run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)], check=False)
+    refused = run_in_process([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, **common)], check=False)
     assert refused.returncode == 2 and "pass init_from=resume to continue it" in refused.stderr
-    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, init_from="resume", **common)])
+    run_in_process([PYTHON, "finetune.py", *finetune_args(pretrained, glue_dir, cut, init_from="resume", **common)])
     assert not (cut / "sst2" / "ckpt-last.pt").exists()  # a finished run leaves nothing to resume
 
     def train_losses(folder):
@@ -354,7 +354,7 @@ def test_a_stop_during_the_evaluation_abandons_it_and_the_resumed_run_does_it_fi
     write_jsonl(glue / "sst2" / "validation.jsonl", sentiment_rows(2000, np.random.default_rng(1)))
     common = dict(task="sst2", max_iters=2, eval_interval=2, batch_size=4, log_interval=1)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue, whole, **common)])
+    run_in_process([PYTHON, "finetune.py", *finetune_args(pretrained, glue, whole, **common)])
     proc = start_and_wait_for_log([PYTHON, "finetune.py", *finetune_args(pretrained, glue, cut, **common)],
                                   cut / "sst2" / "log.jsonl", '"iter": 1,')
     seconds, out, err = signal_and_wait(proc, signal.SIGTERM)
@@ -365,7 +365,7 @@ def test_a_stop_during_the_evaluation_abandons_it_and_the_resumed_run_does_it_fi
     assert read_checkpoint(cut / "sst2" / "ckpt-last.pt")["eval_pending"] is True
     assert not (cut / "sst2" / "metrics.json").exists() and not (cut / "sst2" / "ckpt-best.pt").exists()
 
-    run_script([PYTHON, "finetune.py", *finetune_args(pretrained, glue, cut, init_from="resume", **common)])
+    run_in_process([PYTHON, "finetune.py", *finetune_args(pretrained, glue, cut, init_from="resume", **common)])
     log = read_log(cut / "sst2")
     assert [(r["event"], r["iter"]) for r in log[4:]] == [("resume", 2), ("eval", 2), ("end", 2)]
     a = json.loads((whole / "sst2" / "metrics.json").read_text())

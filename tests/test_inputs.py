@@ -23,7 +23,7 @@ import import_research
 import init_pos
 import sample
 import train
-from conftest import PYTHON, REPO, one_error_line, overrides, run_main, run_script, write_pattern_data, write_units
+from conftest import PYTHON, REPO, one_error_line, overrides, run_in_process, run_main, run_script, write_pattern_data, write_units
 
 NO_HUB = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -346,8 +346,8 @@ def test_blimp_rows_are_refused_naming_file_line_and_field(gpt2_run, tmp_path, r
 def test_fineweb_files_with_lone_surrogates_or_empty_text_are_one_line(tmp_path, text, message):
     source = tmp_path / ("docs.json" if text.startswith("[") else "docs.jsonl")
     source.write_text(text)
-    proc = run_script([PYTHON, "data/fineweb/prepare.py", "--files", str(source), "--out_dir", str(tmp_path / "o"),
-                       "--num_proc", "1"], check=False)
+    proc = run_in_process([PYTHON, "data/fineweb/prepare.py", "--files", str(source), "--out_dir", str(tmp_path / "o"),
+                           "--num_proc", "1"], check=False)
     one_error_line(proc, f"{source} {message}")
     assert not (tmp_path / "o" / "train.bin").exists()
 
@@ -365,8 +365,8 @@ def test_fineweb_parquet_with_an_empty_document_names_the_row(tmp_path):
 
     source = tmp_path / "docs.parquet"
     pd.DataFrame({"text": ["a document", "another", ""]}).to_parquet(source)
-    proc = run_script([PYTHON, "data/fineweb/prepare.py", "--files", str(source), "--out_dir", str(tmp_path / "o"),
-                       "--num_proc", "1"], check=False)
+    proc = run_in_process([PYTHON, "data/fineweb/prepare.py", "--files", str(source), "--out_dir", str(tmp_path / "o"),
+                           "--num_proc", "1"], check=False)
     one_error_line(proc, f"{source}, row 3: 'text' is empty")
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.analysis import CONTRASTS, Stimuli, defined_mean, heldout_windows, measure_model, summarize
+from topolm.analysis import (CONTRASTS, StatisticsKeys, Stimuli, defined_mean, heldout_windows, measure_model,
+                             option_lines, summarize)
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, REPO, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
                            resolve_device, resolve_path)
@@ -48,9 +49,10 @@ from topolm.stimuli import read_localizer, read_pos
 
 
 @dataclass
-class AnalyzeConfig(InferenceKeys, SeedKey):
+class AnalyzeConfig(StatisticsKeys, InferenceKeys, SeedKey):
     """analyze.py's keys: its own below; ckpt (the model analysed) and device from topolm.config.InferenceKeys,
-    seed from topolm.config.SeedKey."""
+    seed from topolm.config.SeedKey, the statistics' choices (fwhm, fdr, moran, profile) from
+    topolm.analysis.StatisticsKeys."""
     compare: str = ""
     """Optional second model (e.g. the alpha=0 control), analysed the same way and drawn below the first."""
     out: str = ""
@@ -66,11 +68,12 @@ class AnalyzeConfig(InferenceKeys, SeedKey):
     heldout_tokens: int = 8192
     """Held-out tokens to measure correlations on (fewer if the text is shorter)."""
     q: float = 0.05
-    """False discovery rate for selective units (Benjamini-Hochberg, per site)."""
+    """False discovery rate for selective units (Benjamini-Hochberg, per site or pooled: `fdr`)."""
     permutations: int = 999
     """Permutations for each Moran's I p-value."""
     null_shuffles: int = 100
-    """Shuffles of the unit positions for the null of Moran's I (the correlation null uses the first 10)."""
+    """Shuffles of the unit positions for the null of Moran's I, smoothed (`fwhm`) or not (the correlation null
+    uses the first 10)."""
     batch_size: int = 32
     """Stimuli per forward pass."""
     seed: int = 0
@@ -193,6 +196,8 @@ def print_table(loaded: Loaded, summary: dict) -> None:
         for contrast in CONTRASTS:
             if "undefined" in e[contrast]:
                 print(f"{name} {contrast}: Moran's I undefined: {e[contrast]['undefined']}")
+    for line in option_lines(summary):
+        print(line)
 
 
 # ----------------------------------------------------------------------------- main
@@ -211,7 +216,7 @@ def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, out: Pa
             with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
                 m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
                                   null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size,
-                                  progress=bar)
+                                  progress=bar, stats=cfg)
             results.append((loaded, m))
     except UserError:
         if made and out.is_dir() and not any(out.iterdir()):

@@ -43,7 +43,8 @@ from topolm.files import atomic_write, read_text, require_writable
 from topolm.provenance import provenance
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
-from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
+from topolm.figures import (_vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site,
+                            readout_figures, save_figure)
 from topolm.stimuli import read_localizer, read_pos
 
 
@@ -282,6 +283,7 @@ def main(argv: list[str]) -> None:
             for s, name in enumerate(m["site_names"]):
                 written.append(save_figure(plot_site(loaded, m, s, contrast, cfg.q, vmax),
                                            out / "sites" / loaded.label / contrast / f"{name}.png"))
+    written += readout_figures(results, cfg.q, out)
     written.append(save_figure(plot_morans(results), out / "morans_i.png"))
     written.append(save_figure(plot_correlation(results), out / "correlation_vs_distance.png"))
     written.append(save_figure(plot_profile(results), out / "response_profile.png"))

@@ -191,6 +191,8 @@ def test_analyze_reports_the_smoothed_readout_beside_its_null_and_the_papers_opt
                            "null_shuffles=12", "heldout_tokens=256", "fwhm=2", "fdr=pooled", "moran=significant",
                            "profile=abs"])
     assert "smoothed readout (FWHM 2 grid spacings)" in proc.stdout
+    for contrast in ("localizer", "verb_noun"):
+        assert (out / f"{contrast}_maps_smoothed.png").stat().st_size > 10_000
     summary = json.loads((out / "summary.json").read_text())
     units = np.load(out / "units.npz")
     assert summary["analysis"]["fwhm"] == 2 and float(units["fwhm"]) == 2.0

@@ -2,6 +2,7 @@
 
     python analyze.py ckpt=out/<run> out=figures/<name>
     python analyze.py ckpt=out/<run> compare=out/<control run> out=figures/<name>
+    python analyze.py ckpt=out/<run> fwhm=2 fdr=pooled moran=significant profile=abs   # the paper's statistics
 
 `ckpt` (and `compare`) is a checkpoint file or a run folder (its newest checkpoint). Writes into
 `out` (default figures/<run folder name>):
@@ -22,7 +23,13 @@ the models analysed, so both are measured on the same items) is left out with it
 (topolm.analysis.Stimuli.fitting), counted per condition in the console and in summary.json; a contrast
 left with fewer than 2 items on a side is undefined, with the reason. A response that is not a number is
 an error naming the site and the stimulus, before anything is written.
-All keys are fields of `AnalyzeConfig`.
+fwhm > 0 adds the fMRI-like readout (topolm.readout): every contrast's t-map and Moran's I on responses
+smoothed on the sheet by a Gaussian of that FWHM (grid spacings; the paper's 2), each beside its null
+(per shuffle: positions shuffled, then the responses smoothed, then t and I), and whether the model lies
+outside it; written after the unsmoothed numbers, which stay the headline, with <contrast>_maps_smoothed.png.
+fdr=pooled (one Benjamini-Hochberg over all sites' units), moran=significant (also Moran's I of the
+significant units only) and profile=abs (mean absolute activation) are the paper's other choices.
+All keys are fields of `AnalyzeConfig` (the statistics' choices: topolm.analysis.StatisticsKeys).
 """
 from __future__ import annotations
 

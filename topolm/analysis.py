@@ -14,14 +14,17 @@ value, and empty cells are not part of the map.
 - Items that do not fit the model's block (`Stimuli.fitting`) are left out, never cut, with their
   matched counterparts: localizer item k leaves every condition, a word leaves with all its frames.
 - Contrasts (`welch_t`, `fdr`): per unit a Welch t-test across items (scipy.stats.ttest_ind,
-  equal_var=False), Benjamini-Hochberg FDR over the units of each site
+  equal_var=False), Benjamini-Hochberg FDR over the units of each site, or of all sites pooled
   (scipy.stats.false_discovery_control). A unit is selective when its adjusted p <= q and t > 0.
+- The statistics' choices (`StatisticsKeys`): FDR per site or pooled, Moran's I of the map or also
+  of the significant units only (`significant_morans_i`), the profile's signed or absolute mean, and
+  the fMRI-like readout (`fwhm`; topolm.readout) beside the unsmoothed numbers.
 - Undefined statistics stay undefined (NaN; null in summary.json, with the reason), never a
   finding: Welch's t of a unit with zero variance in both groups or of a side with fewer than 2
   items; Moran's I and its p of a constant t-map or one with an undefined unit (`undefined_map`).
   They are no FDR test, select no unit, and are left out of every count and site mean.
-- Response profile (`response_profile`): units selected on the odd items and measured on the
-  even ones, and the other way round (no item both selects and measures).
+- Response profile (`response_profile`, `response_profiles`): units selected on the odd items and
+  measured on the even ones, and the other way round (no item both selects and measures).
 - Moran's I (`morans_i`): queen contiguity (8 neighbours) between occupied cells, row-
   standardised weights, I = (n / S0) z'Wz / z'z (the definition of PySAL's esda.Moran, against
   which it is tested), with esda's permutation p-value. The null for a model (`null_morans_i`)

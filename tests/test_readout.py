@@ -57,6 +57,16 @@ def test_kernel_mass_is_not_renormalised_at_the_borders():
     g0 = 1 / (math.sqrt(2 * math.pi) * 2 / math.sqrt(8 * math.log(2)))  # the 1-D kernel at 0: 0.4697
     assert mass[0, 14] == pytest.approx((1 + g0) / 2 * mass[14, 14] ** 0.5, rel=1e-6)  # one half-line and the centre
     assert readout.kernel_mass(9, 30, 2.0).shape == (9, 30)
+    # Welch's t is scale-invariant per cell, so renormalising the borders would not change a t-map (a mean map dims)
+    rng = np.random.default_rng(3)
+    coords = _grid(9, 30)
+    smoother = readout.Smoother(analysis.SheetCells.from_coords(coords), 2.0)
+    a, b = rng.normal(size=(12, 270)) + 0.3, rng.normal(size=(12, 270))
+    renormalised = readout.kernel_mass(9, 30, 2.0).reshape(-1)[smoother.flat]
+    t = analysis.welch_t(smoother.smooth(a) / renormalised, smoother.smooth(b) / renormalised)[0]
+    np.testing.assert_allclose(readout.smoothed_t(smoother, a, b), t, rtol=1e-10)
+    corner, inside = smoother.flat.tolist().index(0), smoother.flat.tolist().index(4 * 30 + 15)
+    assert smoother.smooth(np.ones((1, 270)))[0, [corner, inside]] == pytest.approx([0.540019, 1.0000026], abs=1e-6)
 
 
 def test_smoothing_averages_shared_cells_and_gives_empty_cells_no_mass():

@@ -2,6 +2,7 @@
 
     python analyze.py ckpt=out/<run> out=figures/<name>
     python analyze.py ckpt=out/<run> compare=out/<control run> out=figures/<name>
+    python analyze.py ckpt=out/<run> fwhm=2 fdr=pooled moran=significant profile=abs   # the paper's statistics
 
 `ckpt` (and `compare`) is a checkpoint file or a run folder (its newest checkpoint). Writes into
 `out` (default figures/<run folder name>):
@@ -22,7 +23,13 @@ the models analysed, so both are measured on the same items) is left out with it
 (topolm.analysis.Stimuli.fitting), counted per condition in the console and in summary.json; a contrast
 left with fewer than 2 items on a side is undefined, with the reason. A response that is not a number is
 an error naming the site and the stimulus, before anything is written.
-All keys are fields of `AnalyzeConfig`.
+fwhm > 0 adds the fMRI-like readout (topolm.readout): every contrast's t-map and Moran's I on responses
+smoothed on the sheet by a Gaussian of that FWHM (grid spacings; the paper's 2), each beside its null
+(per shuffle: positions shuffled, then the responses smoothed, then t and I), and whether the model lies
+outside it; written after the unsmoothed numbers, which stay the headline, with <contrast>_maps_smoothed.png.
+fdr=pooled (one Benjamini-Hochberg over all sites' units), moran=significant (also Moran's I of the
+significant units only) and profile=abs (mean absolute activation) are the paper's other choices.
+All keys are fields of `AnalyzeConfig` (the statistics' choices: topolm.analysis.StatisticsKeys).
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.analysis import CONTRASTS, Stimuli, defined_mean, heldout_windows, measure_model, summarize
+from topolm.analysis import (CONTRASTS, StatisticsKeys, Stimuli, defined_mean, heldout_windows, measure_model,
+                             option_lines, summarize)
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
                            resolve_device, resolve_path)
@@ -44,7 +52,8 @@ from topolm.provenance import provenance
 from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
-from topolm.figures import _vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site, save_figure
+from topolm.figures import (_vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site,
+                            readout_figures, save_figure)
 from topolm.stimuli import STIMULI_DIR, read_localizer, read_pos
 
 DEFAULT_STIMULI = "stimuli"
@@ -52,9 +61,10 @@ DEFAULT_STIMULI = "stimuli"
 
 
 @dataclass
-class AnalyzeConfig(InferenceKeys, SeedKey):
+class AnalyzeConfig(StatisticsKeys, InferenceKeys, SeedKey):
     """analyze.py's keys: its own below; ckpt (the model analysed) and device from topolm.config.InferenceKeys,
-    seed from topolm.config.SeedKey."""
+    seed from topolm.config.SeedKey, the statistics' choices (fwhm, fdr, moran, profile) from
+    topolm.analysis.StatisticsKeys."""
     compare: str = ""
     """Optional second model (e.g. the alpha=0 control), analysed the same way and drawn below the first."""
     out: str = ""
@@ -71,11 +81,12 @@ class AnalyzeConfig(InferenceKeys, SeedKey):
     heldout_tokens: int = 8192
     """Held-out tokens to measure correlations on (fewer if the text is shorter)."""
     q: float = 0.05
-    """False discovery rate for selective units (Benjamini-Hochberg, per site)."""
+    """False discovery rate for selective units (Benjamini-Hochberg, per site or pooled: `fdr`)."""
     permutations: int = 999
     """Permutations for each Moran's I p-value."""
     null_shuffles: int = 100
-    """Shuffles of the unit positions for the null of Moran's I (the correlation null uses the first 10)."""
+    """Shuffles of the unit positions for the null of Moran's I, smoothed (`fwhm`) or not (the correlation null
+    uses the first 10)."""
     batch_size: int = 32
     """Stimuli per forward pass."""
     seed: int = 0
@@ -198,6 +209,8 @@ def print_table(loaded: Loaded, summary: dict) -> None:
         for contrast in CONTRASTS:
             if "undefined" in e[contrast]:
                 print(f"{name} {contrast}: Moran's I undefined: {e[contrast]['undefined']}")
+    for line in option_lines(summary):
+        print(line)
 
 
 # ----------------------------------------------------------------------------- main
@@ -264,7 +277,8 @@ def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: t
     for loaded in models:
         with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
             m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
-                              null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar)
+                              null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar,
+                              stats=cfg)
         results.append((loaded, m))
     summary = {"analysis": {k: v for k, v in asdict(cfg).items()},
                "stimuli": stimuli_summary(localizer, pos_rows, full, stim, fit)}
@@ -311,6 +325,7 @@ def write_outputs(results: list, summary: dict, q: float, out: Path) -> list[Pat
             for s, name in enumerate(m["site_names"]):
                 written.append(save_figure(plot_site(loaded, m, s, contrast, q, vmax),
                                            out / "sites" / loaded.label / contrast / f"{name}.png"))
+    written += readout_figures(results, q, out)
     written.append(save_figure(plot_morans(results), out / "morans_i.png"))
     written.append(save_figure(plot_correlation(results), out / "correlation_vs_distance.png"))
     written.append(save_figure(plot_profile(results), out / "response_profile.png"))

@@ -14,14 +14,17 @@ value, and empty cells are not part of the map.
 - Items that do not fit the model's block (`Stimuli.fitting`) are left out, never cut, with their
   matched counterparts: localizer item k leaves every condition, a word leaves with all its frames.
 - Contrasts (`welch_t`, `fdr`): per unit a Welch t-test across items (scipy.stats.ttest_ind,
-  equal_var=False), Benjamini-Hochberg FDR over the units of each site
+  equal_var=False), Benjamini-Hochberg FDR over the units of each site, or of all sites pooled
   (scipy.stats.false_discovery_control). A unit is selective when its adjusted p <= q and t > 0.
+- The statistics' choices (`StatisticsKeys`): FDR per site or pooled, Moran's I of the map or also
+  of the significant units only (`significant_morans_i`), the profile's signed or absolute mean, and
+  the fMRI-like readout (`fwhm`; topolm.readout) beside the unsmoothed numbers.
 - Undefined statistics stay undefined (NaN; null in summary.json, with the reason), never a
   finding: Welch's t of a unit with zero variance in both groups or of a side with fewer than 2
   items; Moran's I and its p of a constant t-map or one with an undefined unit (`undefined_map`).
   They are no FDR test, select no unit, and are left out of every count and site mean.
-- Response profile (`response_profile`): units selected on the odd items and measured on the
-  even ones, and the other way round (no item both selects and measures).
+- Response profile (`response_profile`, `response_profiles`): units selected on the odd items and
+  measured on the even ones, and the other way round (no item both selects and measures).
 - Moran's I (`morans_i`): queen contiguity (8 neighbours) between occupied cells, row-
   standardised weights, I = (n / S0) z'Wz / z'z (the definition of PySAL's esda.Moran, against
   which it is tested), with esda's permutation p-value. The null for a model (`null_morans_i`)
@@ -37,6 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import scipy.sparse
@@ -44,7 +48,7 @@ import scipy.stats
 import torch
 
 from topolm.batching import filled, invariant_kernels, length_batches
-from topolm.config import UserError
+from topolm.config import Checked, UserError, require
 from topolm.tokenizer import EOT_TOKEN
 from positions import spatial_losses
 
@@ -52,6 +56,30 @@ ADJACENT_MAX = 1.5  # grid distance 1 or sqrt(2)
 FAR_MIN = 6.0
 CONDITIONS = ("S", "W", "J", "N")
 CONTRASTS = ("localizer", "verb_noun")
+
+
+@dataclass
+class StatisticsKeys(Checked):
+    """The statistics' choices (analyze.py's keys): this project's defaults, and the paper's (Rathi et al. 2025) beside them."""
+    fwhm: float = 0.0
+    """fMRI-like readout: smooth every stimulus's responses on the sheet with a Gaussian of this full width at
+    half maximum (grid spacings; 2 is the paper's) and report each contrast's smoothed t-map and Moran's I
+    beside their shuffled-position null (positions shuffled, then smoothed: topolm.readout), after the
+    unsmoothed numbers, which stay the headline; 0: off."""
+    fdr: Literal["site", "pooled"] = "site"
+    """Benjamini-Hochberg FDR over the units of each site ('site'), or over the units of all sites together
+    ('pooled', the paper's): the selective units, their fractions and the response profile's selection."""
+    moran: Literal["map", "significant"] = "map"
+    """'map': Moran's I of the unthresholded t-map; 'significant': also Moran's I of the FDR-significant
+    units only (either sign; the others left out as empty cells), with its p and null, beside the map's."""
+    profile: Literal["signed", "abs"] = "signed"
+    """Response profile of the selective units: mean activation ('signed') or mean absolute activation
+    ('abs', the paper's)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(math.isfinite(self.fwhm) and self.fwhm >= 0,
+                f"fwhm={self.fwhm} must be >= 0 (0: no smoothing; 2: the paper's readout)")
 
 
 # ----------------------------------------------------------------------------- tokens and responses
@@ -161,13 +189,18 @@ def welch_t(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(undefined, np.nan, t), np.where(undefined, np.nan, p)
 
 
-def fdr(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def fdr(p: np.ndarray, q: float = 0.05, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Benjamini-Hochberg adjusted p-values along the last axis (the units of one site) and the mask adjusted <= q.
 
-    scipy.stats.false_discovery_control(method='bh'); Benjamini & Hochberg (1995). An undefined
-    (NaN) p is no test: it stays NaN, is never a discovery, and does not count among the tests.
+    scipy.stats.false_discovery_control(method='bh'); Benjamini & Hochberg (1995). pooled: one
+    correction over every value of `p` (the units of all sites, the paper's) instead of one per row.
+    An undefined (NaN) p is no test: it stays NaN, is never a discovery, and does not count among the tests.
     """
     p = np.asarray(p, np.float64)
+    if pooled:
+        adjusted, _ = fdr(p.reshape(1, -1), q)
+        adjusted = adjusted.reshape(p.shape)
+        return adjusted, ~np.isnan(adjusted) & (adjusted <= q)
     adjusted = np.full(p.shape, np.nan)
     for row in np.ndindex(p.shape[:-1]):
         defined = ~np.isnan(p[row])
@@ -176,9 +209,9 @@ def fdr(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     return adjusted, ~np.isnan(adjusted) & (adjusted <= q)
 
 
-def selective(t: np.ndarray, p: np.ndarray, q: float = 0.05) -> np.ndarray:
-    """Units significant after FDR (per site, last axis) with t > 0 (never a unit with an undefined t)."""
-    return fdr(p, q)[1] & (np.nan_to_num(t, nan=0.0) > 0)
+def selective(t: np.ndarray, p: np.ndarray, q: float = 0.05, pooled: bool = False) -> np.ndarray:
+    """Units significant after FDR (per site, last axis, or pooled: `fdr`) with t > 0 (never a unit with an undefined t)."""
+    return fdr(p, q, pooled)[1] & (np.nan_to_num(t, nan=0.0) > 0)
 
 
 def undefined_map(t: np.ndarray, n_items: tuple[int, int] | None = None,
@@ -203,32 +236,86 @@ def undefined_map(t: np.ndarray, n_items: tuple[int, int] | None = None,
     return None
 
 
-def response_profile(responses: dict[str, np.ndarray], q: float = 0.05, select=("S", "N")) -> dict:
+def response_profile(responses: dict[str, np.ndarray], q: float = 0.05, select=("S", "N"),
+                     profile: str = "signed") -> dict:
     """Cross-validated response of one site's selective units in every condition.
 
     responses: {condition: (n_items, n_units)}, item k of every condition built from the same
     sentence. Units are selected (Welch t of select[0] vs select[1], FDR q, t > 0) on the odd
     items and measured on the even ones, then the other way round; every item is measured once.
+    profile: 'signed' measures the units' mean activation, 'abs' their mean absolute activation.
     Returns mean and sem (over items) per condition in `CONDITIONS` order, (4,) each (NaN when
     no unit was selected), `per_item` (4, n_items) and n_selected (2,) for the two folds.
     """
-    n_items = len(responses[select[0]])
+    out = response_profiles({c: np.asarray(r)[None] for c, r in responses.items()}, q, select, profile=profile)
+    return {k: v[0] for k, v in out.items()}
+
+
+def response_profiles(responses: dict[str, np.ndarray], q: float = 0.05, select=("S", "N"), pooled: bool = False,
+                      profile: str = "signed") -> dict:
+    """`response_profile` of every site at once: responses {condition: (n_sites, n_items, n_units)}.
+
+    pooled: the selection's FDR runs over the units of all sites together (`fdr`), per fold. Returns
+    mean, sem (n_sites, 4), per_item (n_sites, 4, n_items) and n_selected (n_sites, 2)."""
+    if profile not in ("signed", "abs"):
+        raise ValueError(f"profile={profile!r} must be 'signed' or 'abs'")
+    n_sites, n_items = np.shape(responses[select[0]])[:2]
     index = np.arange(n_items)
-    per_item = np.full((len(CONDITIONS), n_items), np.nan)
-    n_selected = []
-    for choose, measure in ((index % 2 == 1, index % 2 == 0), (index % 2 == 0, index % 2 == 1)):
-        t, p = welch_t(responses[select[0]][choose], responses[select[1]][choose])
-        units = selective(t, p, q)
-        n_selected.append(int(units.sum()))
-        if units.any():
+    per_item = np.full((n_sites, len(CONDITIONS), n_items), np.nan)
+    n_selected = np.zeros((n_sites, 2), dtype=np.int64)
+    for fold, (choose, measure) in enumerate(((index % 2 == 1, index % 2 == 0), (index % 2 == 0, index % 2 == 1))):
+        t, p = welch_t(np.swapaxes(responses[select[0]][:, choose], 0, 1),
+                       np.swapaxes(responses[select[1]][:, choose], 0, 1))
+        units = selective(t, p, q, pooled)
+        n_selected[:, fold] = units.sum(axis=1)
+        for s in np.flatnonzero(units.any(axis=1)):
             for c, cond in enumerate(CONDITIONS):
-                per_item[c, measure] = responses[cond][measure][:, units].mean(axis=1)
-    counts = np.sum(~np.isnan(per_item), axis=1)
+                x = responses[cond][s][measure][:, units[s]]
+                per_item[s, c, measure] = (np.abs(x) if profile == "abs" else x).mean(axis=1)
+    counts = np.sum(~np.isnan(per_item), axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(counts > 0, np.nansum(per_item, axis=1) / np.maximum(counts, 1), np.nan)
-        sd = np.sqrt(np.nansum((per_item - mean[:, None]) ** 2, axis=1) / np.maximum(counts - 1, 1))
+        mean = np.where(counts > 0, np.nansum(per_item, axis=-1) / np.maximum(counts, 1), np.nan)
+        sd = np.sqrt(np.nansum((per_item - mean[..., None]) ** 2, axis=-1) / np.maximum(counts - 1, 1))
     sem = np.where(counts > 1, sd / np.sqrt(np.maximum(counts, 1)), np.nan)
-    return {"mean": mean, "sem": sem, "per_item": per_item, "n_selected": np.array(n_selected)}
+    return {"mean": mean, "sem": sem, "per_item": per_item, "n_selected": n_selected}
+
+
+def significant_undefined(t: np.ndarray, significant: np.ndarray, coords: np.ndarray) -> str | None:
+    """Why Moran's I of the significant units only (t (n_units,) where significant (n_units,) bool, the
+    others left out as empty cells; coords (n_units, 2)) is undefined, or None when it is not.
+
+    It needs at least 3 occupied cells with an occupied queen neighbour: with fewer, z'Wz rests on one
+    pair of cells or none (0/0), and I is no measure of a map."""
+    significant = np.asarray(significant, bool)
+    n = int(significant.sum())
+    if n == 0:
+        return "no unit is significant after FDR: there is no map of significant units"
+    cells = SheetCells.from_coords(np.asarray(coords)[significant])
+    connected = int((np.diff(cells.weights.indptr) > 0).sum())
+    if connected < 3:
+        return (f"only {connected} of the {len(cells.cell_xy)} cells of the {n} significant units have a significant "
+                f"neighbour: Moran's I needs at least 3 connected cells")
+    values = cells.cell_values(np.asarray(t, np.float64)[significant])
+    return undefined_map(values)
+
+
+def significant_morans_i(t: np.ndarray, significant: np.ndarray, coords: np.ndarray, shuffles: np.ndarray,
+                         permutations: int = 999, seed: int = 0) -> tuple[float, float, np.ndarray]:
+    """Moran's I of the significant units only, its permutation p and its shuffled-position null.
+
+    t (n_units,), significant (n_units,) bool, coords (n_units, 2); non-significant units are left
+    out as empty cells (a cell keeps the mean of its significant units). shuffles (n_shuffles,
+    n_units): the site's position shuffles; each gives a shuffle of the significant units among
+    their own cells (the order its values put them in), so the null keeps the occupied cells.
+    Returns (I, p, null (n_shuffles,)), all NaN when `significant_undefined` says why."""
+    significant = np.asarray(significant, bool)
+    if significant_undefined(t, significant, coords):
+        return math.nan, math.nan, np.full(len(shuffles), np.nan)
+    values, where = np.asarray(t, np.float64)[significant], np.asarray(coords)[significant]
+    cells = SheetCells.from_coords(where)
+    m = morans_i(values, where, permutations, seed, cells=cells)
+    own = np.argsort(np.argsort(np.asarray(shuffles)[:, significant], axis=1), axis=1)
+    return m.i, m.p, null_morans_i(values, cells, cells.unit_cell[own])
 
 
 # ----------------------------------------------------------------------------- the sheet and Moran's I
@@ -558,12 +645,17 @@ def stimulus_labels(stim: Stimuli) -> list[str]:
     return labels
 
 
-def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 32, progress=None) -> dict:
-    """The per-unit contrasts and response profiles of `measure_model` (see there), from the responses to `stim`.
+def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 32, progress=None,
+                      stats: StatisticsKeys | None = None) -> tuple[dict, dict]:
+    """The per-unit contrasts and response profiles of `measure_model` (see there), from the responses to `stim`,
+    and the responses of each contrast's two sides, {contrast: (a, b)}, each (n_sites, n_items, n_units).
 
-    A side with fewer than 2 items leaves its contrast undefined (`welch_t`); the counts of each side
+    stats: the FDR's scope and the profile's measure (StatisticsKeys; default this project's). A side
+    with fewer than 2 items leaves its contrast undefined (`welch_t`); the counts of each side
     (n_items_<contrast>) and of the items `Stimuli.fitting` left out (n_left_out_<contrast>) are kept.
     Raises UserError for a response that is not a number (`site_responses`)."""
+    stats = stats or StatisticsKeys()
+    pooled = stats.fdr == "pooled"
     ids = [x for c in CONDITIONS for x in stim.localizer[c][0]] + stim.pos_ids
     ranges = [x for c in CONDITIONS for x in stim.localizer[c][1]] + stim.pos_ranges
     resp = site_responses(model, ids, ranges, batch_size=batch_size, progress=progress, labels=stimulus_labels(stim))
@@ -573,13 +665,14 @@ def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 3
     nouns = list(dict.fromkeys(stim.pos_word[stim.pos_category == "noun"]))
     verbs = list(dict.fromkeys(stim.pos_word[stim.pos_category == "verb"]))
     noun_resp, verb_resp = word_means(pos, stim.pos_word, nouns), word_means(pos, stim.pos_word, verbs)
+    sides = {"localizer": (loc["S"], loc["N"]), "verb_noun": (verb_resp, noun_resp)}
 
     out: dict[str, np.ndarray] = {}
     t, p = welch_t(loc["S"].swapaxes(0, 1), loc["N"].swapaxes(0, 1))
-    qv, sig = fdr(p, q)
+    qv, sig = fdr(p, q, pooled)
     out.update(t_localizer=t, p_localizer=p, q_localizer=qv, selective_localizer=sig & (t > 0))
     t, p = welch_t(verb_resp.swapaxes(0, 1), noun_resp.swapaxes(0, 1))
-    qv, sig = fdr(p, q)
+    qv, sig = fdr(p, q, pooled)
     out.update(t_verb_noun=t, p_verb_noun=p, q_verb_noun=qv, selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
     n_sites, n_embed = resp.shape[0], resp.shape[2]
     out["mean_localizer"] = np.stack([loc[c].mean(axis=1) if n_loc else np.full((n_sites, n_embed), np.nan)
@@ -591,15 +684,42 @@ def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 3
     out["n_left_out_verb_noun"] = np.array([left.get("verb", 0), left.get("noun", 0)])
     out["localizer_items"] = np.asarray(stim.localizer_index, dtype=np.int64)
 
-    profiles = [response_profile({c: loc[c][s] for c in CONDITIONS}, q) for s in range(n_sites)]
-    out["profile_mean"] = np.stack([x["mean"] for x in profiles])
-    out["profile_sem"] = np.stack([x["sem"] for x in profiles])
-    out["profile_n_selected"] = np.stack([x["n_selected"] for x in profiles])
-    return out
+    profiles = response_profiles(loc, q, pooled=pooled, profile=stats.profile)
+    out["profile_mean"], out["profile_sem"] = profiles["mean"], profiles["sem"]
+    out["profile_n_selected"] = profiles["n_selected"]
+    return out, sides
+
+
+def site_morans(out: dict, sides: dict, s: int, coords: np.ndarray, perms: np.ndarray, permutations: int, seed: int,
+                stats: StatisticsKeys, q: float) -> dict[str, object]:
+    """Moran's I of site s's t-maps (out: `stimulus_measures`' arrays), with p and shuffled-position null; with
+    stats.moran 'significant' the same of the significant units only, with stats.fwhm > 0 the smoothed
+    readout and its null (topolm.readout.readout_site). Returns {units.npz key: this site's value}."""
+    cells = SheetCells.from_coords(coords)
+    values: dict[str, object] = {}
+    for contrast in CONTRASTS:
+        t = out[f"t_{contrast}"][s]
+        m = morans_i(t, coords, permutations, seed, cells=cells)
+        values.update({f"moran_{contrast}": m.i, f"moran_p_{contrast}": m.p,
+                       f"null_moran_{contrast}": null_morans_i(t, cells, cells.unit_cell[perms])})
+        if stats.moran == "significant":
+            significant = ~np.isnan(out[f"q_{contrast}"][s]) & (out[f"q_{contrast}"][s] <= q)
+            i, p, null = significant_morans_i(t, significant, coords, perms, permutations, seed)
+            values.update({f"significant_{contrast}": significant, f"moran_significant_{contrast}": i,
+                           f"moran_p_significant_{contrast}": p, f"null_moran_significant_{contrast}": null})
+    if stats.fwhm > 0:
+        from topolm.readout import readout_site  # readout builds on this module's sheet and statistics
+
+        smoothed = readout_site({c: (a[s], b[s]) for c, (a, b) in sides.items()}, coords, stats.fwhm, perms)
+        for contrast, r in smoothed.items():
+            values.update({f"t_smoothed_{contrast}": r["t"], f"moran_smoothed_{contrast}": r["i"],
+                           f"null_moran_smoothed_{contrast}": r["null"]})
+    return values
 
 
 def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, permutations: int = 999,
-                  null_shuffles: int = 100, seed: int = 0, batch_size: int = 32, progress=None) -> dict:
+                  null_shuffles: int = 100, seed: int = 0, batch_size: int = 32, progress=None,
+                  stats: StatisticsKeys | None = None) -> dict:
     """Every measure of one model; returns a dict of numpy arrays (the `units.npz` of analyze.py).
 
     Per site s and unit u: t/p/q_localizer (S vs N), selective_localizer (q <= q, t > 0),
@@ -610,30 +730,30 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
     corr_curve, null_corr_curve (n_sites, n_bins), adjacent_corr, far_corr, null_adjacent_corr,
     null_far_corr, spatial_loss, null_spatial_loss; heldout_samples (tokens behind the correlations);
     n_items_<contrast> and n_left_out_<contrast> (2,) per side, localizer_items (the file's items analysed).
+    stats (StatisticsKeys, default this project's): with moran 'significant' also significant_<contrast>
+    (n_sites, n_units) bool (FDR q, either sign), moran_significant_<contrast>, moran_p_significant_<contrast>
+    (n_sites,), null_moran_significant_<contrast> (null_shuffles, n_sites); with fwhm > 0 also
+    t_smoothed_<contrast> (n_sites, n_units), moran_smoothed_<contrast> (n_sites,) and
+    null_moran_smoothed_<contrast> (null_shuffles, n_sites) (topolm.readout), and fwhm.
     Raises UserError for a response or held-out activation that is NaN or infinite.
     """
+    stats = stats or StatisticsKeys()
     names = list(model.site_names)
     coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
-    out: dict[str, np.ndarray] = {"site_names": np.array(names), "coords": coords,
-                                  **stimulus_measures(model, stim, q, batch_size, progress)}
+    measures, sides = stimulus_measures(model, stim, q, batch_size, progress, stats)
+    out: dict[str, np.ndarray] = {"site_names": np.array(names), "coords": coords, **measures}
 
     corr, n_samples = heldout_correlations(model, windows)
     rng = np.random.default_rng(seed)
-    per_site: dict[str, list] = {k: [] for k in ("moran_localizer", "moran_p_localizer", "null_moran_localizer",
-                                                 "moran_verb_noun", "moran_p_verb_noun", "null_moran_verb_noun",
-                                                 "corr_curve", "null_corr_curve", "adjacent_corr", "far_corr",
+    per_site: dict[str, list] = {k: [] for k in ("corr_curve", "null_corr_curve", "adjacent_corr", "far_corr",
                                                  "null_adjacent_corr", "null_far_corr", "spatial_loss",
                                                  "null_spatial_loss")}
     edges = distance_bin_edges(coords.reshape(-1, 2))
     centres_ = []
     for s in range(len(names)):
-        cells = SheetCells.from_coords(coords[s])
         perms = np.stack([rng.permutation(len(coords[s])) for _ in range(null_shuffles)])
-        for contrast in CONTRASTS:
-            m = morans_i(out[f"t_{contrast}"][s], coords[s], permutations, seed, cells=cells)
-            per_site[f"moran_{contrast}"].append(m.i)
-            per_site[f"moran_p_{contrast}"].append(m.p)
-            per_site[f"null_moran_{contrast}"].append(null_morans_i(out[f"t_{contrast}"][s], cells, cells.unit_cell[perms]))
+        for key, value in site_morans(out, sides, s, coords[s], perms, permutations, seed, stats, q).items():
+            per_site.setdefault(key, []).append(value)
         curve = correlation_by_distance(corr[s], coords[s], edges)
         null = null_correlation_by_distance(corr[s], coords[s], perms[:CORRELATION_NULL_SHUFFLES], edges)
         centres_.append(curve["centres"])
@@ -646,13 +766,15 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
         per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], model.config.radius)
                                                       for perm in perms[:CORRELATION_NULL_SHUFFLES]]))
     for key, values in per_site.items():
-        arr = np.array(values, dtype=np.float64)
+        arr = np.array(values, dtype=bool if key.startswith("significant_") else np.float64)
         out[key] = arr.T if key.startswith("null_moran") else arr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         out["corr_centres"] = np.nanmean(np.array(centres_), axis=0)
     out["corr_edges"] = edges
     out["heldout_samples"] = np.array(n_samples)
+    if stats.fwhm > 0:
+        out["fwhm"] = np.array(float(stats.fwhm))
     return out
 
 
@@ -667,6 +789,57 @@ def defined_mean(x) -> float:
     return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else math.nan
 
 
+def _variant_site(m: dict, variant: str, contrast: str, s: int, reason: str | None) -> dict:
+    """summary.json's entry of one site's Moran's I of a variant ('smoothed': the readout, judged against its
+    shuffled null; 'significant': the significant units only, with its permutation p), undefined with the reason."""
+    i, null = float(m[f"moran_{variant}_{contrast}"][s]), m[f"null_moran_{variant}_{contrast}"][:, s]
+    if reason or math.isnan(i):
+        entry = {"morans_i": math.nan, "null_i": math.nan, "null_i_95": [math.nan, math.nan],
+                 "undefined": reason or "the map on the sheet's cells is constant"}
+    else:
+        band = _band(null)
+        entry = {"morans_i": i, "null_i": defined_mean(null), "null_i_95": band}
+        if variant == "smoothed":
+            entry.update(p_null=_null_p(i, null), outside_null=bool(i < band[0] or i > band[1]))
+    if variant == "significant":
+        entry["p"] = math.nan if "undefined" in entry else float(m[f"moran_p_significant_{contrast}"][s])
+        entry["n_units"] = int(m[f"significant_{contrast}"][s].sum())
+    return entry
+
+
+def _null_p(i: float, null: np.ndarray) -> float:
+    """One-sided p of I against its shuffled null, (1 + #{null >= I}) / (1 + n defined null values)."""
+    null = np.asarray(null, np.float64)
+    null = null[~np.isnan(null)]
+    return float((1 + (null >= i).sum()) / (1 + len(null))) if len(null) and not math.isnan(i) else math.nan
+
+
+def _variant_mean(m: dict, variant: str, contrast: str, defined: np.ndarray) -> dict:
+    """The site mean of a variant's Moran's I over its defined sites, and the null of that mean per shuffle."""
+    null = m[f"null_moran_{variant}_{contrast}"]
+    null_means = null[:, defined].mean(axis=1) if defined.any() else np.full(1, math.nan)
+    i = defined_mean(m[f"moran_{variant}_{contrast}"][defined])
+    band = _band(null_means)
+    mean = {"morans_i": i, "null_i": defined_mean(null_means), "null_i_95": band,
+            "sites_undefined": int((~defined).sum())}
+    if variant == "smoothed":
+        mean["outside_null"] = bool(not math.isnan(i) and (i < band[0] or i > band[1]))
+    return mean
+
+
+def _variants(m: dict, s: int) -> dict[str, str | None]:
+    """The variants of Moran's I measured for site s (see `measure_model`'s stats), each with why it is undefined."""
+    found = {}
+    for contrast in CONTRASTS:
+        if f"moran_smoothed_{contrast}" in m:
+            found[("smoothed", contrast)] = undefined_map(m[f"t_smoothed_{contrast}"][s], m.get(f"n_items_{contrast}"),
+                                                          m.get(f"n_left_out_{contrast}"))
+        if f"moran_significant_{contrast}" in m:
+            found[("significant", contrast)] = significant_undefined(m[f"t_{contrast}"][s],
+                                                                     m[f"significant_{contrast}"][s], m["coords"][s])
+    return found
+
+
 def summarize(m: dict) -> dict:
     """Per-site and site-averaged numbers of `measure_model`'s arrays (summary.json's per-model part).
 
@@ -674,10 +847,15 @@ def summarize(m: dict) -> dict:
     means of each position shuffle. A site whose Moran's I is undefined (`undefined_map`) has
     I, p and null NaN (null in JSON) and its reason under `undefined`; site means and
     `sites_p_below_0.05` take the defined sites only, and `sites_undefined` counts the others.
+    Where measured, each contrast has `smoothed` (the readout at m's `fwhm`: I, its shuffled null and
+    band, p_null, outside_null; the site mean's `outside_null` and `sites_outside_null`) and
+    `significant` (I of the significant units only, p, null, n_units) entries, undefined the same way.
     """
     names = [str(n) for n in m["site_names"]]
+    fwhm = float(m["fwhm"]) if "fwhm" in m else 0.0
     reasons = {c: [undefined_map(m[f"t_{c}"][s], m.get(f"n_items_{c}"), m.get(f"n_left_out_{c}"))
                   for s in range(len(names))] for c in CONTRASTS}
+    variants = [_variants(m, s) for s in range(len(names))]
     sites = {}
     for s, name in enumerate(names):
         entry = {}
@@ -689,6 +867,10 @@ def summarize(m: dict) -> dict:
                 entry[contrast] = {**entry[contrast], "morans_i": math.nan, "p": math.nan, "null_i": math.nan,
                                    "null_i_95": [math.nan, math.nan],
                                    "undefined": reasons[contrast][s] or "the map on the sheet's cells is constant"}
+        for (variant, contrast), reason in variants[s].items():
+            entry[contrast][variant] = _variant_site(m, variant, contrast, s, reason)
+            if variant == "smoothed":
+                entry[contrast][variant] = {"fwhm": fwhm, **entry[contrast][variant]}
         entry["fraction_selective"] = float(m["selective_localizer"][s].mean())
         entry["fraction_verb_selective"] = float(m["selective_verb"][s].mean())
         entry["fraction_noun_selective"] = float(m["selective_noun"][s].mean())
@@ -697,6 +879,11 @@ def summarize(m: dict) -> dict:
                     "null_spatial_loss"):
             entry[key] = float(m[key][s])
         sites[name] = entry
+    return {"sites": sites, "mean": _summary_mean(m, sites, names, fwhm)}
+
+
+def _summary_mean(m: dict, sites: dict, names: list[str], fwhm: float) -> dict:
+    """summary.json's `mean`: the site means of `summarize` (see there)."""
     mean = {}
     for contrast in CONTRASTS:
         defined = np.array(["undefined" not in sites[n][contrast] for n in names])
@@ -705,8 +892,52 @@ def summarize(m: dict) -> dict:
         mean[contrast] = {"morans_i": defined_mean(m[f"moran_{contrast}"][defined]), "null_i": defined_mean(null_means),
                           "null_i_95": _band(null_means), "sites_p_below_0.05": int((p < 0.05).sum()),
                           "sites_undefined": int((~defined).sum())}
+        for variant in ("smoothed", "significant"):
+            if f"moran_{variant}_{contrast}" in m:
+                entries = [sites[n][contrast][variant] for n in names]
+                defined = np.array(["undefined" not in e for e in entries])
+                mean[contrast][variant] = _variant_mean(m, variant, contrast, defined)
+                if variant == "smoothed":
+                    mean[contrast][variant] = {"fwhm": fwhm, **mean[contrast][variant],
+                                               "sites_outside_null": sum(bool(e.get("outside_null")) for e in entries)}
     for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
                 "null_spatial_loss"):
         mean[key] = float(np.mean(m[key]))
     mean["fraction_selective"] = float(m["selective_localizer"].mean())
-    return {"sites": sites, "mean": mean}
+    return mean
+
+
+def _fmt(x) -> str:
+    return "undef" if x is None or x != x else f"{x:.3f}"
+
+
+def option_lines(summary: dict) -> list[str]:
+    """Console lines of the variants `summarize` reported (the smoothed readout against its null; Moran's I of
+    the significant units only), one per site and the mean; [] when neither was measured."""
+    lines = []
+    rows = list(summary["sites"].items()) + [("mean", summary["mean"])]
+    first = summary["mean"][CONTRASTS[0]]
+    if "smoothed" in first:
+        lines.append(f"smoothed readout (FWHM {first['smoothed']['fwhm']:g} grid spacings), Moran's I against its null "
+                     f"(positions shuffled, then smoothed; 95% band): outside = outside the band")
+        for name, e in rows:
+            cells = []
+            for contrast in CONTRASTS:
+                r = e[contrast]["smoothed"]
+                lo, hi = r["null_i_95"]
+                verdict = "undefined" if "undefined" in r else ("OUTSIDE" if r["outside_null"] else "inside")
+                cells.append(f"{contrast} {_fmt(r['morans_i'])} [{_fmt(lo)}, {_fmt(hi)}] {verdict}")
+            lines.append(f"  {name:<14}" + "   ".join(cells))
+    if "significant" in first:
+        lines.append("Moran's I of the significant units only (the others left out), p, units")
+        for name, e in rows:
+            cells = []
+            for contrast in CONTRASTS:
+                r = e[contrast]["significant"]
+                extra = f" p {_fmt(r['p'])} n {r['n_units']}" if name != "mean" else ""
+                cells.append(f"{contrast} {_fmt(r['morans_i'])}{extra}")
+            lines.append(f"  {name:<14}" + "   ".join(cells))
+            for contrast in CONTRASTS:
+                if name != "mean" and "undefined" in e[contrast]["significant"]:
+                    lines.append(f"    {contrast} undefined: {e[contrast]['significant']['undefined']}")
+    return lines

@@ -69,15 +69,16 @@ def _marks(m: dict, contrast: str) -> np.ndarray:
     return m["selective_verb"] | m["selective_noun"]
 
 
-def _vmax(results, contrast: str) -> float | None:
-    """The colour scale's limit: the largest |t| over every map; None when no unit has a defined t other
-    than 0 (then no colour bar means anything)."""
-    t = np.concatenate([np.ravel(m[f"t_{contrast}"]) for _, m in results])
+def _vmax(results, contrast: str, smoothed: bool = False) -> float | None:
+    """The colour scale's limit: the largest |t| over every map (the smoothed readout's with `smoothed`); None
+    when no unit has a defined t other than 0 (then no colour bar means anything)."""
+    t = np.concatenate([np.ravel(m[f"t_{'smoothed_' if smoothed else ''}{contrast}"]) for _, m in results])
     t = np.abs(t[np.isfinite(t)])
     return float(t.max()) if len(t) and t.max() > 0 else None
 
 
 def _moran_text(m: dict, s: int, contrast: str) -> str:
+    """'I=0.52' for a key's Moran's I (contrast: e.g. 'localizer' or 'smoothed_localizer'), or 'I undefined'."""
     i = m[f"moran_{contrast}"][s]
     return "I undefined" if math.isnan(i) else f"I={i:.2f}"
 
@@ -91,9 +92,12 @@ def _mark_text(contrast: str, q: float) -> str:
     return f"dots: units that tell verbs from nouns (FDR q < {q:g}, either sign)"
 
 
-def plot_maps(results: list[tuple], contrast: str, q: float) -> "object":
-    """Every site's t-map, n_layer columns (wrapped at 12) x (attn, mlp) rows, per model."""
+def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = False) -> "object":
+    """Every site's t-map, n_layer columns (wrapped at 12) x (attn, mlp) rows, per model; `smoothed`: the t-maps of
+    the smoothed readout (`t_smoothed_<contrast>`), without selective units (no FDR test runs on them)."""
     import matplotlib.pyplot as plt
+
+    key = f"smoothed_{contrast}" if smoothed else contrast
 
     n_layer = results[0][0].model.config.n_layer
     cols = min(n_layer, 12)
@@ -101,7 +105,7 @@ def plot_maps(results: list[tuple], contrast: str, q: float) -> "object":
     rows = 2 * wraps * len(results)
     fig, axes = plt.subplots(rows, cols, figsize=(max(1.3 * cols + 1.4, 6.0), 1.3 * rows + 1.1), dpi=90, squeeze=False,
                              layout="constrained")
-    vmax = _vmax(results, contrast)
+    vmax = _vmax(results, contrast, smoothed)
     image = None
     for k, (loaded, m) in enumerate(results):
         names = [str(n) for n in m["site_names"]]
@@ -109,9 +113,9 @@ def plot_maps(results: list[tuple], contrast: str, q: float) -> "object":
             layer, kind = s // 2, s % 2
             row = (k * wraps + layer // cols) * 2 + kind
             ax = axes[row, layer % cols]
-            image = _draw_map(ax, m[f"t_{contrast}"][s], _marks(m, contrast)[s], m["coords"][s], vmax, 2.0)
-            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  {_moran_text(m, s, contrast)}", fontsize=7,
-                         pad=2)
+            marks = np.zeros(len(m["coords"][s]), bool) if smoothed else _marks(m, contrast)[s]
+            image = _draw_map(ax, m[f"t_{key}"][s], marks, m["coords"][s], vmax, 2.0)
+            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  {_moran_text(m, s, key)}", fontsize=7, pad=2)
             if layer % cols == 0:
                 ax.set_ylabel(f"{loaded.name}\nattn" if kind == 0 else "mlp", fontsize=7)
         for layer in range(n_layer, wraps * cols):
@@ -120,8 +124,15 @@ def plot_maps(results: list[tuple], contrast: str, q: float) -> "object":
     what, short = CONTRAST_LABELS[contrast]
     titles = ", below it ".join(loaded.title for loaded, _ in results)
     scale = "" if vmax is not None else "\nno colour scale: t is 0 or undefined at every unit of every map"
-    fig.suptitle(f"{what}: Welch t per unit on the sheet of every site\n{titles}\n{_mark_text(contrast, q)}; "
-                 f"I: Moran's I (unsmoothed); {UNDEFINED_NOTE}{scale}", fontsize=8)
+    if smoothed:
+        fwhm = float(results[0][1]["fwhm"])
+        how = (f"smoothed readout (Gaussian, FWHM {fwhm:g} grid spacings),\nWelch t per cell on the sheet of every site\n"
+               f"{titles}\nI: Moran's I of the smoothed map; smoothing alone raises it: compare it\nwith its null "
+               f"(positions shuffled, then smoothed; morans_i.png), never with 0")
+    else:
+        how = (f"Welch t per unit on the sheet of every site\n{titles}\n{_mark_text(contrast, q)}; "
+               f"I: Moran's I (unsmoothed)")
+    fig.suptitle(f"{what}: {how}; {UNDEFINED_NOTE}{scale}", fontsize=8)
     if vmax is not None:
         cbar = fig.colorbar(image, ax=axes, shrink=0.7, aspect=30)
         cbar.set_label(f"t ({short})", fontsize=8)
@@ -168,15 +179,30 @@ def plot_morans(results: list[tuple]):
             ax.vlines(x, lo, hi, color=colours[k], alpha=0.35, linewidth=4,
                       label=f"{loaded.name}: shuffled-position null, 95%")
             ax.plot(x, m[f"moran_{contrast}"], "o", color=colours[k], label=f"{loaded.title}")
+            if f"moran_smoothed_{contrast}" in m:
+                null = m[f"null_moran_smoothed_{contrast}"]
+                ax.vlines(x + 0.3, np.percentile(null, 2.5, axis=0), np.percentile(null, 97.5, axis=0), color=colours[k],
+                          alpha=0.15, linewidth=4, label=f"{loaded.name}: smoothed readout's null, 95%")
+                ax.plot(x + 0.3, m[f"moran_smoothed_{contrast}"], "s", mfc="none", color=colours[k],
+                        label=f"{loaded.name}: smoothed readout (FWHM {float(m['fwhm']):g})")
         names = [str(n).replace("layer.", "L") for n in results[0][1]["site_names"]]
         ax.set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7)
         ax.axhline(0, color="0.5", linewidth=0.8)
         ax.set_title(f"{CONTRAST_LABELS[contrast][0]}", fontsize=9)
-    axes[0].set_ylabel("Moran's I of the t-map (unsmoothed)")
-    axes[1].legend(fontsize=7, loc="best")
+    smoothed = any(f"moran_smoothed_{CONTRASTS[0]}" in m for _, m in results)
+    axes[0].set_ylabel("Moran's I of the t-map" + (" (squares: smoothed)" if smoothed else " (unsmoothed)"))
+    axes[1].legend(fontsize=6 if smoothed else 7, loc="best")
     fig.suptitle("Spatial autocorrelation of every site's t-map (queen contiguity, row-standardised)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def readout_figures(results: list[tuple], q: float, out: Path) -> list[Path]:
+    """The smoothed readout's t-maps, `<contrast>_maps_smoothed.png` in `out`, where it was measured (fwhm > 0)."""
+    if f"t_smoothed_{CONTRASTS[0]}" not in results[0][1]:
+        return []
+    return [save_figure(plot_maps(results, contrast, q, smoothed=True), out / f"{contrast}_maps_smoothed.png")
+            for contrast in CONTRASTS]
 
 
 def _site_grid(n_sites: int, width: float, height: float):

@@ -4,6 +4,7 @@ import itertools
 import math
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import export_hf
 from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process, write_units
+from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process, run_script, write_units
 from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
 from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
@@ -199,6 +200,67 @@ def test_blimp_on_local_files_and_the_same_pairs_through_the_export(grammar, tmp
     assert ((good > bad) == (np.array(result["pairs"]["lp_good"]) > np.array(result["pairs"]["lp_bad"]))).all()
 
 
+# lm-eval's harness over a task of local jsonl pairs: lm-eval's own BLiMP template (tasks/blimp/_template_yaml)
+# with the Hub dataset replaced by the files; the built-in tasks are not indexed (include_defaults=False: 1 s,
+# against about 15 s for indexing them all). Prints each pair's two log-likelihoods as JSON.
+LM_EVAL_RUN = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+folder, tasks = sys.argv[1], sys.argv[2]
+res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=["topolm_pairs"],
+                              task_manager=TaskManager(include_path=tasks, include_defaults=False),
+                              batch_size=1, device="cpu", log_samples=True)
+samples = sorted(res["samples"]["topolm_pairs"], key=lambda x: x["doc_id"])
+print(json.dumps({"contexts": [[list(a) for a in x["arguments"]] for x in samples],
+                  "ll": [[r[0] for r in x["filtered_resps"]] for x in samples],
+                  "acc": res["results"]["topolm_pairs"]["acc,none"]}))
+"""
+
+
+def lm_eval_task(folder, files):
+    """A task folder for lm-eval: `topolm_pairs`, lm-eval's BLiMP template reading `files` (BLiMP-format jsonl,
+    their rows in order) as its one split."""
+    import importlib.util
+    template = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "blimp" / "_template_yaml"
+    folder.mkdir()
+    data_files = "".join(f"      - {f}\n" for f in files)
+    (folder / "topolm_pairs.yaml").write_text(f"include: {template}\ntask: topolm_pairs\ndataset_path: json\n"
+                                              f"validation_split: train\ndataset_kwargs:\n  data_files:\n    train:\n{data_files}")
+    return folder
+
+
+@pytest.mark.lm_eval
+def test_lm_eval_scores_the_export_as_blimp_py_with_a_leading_space(grammar, tmp_path):
+    """lm-eval 0.4.13 (requirements-dev.txt) on the exported folder, offline, with lm-eval's BLiMP template over
+    local pairs: each pair's decision is blimp.py's with leading_space=true, and its log-likelihoods are within
+    1e-4; blimp.py's default (the sentence as written) scores other numbers."""
+    pytest.importorskip("lm_eval")
+    files = [grammar["pairs"] / f"{name}.jsonl" for name in ("known_verb", "word_order")]  # blimp.py's order
+    tasks = lm_eval_task(tmp_path / "tasks", files)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    # a process of its own: huggingface_hub and datasets read the offline variables when imported
+    proc = run_script([PYTHON, "-c", LM_EVAL_RUN, str(grammar["hf"]), str(tasks)], env=env, timeout=600)
+    harness = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert harness["contexts"][0] == [["", " " + rows[0]["sentence_good"]], ["", " " + rows[0]["sentence_bad"]]]
+    good, bad = np.array(harness["ll"]).T
+    scored = {}
+    for leading_space in ("true", "false"):
+        out = tmp_path / f"blimp-{leading_space}.json"
+        blimp.main([f"ckpt={grammar['run']}", f"data_dir={grammar['pairs']}", f"out={out}", "save_pairs=true",
+                    f"leading_space={leading_space}"])
+        scored[leading_space] = json.loads(out.read_text())["pairs"]
+    ours = scored["true"]
+    assert len(good) == len(ours["lp_good"]) == 16
+    np.testing.assert_allclose(ours["lp_good"], good, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours["lp_bad"], bad, atol=1e-4, rtol=0)
+    decisions = good > bad
+    assert (decisions == (np.array(ours["lp_good"]) > np.array(ours["lp_bad"]))).all()
+    assert harness["acc"] == pytest.approx(decisions.mean())
+    assert np.abs(np.array(scored["false"]["lp_good"]) - good).max() > 0.1  # the other convention: other scores
+
+
 def test_batched_scoring_is_unpadded_and_matches_plain_sums():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=60, radius=2,
@@ -346,6 +408,8 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
 
 def test_encode_sentences_prefixes_eot():
     assert encode_sentences(["The dog runs."], gpt2_encoding()) == [[EOT_TOKEN] + gpt2_encoding().encode("The dog runs.")]
+    spaced = encode_sentences(["The dog runs."], gpt2_encoding(), leading_space=True)
+    assert spaced == [[EOT_TOKEN] + gpt2_encoding().encode(" The dog runs.")] and spaced[0][1] != 464  # " The", not "The"
 
 
 def test_scoring_uses_the_restricted_output_vocabulary():

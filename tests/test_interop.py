@@ -117,11 +117,30 @@ def test_exported_tokenizer_encodes_like_ours(grammar):
     assert "local_files_only" not in json.loads((grammar["hf"] / "tokenizer_config.json").read_text())
 
 
+def hook_site(hf, spec: dict, got: dict, name: str):
+    """A hook at topolm.json's `spec` for one site ({module, io, index}) that stores the site's tensor in got[name]."""
+    module = hf.get_submodule(spec["module"])  # exactly that name, or AttributeError
+    index = spec["index"]
+
+    def pick(values):
+        if index is None:
+            assert isinstance(values, torch.Tensor), (spec, type(values))
+            got[name] = values
+        else:
+            assert isinstance(values, tuple), (spec, type(values))
+            got[name] = values[index]
+    if spec["io"] == "input":
+        return module.register_forward_pre_hook(lambda m, args: pick(args))
+    assert spec["io"] == "output", spec
+    return module.register_forward_hook(lambda m, args, out: pick(out))
+
+
 @pytest.mark.parametrize("with_resid,bias", [(False, False), (True, True)])
 def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, with_resid, bias):
-    """topolm.json says where each site is in the Hugging Face model: hooks there give our activations."""
+    """topolm.json's site_modules say where each site is in the Hugging Face model ({module, io, index}):
+    forward hooks and pre-hooks at exactly those module names give our activations."""
     if (with_resid, bias) == (False, False):
-        ours, _, _ = load_model(grammar["run"])
+        ours, ckpt, _ = load_model(grammar["run"])
         folder = grammar["hf"]
     else:  # a model with biases and sites after the residual add, built here (token ids only: no tokenizer)
         torch.manual_seed(1)
@@ -130,30 +149,36 @@ def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, wit
         for p in ours.parameters():  # non-zero biases and gains
             p.data.add_(0.1 * torch.randn_like(p))
         ours.eval()
-        payload = make_payload(ours, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="test")
+        ckpt = make_payload(ours, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="test",
+                            data={"dataset": "test", "path": None, "tokenizer": None})
         folder = tmp_path / "hf"
-        files = export_model(ours, payload, folder, "test")
+        files = export_model(ours, ckpt, folder, "test")
         assert "tokenizer.json" not in files and "positions.npy" in files
     coords, meta = load_hf_sheet(folder)
     np.testing.assert_array_equal(coords, ours.sheet.unit_coords.numpy())
     assert meta["sites"] == ours.site_names and meta["with_resid"] == with_resid
+    assert meta["model_config"] == ckpt["model_config"] and GPTConfig(**meta["model_config"]) == ours.config
+    assert meta["data"] == ckpt["data"] and meta["data"] is not None
+    assert meta["provenance"]["weights_sha256"] == weights_digest(ours)
+    expected_modules = {}
+    for i in range(ours.config.n_layer):
+        block = f"transformer.h.{i}"
+        expected_modules[f"layer.{i}.attn"] = ({"module": f"{block}.ln_2", "io": "input", "index": 0} if with_resid
+                                               else {"module": f"{block}.attn", "io": "output", "index": 0})
+        expected_modules[f"layer.{i}.mlp"] = {"module": block if with_resid else f"{block}.mlp", "io": "output",
+                                              "index": None}
+    assert meta["site_modules"] == expected_modules and list(meta["site_modules"]) == ours.site_names
     hf = hf_model(folder)
     ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    got, handles = {}, []
-    for i, block in enumerate(hf.transformer.h):
-        if with_resid:
-            handles.append(block.ln_2.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(f"layer.{i}.attn", a[0])))
-            handles.append(block.register_forward_hook(
-                lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.mlp", out[0] if isinstance(out, tuple) else out)))
-            assert meta["site_hook_points"][f"layer.{i}.attn"].startswith(f"input of transformer.h.{i}.ln_2")
-        else:
-            handles.append(block.attn.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.attn", out[0])))
-            handles.append(block.mlp.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.mlp", out)))
-            assert meta["site_hook_points"][f"layer.{i}.mlp"].startswith(f"output of transformer.h.{i}.mlp")
+    got = {}
+    handles = [hook_site(hf, spec, got, name) for name, spec in meta["site_modules"].items()]
     with torch.no_grad():
         hf(ids)
+    for h in handles:
+        h.remove()
     expected = ours.site_activations(ids)
     for name in ours.site_names:
+        assert got[name].shape == (2, 16, 36)
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert (hf(ids).logits - gpt_logits(ours)(ids)).abs().max().item() < 1e-5

@@ -38,8 +38,8 @@ from topolm.blimp import BlimpKeys, load_blimp_hub, load_blimp_local, score_blim
 
 @dataclass
 class AblateConfig(BlimpKeys, SeedKey):
-    """ablate.py's keys: its own below; ckpt, device, data_dir, paradigms and batch_size from topolm.blimp.BlimpKeys,
-    seed from topolm.config.SeedKey."""
+    """ablate.py's keys: its own below; ckpt, device, data_dir, paradigms, batch_size and leading_space from
+    topolm.blimp.BlimpKeys, seed from topolm.config.SeedKey."""
     units: str = ""
     """units.npz written by analyze.py for this checkpoint (site_names, coords, t_localizer, provenance naming
     this checkpoint's weights)."""
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
     def measure(chosen: np.ndarray | None, label: str) -> dict:
         sites = {} if chosen is None else {name: chosen[s] for s, name in enumerate(names)}
         with zeroed_units(model, sites):
-            r = score_blimp(model, pairs, enc, cfg.batch_size, device, progress=False)
+            r = score_blimp(model, pairs, enc, cfg.batch_size, device, progress=False, leading_space=cfg.leading_space)
             loss = (validation_loss(model, val_tokens, cfg.val_batches, cfg.val_batch_size, cfg.seed, device)
                     if val_tokens is not None else None)
         skipped = r["overall"]["not_scorable"]

@@ -4,7 +4,8 @@
     python blimp.py ckpt=out/<run> paradigms=anaphor_gender_agreement,wh_island
     python blimp.py ckpt=out/<run> data_dir=path/to/blimp/data      # offline: <paradigm>.jsonl files
 
-Each sentence is scored as its total log-probability given a leading <|endoftext|>; a pair is
+Each sentence is scored as its total log-probability given a leading <|endoftext|> (as written, or
+with leading_space=true as " " + sentence, lm-eval's convention); a pair is
 correct when the grammatical sentence scores higher (topolm/blimp.py). A pair holding a token outside
 a restricted output vocabulary (output_vocab=corpus) is not scorable: counted, and left out of the
 accuracy. Prints a table and writes the results as JSON (`out`, default `<checkpoint>.blimp.json`
@@ -29,7 +30,8 @@ from topolm.blimp import BlimpKeys, blimp_table, load_blimp_hub, load_blimp_loca
 
 @dataclass
 class BlimpConfig(BlimpKeys):
-    """blimp.py's keys: its own below; ckpt, device, data_dir, paradigms and batch_size from topolm.blimp.BlimpKeys."""
+    """blimp.py's keys: its own below; ckpt, device, data_dir, paradigms, batch_size and leading_space from
+    topolm.blimp.BlimpKeys."""
     out: str = ""
     """JSON results file; empty writes <checkpoint file>.blimp.json beside the checkpoint; a folder (a value
     ending in / or an existing folder) gets that file name inside it."""
@@ -51,7 +53,7 @@ def main(argv: list[str]) -> None:
     out = output_file(cfg.out, path.name + ".blimp.json", path.parent)
     require_writable(out.parent)
     pairs = load_blimp_local(Path(cfg.data_dir), cfg.paradigms) if cfg.data_dir else load_blimp_hub(cfg.paradigms)
-    results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, device)
+    results = score_blimp(model, pairs, gpt2_encoding(), cfg.batch_size, device, leading_space=cfg.leading_space)
     lp_good, lp_bad, scorable = results.pop("lp_good"), results.pop("lp_bad"), results.pop("scorable")
     print(blimp_table(results))
     record = {"checkpoint": str(path), "provenance": provenance(path, ckpt, model), "data": cfg.data_dir or "nyu-mll/blimp",

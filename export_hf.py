@@ -3,6 +3,9 @@
     python export_hf.py ckpt=out/<run> out=hf/<name>
     lm_eval --model hf --model_args pretrained=hf/<name> --tasks blimp     # the field's suites (extra `hf`)
 
+lm-eval's blimp task scores " " + sentence after <|endoftext|>: blimp.py's leading_space=true, not its
+default (docs/interoperability.md shows the lm_eval run over local pairs that is tested).
+
 The folder holds config.json and model.safetensors (loadable by `transformers` offline:
 `GPT2LMHeadModel.from_pretrained(folder)`), the GPT-2 tokenizer files (vocab.json, merges.txt,
 tokenizer.json, tokenizer_config.json) when the model's ids are GPT-2's, and `positions.npy` +

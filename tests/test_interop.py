@@ -4,6 +4,7 @@ import itertools
 import math
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import export_hf
 from topolm.checkpoint import find_checkpoint, load_checkpoint, load_model, make_payload, save_checkpoint
 from topolm.config import UserError
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
-from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process, write_units
+from conftest import GPT2_TINY, NOUNS, PYTHON, UNSEEN, VERBS, overrides, run_in_process, run_script, write_units
 from topolm.hf import _TRANSPOSED, export_hf as export_model, load_hf_sheet
 from topolm.provenance import code_version, weights_digest
 from model import GPT, GPTConfig
@@ -116,11 +117,30 @@ def test_exported_tokenizer_encodes_like_ours(grammar):
     assert "local_files_only" not in json.loads((grammar["hf"] / "tokenizer_config.json").read_text())
 
 
+def hook_site(hf, spec: dict, got: dict, name: str):
+    """A hook at topolm.json's `spec` for one site ({module, io, index}) that stores the site's tensor in got[name]."""
+    module = hf.get_submodule(spec["module"])  # exactly that name, or AttributeError
+    index = spec["index"]
+
+    def pick(values):
+        if index is None:
+            assert isinstance(values, torch.Tensor), (spec, type(values))
+            got[name] = values
+        else:
+            assert isinstance(values, tuple), (spec, type(values))
+            got[name] = values[index]
+    if spec["io"] == "input":
+        return module.register_forward_pre_hook(lambda m, args: pick(args))
+    assert spec["io"] == "output", spec
+    return module.register_forward_hook(lambda m, args, out: pick(out))
+
+
 @pytest.mark.parametrize("with_resid,bias", [(False, False), (True, True)])
 def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, with_resid, bias):
-    """topolm.json says where each site is in the Hugging Face model: hooks there give our activations."""
+    """topolm.json's site_modules say where each site is in the Hugging Face model ({module, io, index}):
+    forward hooks and pre-hooks at exactly those module names give our activations."""
     if (with_resid, bias) == (False, False):
-        ours, _, _ = load_model(grammar["run"])
+        ours, ckpt, _ = load_model(grammar["run"])
         folder = grammar["hf"]
     else:  # a model with biases and sites after the residual add, built here (token ids only: no tokenizer)
         torch.manual_seed(1)
@@ -129,30 +149,36 @@ def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, wit
         for p in ours.parameters():  # non-zero biases and gains
             p.data.add_(0.1 * torch.randn_like(p))
         ours.eval()
-        payload = make_payload(ours, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="test")
+        ckpt = make_payload(ours, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="test",
+                            data={"dataset": "test", "path": None, "tokenizer": None})
         folder = tmp_path / "hf"
-        files = export_model(ours, payload, folder, "test")
+        files = export_model(ours, ckpt, folder, "test")
         assert "tokenizer.json" not in files and "positions.npy" in files
     coords, meta = load_hf_sheet(folder)
     np.testing.assert_array_equal(coords, ours.sheet.unit_coords.numpy())
     assert meta["sites"] == ours.site_names and meta["with_resid"] == with_resid
+    assert meta["model_config"] == ckpt["model_config"] and GPTConfig(**meta["model_config"]) == ours.config
+    assert meta["data"] == ckpt["data"] and meta["data"] is not None
+    assert meta["provenance"]["weights_sha256"] == weights_digest(ours)
+    expected_modules = {}
+    for i in range(ours.config.n_layer):
+        block = f"transformer.h.{i}"
+        expected_modules[f"layer.{i}.attn"] = ({"module": f"{block}.ln_2", "io": "input", "index": 0} if with_resid
+                                               else {"module": f"{block}.attn", "io": "output", "index": 0})
+        expected_modules[f"layer.{i}.mlp"] = {"module": block if with_resid else f"{block}.mlp", "io": "output",
+                                              "index": None}
+    assert meta["site_modules"] == expected_modules and list(meta["site_modules"]) == ours.site_names
     hf = hf_model(folder)
     ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    got, handles = {}, []
-    for i, block in enumerate(hf.transformer.h):
-        if with_resid:
-            handles.append(block.ln_2.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(f"layer.{i}.attn", a[0])))
-            handles.append(block.register_forward_hook(
-                lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.mlp", out[0] if isinstance(out, tuple) else out)))
-            assert meta["site_hook_points"][f"layer.{i}.attn"].startswith(f"input of transformer.h.{i}.ln_2")
-        else:
-            handles.append(block.attn.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.attn", out[0])))
-            handles.append(block.mlp.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(f"layer.{i}.mlp", out)))
-            assert meta["site_hook_points"][f"layer.{i}.mlp"].startswith(f"output of transformer.h.{i}.mlp")
+    got = {}
+    handles = [hook_site(hf, spec, got, name) for name, spec in meta["site_modules"].items()]
     with torch.no_grad():
         hf(ids)
+    for h in handles:
+        h.remove()
     expected = ours.site_activations(ids)
     for name in ours.site_names:
+        assert got[name].shape == (2, 16, 36)
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert (hf(ids).logits - gpt_logits(ours)(ids)).abs().max().item() < 1e-5
@@ -197,6 +223,67 @@ def test_blimp_on_local_files_and_the_same_pairs_through_the_export(grammar, tmp
     np.testing.assert_allclose(result["pairs"]["lp_good"], good, atol=1e-4, rtol=0)
     np.testing.assert_allclose(result["pairs"]["lp_bad"], bad, atol=1e-4, rtol=0)
     assert ((good > bad) == (np.array(result["pairs"]["lp_good"]) > np.array(result["pairs"]["lp_bad"]))).all()
+
+
+# lm-eval's harness over a task of local jsonl pairs: lm-eval's own BLiMP template (tasks/blimp/_template_yaml)
+# with the Hub dataset replaced by the files; the built-in tasks are not indexed (include_defaults=False: 1 s,
+# against about 15 s for indexing them all). Prints each pair's two log-likelihoods as JSON.
+LM_EVAL_RUN = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+folder, tasks = sys.argv[1], sys.argv[2]
+res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=["topolm_pairs"],
+                              task_manager=TaskManager(include_path=tasks, include_defaults=False),
+                              batch_size=1, device="cpu", log_samples=True)
+samples = sorted(res["samples"]["topolm_pairs"], key=lambda x: x["doc_id"])
+print(json.dumps({"contexts": [[list(a) for a in x["arguments"]] for x in samples],
+                  "ll": [[r[0] for r in x["filtered_resps"]] for x in samples],
+                  "acc": res["results"]["topolm_pairs"]["acc,none"]}))
+"""
+
+
+def lm_eval_task(folder, files):
+    """A task folder for lm-eval: `topolm_pairs`, lm-eval's BLiMP template reading `files` (BLiMP-format jsonl,
+    their rows in order) as its one split."""
+    import importlib.util
+    template = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "blimp" / "_template_yaml"
+    folder.mkdir()
+    data_files = "".join(f"      - {f}\n" for f in files)
+    (folder / "topolm_pairs.yaml").write_text(f"include: {template}\ntask: topolm_pairs\ndataset_path: json\n"
+                                              f"validation_split: train\ndataset_kwargs:\n  data_files:\n    train:\n{data_files}")
+    return folder
+
+
+@pytest.mark.lm_eval
+def test_lm_eval_scores_the_export_as_blimp_py_with_a_leading_space(grammar, tmp_path):
+    """lm-eval 0.4.13 (requirements-dev.txt) on the exported folder, offline, with lm-eval's BLiMP template over
+    local pairs: each pair's decision is blimp.py's with leading_space=true, and its log-likelihoods are within
+    1e-4; blimp.py's default (the sentence as written) scores other numbers."""
+    pytest.importorskip("lm_eval")
+    files = [grammar["pairs"] / f"{name}.jsonl" for name in ("known_verb", "word_order")]  # blimp.py's order
+    tasks = lm_eval_task(tmp_path / "tasks", files)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    # a process of its own: huggingface_hub and datasets read the offline variables when imported
+    proc = run_script([PYTHON, "-c", LM_EVAL_RUN, str(grammar["hf"]), str(tasks)], env=env, timeout=600)
+    harness = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert harness["contexts"][0] == [["", " " + rows[0]["sentence_good"]], ["", " " + rows[0]["sentence_bad"]]]
+    good, bad = np.array(harness["ll"]).T
+    scored = {}
+    for leading_space in ("true", "false"):
+        out = tmp_path / f"blimp-{leading_space}.json"
+        blimp.main([f"ckpt={grammar['run']}", f"data_dir={grammar['pairs']}", f"out={out}", "save_pairs=true",
+                    f"leading_space={leading_space}"])
+        scored[leading_space] = json.loads(out.read_text())["pairs"]
+    ours = scored["true"]
+    assert len(good) == len(ours["lp_good"]) == 16
+    np.testing.assert_allclose(ours["lp_good"], good, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours["lp_bad"], bad, atol=1e-4, rtol=0)
+    decisions = good > bad
+    assert (decisions == (np.array(ours["lp_good"]) > np.array(ours["lp_bad"]))).all()
+    assert harness["acc"] == pytest.approx(decisions.mean())
+    assert np.abs(np.array(scored["false"]["lp_good"]) - good).max() > 0.1  # the other convention: other scores
 
 
 def test_batched_scoring_is_unpadded_and_matches_plain_sums():
@@ -346,6 +433,8 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
 
 def test_encode_sentences_prefixes_eot():
     assert encode_sentences(["The dog runs."], gpt2_encoding()) == [[EOT_TOKEN] + gpt2_encoding().encode("The dog runs.")]
+    spaced = encode_sentences(["The dog runs."], gpt2_encoding(), leading_space=True)
+    assert spaced == [[EOT_TOKEN] + gpt2_encoding().encode(" The dog runs.")] and spaced[0][1] != 464  # " The", not "The"
 
 
 def test_scoring_uses_the_restricted_output_vocabulary():

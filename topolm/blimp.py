@@ -2,10 +2,13 @@
 
 BLiMP (Warstadt et al. 2020): 67 paradigms x 1000 minimal pairs, each a
 grammatical and an ungrammatical sentence. A sentence's score is its total log-probability
-given a leading `<|endoftext|>`: sum over its tokens t of log p(token_t | <|endoftext|>, tokens < t),
-the convention of lm-eval's `blimp` task. A pair is correct when the grammatical sentence scores
-strictly higher (a tie counts as wrong). Sentences are scored in batches of one exact length
-(topolm.batching: no padding; the same scores at every batch size). A model with a restricted
+given a leading `<|endoftext|>`: sum over its tokens t of log p(token_t | <|endoftext|>, tokens < t).
+By default the sentence is tokenized as it is; with `leading_space=True` it is tokenized as
+`" " + sentence`, the convention of lm-eval's `blimp` task (its empty context and the target
+delimiter " "; tested against lm-eval 0.4.13). The two conventions give different tokens for the
+first word, so their scores differ, and so can individual decisions. A pair is correct when the
+grammatical sentence scores strictly higher (a tie counts as wrong). Sentences are scored in
+batches of one exact length (topolm.batching: no padding; the same scores at every batch size). A model with a restricted
 output vocabulary (output_vocab=corpus) gives probability 0 to every other id: a pair with such a
 token in either sentence is not scorable, counted as such and left out of the accuracy. A NaN
 score is an error, never a number in a report. Accuracy is reported per paradigm (BLiMP's
@@ -70,6 +73,9 @@ class BlimpKeys(InferenceKeys):
     """Comma-separated BLiMP paradigm names; empty scores all of them."""
     batch_size: int = 64
     """BLiMP sentences per forward pass."""
+    leading_space: bool = False
+    """Score `" " + sentence` after <|endoftext|>, as lm-eval's `blimp` task does; false (the default)
+    scores the sentence as it is written."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,9 +163,11 @@ def load_blimp_hub(paradigms: str = "", progress: bool = True) -> MinimalPairs:
 
 # ============================================================================= scoring
 
-def encode_sentences(sentences: list[str], encoding) -> list[list[int]]:
-    """Token ids of each sentence after a leading <|endoftext|> (GPT-2 BPE; special tokens in text are plain text)."""
-    return [[EOT_TOKEN] + encoding.encode_ordinary(s) for s in sentences]
+def encode_sentences(sentences: list[str], encoding, leading_space: bool = False) -> list[list[int]]:
+    """Token ids of each sentence after a leading <|endoftext|> (GPT-2 BPE; special tokens in text are plain
+    text); with `leading_space`, of `" " + sentence` (lm-eval's convention)."""
+    prefix = " " if leading_space else ""
+    return [[EOT_TOKEN] + encoding.encode_ordinary(prefix + s) for s in sentences]
 
 
 def gpt_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -247,9 +255,10 @@ def blimp_results(pairs: MinimalPairs, lp_good: np.ndarray, lp_bad: np.ndarray,
     }
 
 
-def score_blimp(model, pairs: MinimalPairs, encoding, batch_size: int, device: str, progress: bool = True) -> dict:
+def score_blimp(model, pairs: MinimalPairs, encoding, batch_size: int, device: str, progress: bool = True,
+                leading_space: bool = False) -> dict:
     """BLiMP results of our GPT on `pairs`, with each pair's log-probabilities (`lp_good`, `lp_bad`) and
-    whether it is scorable (`scorable`).
+    whether it is scorable (`scorable`); `leading_space` scores `" " + sentence` (encode_sentences).
 
     A pair is scorable when both sentences' tokens lie in the model's output vocabulary: with a
     restricted one (output_vocab=corpus) a sentence holding another id has probability 0 (-inf),
@@ -258,7 +267,7 @@ def score_blimp(model, pairs: MinimalPairs, encoding, batch_size: int, device: s
     in the vocabulary, and when no pair is scorable."""
     n = len(pairs)
     sentences = pairs.good + pairs.bad
-    seqs = encode_sentences(sentences, encoding)
+    seqs = encode_sentences(sentences, encoding, leading_space)
 
     def label(i: int) -> str:
         k = i % n

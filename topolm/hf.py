@@ -14,6 +14,7 @@ loading that folder (in transformers 5, passing `vocab_file`/`merges_file` build
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from positions import grid_side
 
 # ============================================================================= Hugging Face export
 
-EXPORT_FORMAT = "topolm-hf-sheet-v1"
+EXPORT_FORMAT = "topolm-hf-sheet-v2"
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -65,32 +66,43 @@ def hf_state_dict(gpt: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def site_hook_points(gpt: GPT) -> dict[str, str]:
-    """Where each site's activation is in the Hugging Face model (for hooks in other tools)."""
-    points = {}
+def site_modules(gpt: GPT) -> dict[str, dict]:
+    """Where each site's activation is in the exported GPT2LMHeadModel, for hooks in other tools: per site
+    name, `{"module": name for model.get_submodule, "io": "output" | "input", "index": int | None}`.
+    "output": a forward hook's output; "input": a forward pre-hook's positional arguments; `index` picks
+    the element of that tuple, None when the output is the tensor itself (transformers 5: a block's and
+    an MLP's output; an attention module returns (output, weights)). The tensor is (batch, tokens, n_embed).
+    With with_resid the attention site is the stream after the attention addition, which is no module's
+    output: it is the input of ln_2."""
+    sites = {}
     for i in range(gpt.config.n_layer):
+        block = f"transformer.h.{i}"
         if gpt.config.with_resid:
-            points[f"layer.{i}.attn"] = f"input of transformer.h.{i}.ln_2 (the residual stream after the attention addition)"
-            points[f"layer.{i}.mlp"] = f"output hidden states of transformer.h.{i} (the residual stream after the MLP addition)"
+            sites[f"layer.{i}.attn"] = {"module": f"{block}.ln_2", "io": "input", "index": 0}
+            sites[f"layer.{i}.mlp"] = {"module": block, "io": "output", "index": None}
         else:
-            points[f"layer.{i}.attn"] = f"output of transformer.h.{i}.attn (first element: after c_proj, before the addition)"
-            points[f"layer.{i}.mlp"] = f"output of transformer.h.{i}.mlp (after c_proj, before the addition)"
-    return points
+            sites[f"layer.{i}.attn"] = {"module": f"{block}.attn", "io": "output", "index": 0}
+            sites[f"layer.{i}.mlp"] = {"module": f"{block}.mlp", "io": "output", "index": None}
+    return sites
 
 
 def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
-    """The content of `topolm.json`: the sheet and the spatial settings that travel beside the weights, and
-    the provenance of the export (topolm.provenance: its checkpoint, step, weights digest and code version)."""
+    """The content of `topolm.json`: the sheet, the sites' modules (site_modules) and the spatial settings that
+    travel beside the weights, the model's GPTConfig (`model_config`), the checkpoint's `data` field (the
+    training text; None when unknown), and the provenance of the export (topolm.provenance: its checkpoint,
+    step, weights digest and code version)."""
     c = gpt.config
     return {
         "format": EXPORT_FORMAT,
         "about": "Unit positions of a TopoLM (a GPT-2 whose hidden units sit on a 2-D sheet). positions.npy holds "
                  "int16 (n_sites, n_embed, 2): the (x, y) grid cell of unit u of site s, sites in the order of "
-                 "'sites'. A site's activation is a vector of n_embed units; 'site_hook_points' says where it is "
-                 "in the Hugging Face GPT2LMHeadModel of this folder.",
+                 "'sites'. A site's activation is a vector of n_embed units; 'site_modules' says where it is "
+                 "in the Hugging Face GPT2LMHeadModel of this folder: the module's name (model.get_submodule), "
+                 "'output' (a forward hook's output) or 'input' (a forward pre-hook's positional arguments), "
+                 "and the element of that tuple (null: the output is the tensor itself).",
         "positions_file": "positions.npy",
         "sites": list(gpt.site_names),
-        "site_hook_points": site_hook_points(gpt),
+        "site_modules": site_modules(gpt),
         "n_embed": c.n_embed,
         "grid_side": grid_side(c.n_embed),
         "with_resid": c.with_resid,
@@ -99,6 +111,8 @@ def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
                          "formula": "0.5 * (1 - Pearson(lower triangle of unit correlations, of 1 / (1 + distance)))"},
         "layout": ckpt.get("layout"),
         "tokenizer": ckpt.get("tokenizer"),
+        "model_config": dataclasses.asdict(c),
+        "data": ckpt.get("data"),
         "provenance": provenance(source, ckpt, gpt),
     }
 

@@ -1,7 +1,7 @@
 """GPT-2 whose hidden units sit on a 2-D cortical sheet (TopoLM), in one file.
 
 The network is nanoGPT's GPT-2: token + learned position embeddings, pre-LayerNorm blocks,
-causal scaled-dot-product attention, a 4x GELU MLP, weight tying and the scaled init of the
+causal scaled-dot-product attention, a 4x GELU MLP (exact or tanh GELU), weight tying and the scaled init of the
 residual projections. What TopoLM adds:
 - Two spatial sites per block, `layer.{i}.attn` and `layer.{i}.mlp`. A site's activation is the
   sublayer's output before it is added into the residual stream (`with_resid=False`, the
@@ -78,6 +78,9 @@ class GPTConfig(SheetShape):
     ids in the buffer `output_ids` only (e.g. the ids that occur in the training corpus); every other
     id gets logit -inf in every forward, so it has probability 0. The embedding keeps all vocab_size
     rows and GPT-2's ids. Such a model has no exact transformers.GPT2LMHeadModel equivalent."""
+    activation: Literal["gelu", "gelu_new"] = "gelu"
+    """The MLP's GELU: 'gelu' the exact erf form (nanoGPT, the paper), 'gelu_new' the tanh approximation
+    (OpenAI's GPT-2 and Hugging Face's default); both export as transformers' activation_function."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,11 +93,13 @@ class GPTConfig(SheetShape):
         require(self.alpha >= 0 and math.isfinite(self.alpha), f"alpha={self.alpha} must be a finite number >= 0")
         require(self.accum in ("mean", "max"), f"accum must be 'mean' or 'max'; got '{self.accum}'")
         require(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        require(self.activation in ("gelu", "gelu_new"),
+                f"activation must be 'gelu' or 'gelu_new'; got '{self.activation}'")
         require(0 <= self.n_output_ids <= self.vocab_size,
                 f"n_output_ids={self.n_output_ids} must be in [0, vocab_size={self.vocab_size}]")
 
 
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "n_output_ids")
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "n_output_ids", "activation")
 
 
 class Losses(NamedTuple):
@@ -140,7 +145,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embed, 4 * config.n_embed, bias=config.bias)
-        self.gelu = nn.GELU()
+        # gelu_new is torch's tanh approximation, the same formula as transformers' NewGELUActivation
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_new" else "none")
         self.c_proj = nn.Linear(4 * config.n_embed, config.n_embed, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

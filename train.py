@@ -22,8 +22,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, load_checkpoint, make_payload,
-                               tokenizer_for)
+from topolm.checkpoint import (checkpoint_path, data_record, list_checkpoints, load_checkpoint, load_source,
+                               make_payload, require_permutation_layout, tokenizer_for)
 from topolm.config import (DATA_DIR, POSITIONS_DIR, LoopConfig, UserError, cli_main, command_line_keys, load_config,
                            require, resolve_path)
 from topolm.distributed import Dist, check_on_main, print0, run_distributed
@@ -57,8 +57,15 @@ class TrainConfig(LoopConfig, GPTConfig):
     """If False, a periodic checkpoint is written only when the last val loss is the best so far."""
     keep_last: int = 0
     """Keep only the newest this many checkpoints of the run; 0 keeps all."""
-    init_from: Literal["scratch", "resume"] = "scratch"
-    """'scratch' starts a new run; 'resume' continues from the run folder's newest checkpoint."""
+    init_from: str = "scratch"
+    """'scratch' starts a new run from random weights; 'resume' continues from the run folder's newest
+    checkpoint. Any other value is a path: a checkpoint file, a run folder (its newest checkpoint), a
+    finetuned folder (its backbone) or a Hugging Face GPT2LMHeadModel folder (an export_hf.py export or
+    any GPT-2 whose config.json fits model.py), whose weights start a new run with a fresh optimizer at
+    step 0. The run takes that model's shape (block_size, vocab_size, n_layer, n_head, n_embed, bias,
+    activation; one set to another value on the command line is refused) and its unit positions, unless
+    position_dir gives new ones (positions that are not a permutation of the grid need new ones). (A
+    path named 'scratch' or 'resume' is written ./scratch or ./resume.)"""
     eval_only: bool = False
     """Evaluate once and exit."""
     # ---- data
@@ -91,10 +98,16 @@ class TrainConfig(LoopConfig, GPTConfig):
                 f"radius={self.radius} gives one-unit neighborhoods, which have no pairs to correlate; use "
                 f"radius >= 2 (or alpha=0 for the control)")
         require(bool(self.dataset), "dataset= is empty; name a folder with train.bin and val.bin")
+        require(bool(self.init_from), "init_from= is empty; use scratch, resume or the path of a model to start from")
         require(self.run_name == "" or self.run_name.strip("./") != "",
                 f"run_name='{self.run_name}' is not a folder name")
         require(self.n_output_ids == 0, f"n_output_ids={self.n_output_ids}: train.py derives it from the data; "
                                         f"set output_vocab=corpus instead")
+
+    @property
+    def from_model(self) -> bool:
+        """Whether init_from names a model whose weights start the run."""
+        return self.init_from not in ("scratch", "resume")
 
     def model_config(self, n_output_ids: int = 0) -> GPTConfig:
         """The model's config; n_output_ids: the size of a restricted output vocabulary (0: all ids)."""
@@ -182,6 +195,82 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
                         f"as in the checkpoint, or start a new run with another run_name")
 
 
+# ----------------------------------------------------------------------------- a run started from a model
+
+# The keys that fix a model's weights' shapes and its function: a run started from a model takes them
+SOURCE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "activation")
+
+
+def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """The config with the shape keys (SOURCE_KEYS) of the model init_from names, or with init_from=resume
+    those of a run that was started from a model (its checkpoints record `started_from`). Raises UserError
+    when that model cannot be loaded, or when a key `given` on the command line sets another value."""
+    if cfg.init_from == "resume":
+        ckpts = list_checkpoints(cfg.run_dir())
+        src, path = (load_checkpoint(ckpts[-1]), ckpts[-1]) if ckpts else ({}, None)
+        if not src.get("started_from"):
+            return cfg  # a run from random weights, or none yet: check_inputs checks or refuses it
+    elif cfg.from_model:
+        src, path = load_source(cfg.init_from)
+    else:
+        return cfg
+    saved = src["model_config"]
+    clash = [f"{k}={getattr(cfg, k)} on the command line vs {saved[k]} in the model" for k in SOURCE_KEYS
+             if k in given and getattr(cfg, k) != saved[k]]
+    if clash:
+        raise UserError(f"{path} is a model of another shape: {'; '.join(clash)}; leave these keys out "
+                        f"(a run started from a model takes its shape) or start from another model")
+    adopted = {k: saved[k] for k in SOURCE_KEYS if getattr(cfg, k) != saved[k]}
+    if adopted:
+        print0(f"{path}: the run takes the model's {' '.join(f'{k}={v}' for k, v in adopted.items())}")
+    try:
+        return dataclasses.replace(cfg, **adopted)
+    except ValueError as e:  # the run's own keys (radius, neighborhoods) may not fit the model's sheet
+        raise UserError(f"{path}: {e}") from e
+
+
+def check_source_vocabulary(src: dict, path: Path, data_dir: Path, data_tokenizer: str) -> None:
+    """Refuse a dataset whose token ids are of another tokenizer than the model's (the ids' range is
+    checked against vocab_size when the token files open)."""
+    theirs = (src.get("data") or {}).get("tokenizer") or (src.get("tokenizer") or {}).get("name")
+    if theirs and theirs != data_tokenizer:
+        raise UserError(f"init_from={path} is a model of {theirs} token ids, but {data_dir} holds {data_tokenizer} "
+                        f"ids (its meta.json); train it on a dataset of its own tokenizer")
+
+
+def source_positions(cfg: TrainConfig, src: dict, path: Path) -> tuple[np.ndarray, str, dict]:
+    """A run started from a model: its unit positions, where they come from, and their set's meta.json.
+    The model's own unless position_dir gives new ones (or a Hugging Face folder has none: then drawn
+    from the seed, as for a new run). Raises UserError for a layout that is not a permutation."""
+    if cfg.position_dir or not src.get("hf", {"positions": True})["positions"]:
+        return positions_for(cfg)
+    require_permutation_layout(src, path, "train.py", hint="; give the run new ones with position_dir=<a position "
+                                                           "set made by init_pos.py>")
+    return src["model"]["sheet.unit_coords"].numpy(), f"{src['layout']['source']} (kept from {path})", {}
+
+
+def started_from(src: dict, path: Path, layout_source: str) -> dict:
+    """The `started_from` field of a run's checkpoints and log: the model whose weights started it."""
+    record = {"path": str(Path(path).resolve()), "kind": src["kind"], "iter_num": src["iter_num"],
+              "format": "hf" if "hf" in src else src["format"], "layout": layout_source}
+    if (src.get("hf") or {}).get("provenance"):
+        record["provenance"] = src["hf"]["provenance"]
+    return record
+
+
+def load_source_weights(raw_model: GPT, src: dict, path: Path) -> None:
+    """The weights of the model a run starts from, into `raw_model` (its own positions and output ids stay)."""
+    state = {k: v for k, v in src["model"].items() if k not in ("sheet.unit_coords", "output_ids")}
+    try:
+        missing, unexpected = raw_model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"init_from={path}: the weights do not fit the run's model: {str(e).splitlines()[-1]}") from e
+    missing = [k for k in missing if k not in ("sheet.unit_coords", "output_ids")]
+    if missing or unexpected:
+        raise UserError(f"init_from={path}: the weights do not fit the run's model (missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]})")
+
+
 def evaluate(model, raw_model: GPT, batches: dict[str, Batches], cfg: TrainConfig, d: Dist, ctx,
              stop: StopFlag | None = None) -> dict | None:
     """Per split: the mean of each field of model.Losses (total as "loss", task, spatial, per-site SL
@@ -227,6 +316,8 @@ class Inputs:
     output_ids: np.ndarray | None  # output_vocab=corpus: the ids the softmax runs over
     ckpt: dict | None  # the checkpoint a resume continues (None: a new run)
     ckpt_file: Path | None
+    source: dict | None  # the model whose weights start a new run (init_from=<path>; None: random weights)
+    source_path: Path | None
     coords: np.ndarray | None  # a new run's unit positions
     positions_meta: dict  # their set's meta.json ({} for a resume or a layout drawn from the seed)
     record: dict  # the payload fields that describe the model: tokenizer, layout source, data
@@ -271,13 +362,21 @@ class TrainRun:
 def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
     """Everything that can refuse the run, checked before anything is written."""
     data_dir = resolve_path(cfg.dataset, DATA_DIR)
-    batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
+    try:
+        batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
+    except UserError as e:
+        if not cfg.from_model:
+            raise
+        raise UserError(f"init_from={cfg.init_from} is a model of vocab_size={cfg.vocab_size} and "
+                        f"block_size={cfg.block_size}, which the data must fit: {e}") from e
     output_ids = None
     if cfg.output_vocab == "corpus":
         output_ids = token_ids_used([source.path for source in batches.values()], cfg.vocab_size)
     run_dir = cfg.run_dir()
-    ckpt = ckpt_file = coords = None
+    ckpt = ckpt_file = coords = source = source_path = None
     positions_meta = {}
+    data_tokenizer = tokens_meta(data_dir).get("tokenizer", "gpt2")
+    origin = None
     if cfg.init_from == "resume":
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
@@ -286,21 +385,26 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
         ckpt_file = ckpts[-1]
         ckpt = load_checkpoint(ckpt_file)
         check_resume_config(ckpt, cfg, ckpt_file, 0 if output_ids is None else len(output_ids))
-        positions_source = ckpt["layout"]["source"]
+        positions_source, origin = ckpt["layout"]["source"], ckpt.get("started_from")
     else:
-        coords, positions_source, positions_meta = positions_for(cfg)
+        if cfg.from_model:
+            source, source_path = load_source(cfg.init_from)
+            check_source_vocabulary(source, source_path, data_dir, data_tokenizer)
+            coords, positions_source, positions_meta = source_positions(cfg, source, source_path)
+            origin = started_from(source, source_path, positions_source)
+        else:
+            coords, positions_source, positions_meta = positions_for(cfg)
         if list_checkpoints(run_dir):
             raise UserError(f"{run_dir} already holds checkpoints; use init_from=resume to continue it "
                             f"or another run_name/out_dir for a new run")
-    data_tokenizer = tokens_meta(data_dir).get("tokenizer", "gpt2")
     record = {"tokenizer": tokenizer_for(cfg.vocab_size, data_tokenizer), "layout_source": positions_source,
-              "data": data_record(cfg.dataset, data_dir, data_tokenizer)}
+              "data": data_record(cfg.dataset, data_dir, data_tokenizer), "started_from": origin}
     check_wandb(cfg)
     check_on_main(d, lambda: require_writable(run_dir))
-    if cfg.eval_only and ckpt is None:
+    if cfg.eval_only and ckpt is None and source is None:
         print0("warning: eval_only=true with init_from=scratch evaluates a freshly initialised model; use "
                "init_from=resume to evaluate the run's newest checkpoint")
-    return Inputs(batches, output_ids, ckpt, ckpt_file, coords, positions_meta, record)
+    return Inputs(batches, output_ids, ckpt, ckpt_file, source, source_path, coords, positions_meta, record)
 
 
 def start_log(cfg: TrainConfig, d: Dist, fresh: bool) -> JsonLog:
@@ -323,8 +427,14 @@ def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
     ckpt, output_ids = inputs.ckpt, inputs.output_ids
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), inputs.coords,
-                    output_ids).to(d.device)
-    check_initial_weights(raw_model, inputs.positions_meta, cfg)
+                    output_ids)
+    if inputs.source is not None:
+        load_source_weights(raw_model, inputs.source, inputs.source_path)
+        print0(f"starting from the weights of {inputs.source_path} ({inputs.source['kind']}, step "
+               f"{inputs.source['iter_num']}) with a fresh optimizer")
+    else:
+        check_initial_weights(raw_model, inputs.positions_meta, cfg)
+    raw_model = raw_model.to(d.device)
     opt = Optimization(raw_model, cfg, d, dtype)
     generators = {
         "batch": torch.Generator().manual_seed(stream_seed(cfg.seed, "batch", d.rank)),
@@ -349,8 +459,8 @@ def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
            f"parameters, positions from {inputs.record['layout_source']}")
     print0(f"tokens per iteration: {tokens_per_iter:,} ({accum_steps} micro-steps x {d.world_size} ranks x "
            f"{cfg.batch_size} x {cfg.block_size})")
-    log.write(event="start" if cfg.init_from == "scratch" else "resume", iter=iter_num, world_size=d.world_size,
-              config=asdict(cfg))
+    log.write(event="resume" if cfg.init_from == "resume" else "start", iter=iter_num, world_size=d.world_size,
+              config=asdict(cfg), started_from=inputs.record["started_from"])
     wandb_run = start_wandb(cfg, cfg.run_dir(), name=cfg.wandb_run_name or cfg.run_dir().name, run_id=wandb_id,
                             enabled=d.is_main)
     return TrainRun(cfg, d, raw_model, model, opt, inputs.batches, generators, ckpts, log, wandb_run, inputs.record,
@@ -416,7 +526,8 @@ def check_ranks_agree(run: TrainRun) -> None:
 
 def main(argv: list[str]) -> None:
     cfg = load_config(TrainConfig, argv, default_file="train_shakespeare.yaml")
-    run_distributed(seed_for_positions(cfg, "seed" in command_line_keys(argv)), train)
+    given = command_line_keys(argv)
+    run_distributed(seed_for_positions(adopt_source_shape(cfg, given), "seed" in given), train)
 
 
 def train(cfg: TrainConfig, d: Dist) -> None:

@@ -40,6 +40,7 @@ import torch
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import UserError, run_suggestions
 from topolm.files import atomic_write
+from topolm.hf import hf_layout, is_hf_folder, read_hf_model
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import NOT_A_PERMUTATION, is_permutation
 
@@ -267,6 +268,8 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = _MIGRATIONS[fmt](ckpt)
         fmt = ckpt["format"]
     _check_fields(ckpt, path, migrated=True)
+    # written before the MLP's GELU was a choice: the exact GELU (a defaulted field, no format step)
+    ckpt["model_config"].setdefault("activation", "gelu")
     return ckpt
 
 
@@ -324,12 +327,40 @@ def build_classifier(ckpt: dict, n_outputs: int | None = None, head_dropout: flo
     return model
 
 
-def load_model(path_or_run: str | Path, device: str = "cpu") -> tuple[GPT, dict, Path]:
-    """(GPT in eval mode on `device`, the checkpoint dict, the file) for a checkpoint file or run folder.
+def hf_checkpoint(folder: str | Path) -> dict:
+    """A Hugging Face GPT2LMHeadModel folder (an export, or any GPT-2 whose config.json fits model.py:
+    topolm.hf.HF_REQUIREMENTS) as a checkpoint dict of kind "imported": its weights transposed back,
+    its unit positions from positions.npy (else the identity layout), its spatial settings and
+    tokenizer from topolm.json (else alpha 0, and GPT-2's tokenizer for a vocabulary of at least 50257).
 
-    For a finetuned checkpoint this is its backbone. Raises UserError as `find_checkpoint`/`load_checkpoint`."""
+    Its extra field `hf` is `{"folder": str, "positions": bool}` (whether the folder had positions).
+    Raises UserError naming the config.json key or the file that does not fit."""
+    folder = Path(folder)
+    model_config, state, coords, sheet = read_hf_model(folder)
+    tokenizer = sheet["tokenizer"] if "tokenizer" in sheet else tokenizer_for(model_config.vocab_size)
+    provenance = sheet.get("provenance") or {}
+    return {"format": FORMAT, "kind": "imported", "model": state, "model_config": dataclasses.asdict(model_config),
+            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config.n_embed, state),
+            "data": None, "config": {}, "iter_num": 0,
+            "hf": {"folder": str(folder.resolve()), "positions": coords is not None, "provenance": provenance}}
+
+
+def load_source(path_or_run: str | Path) -> tuple[dict, Path]:
+    """(checkpoint dict, its file or folder) of a checkpoint file, a run folder (its newest checkpoint),
+    a finetuned folder (its best) or a Hugging Face folder (`hf_checkpoint`): every model this code
+    loads. Raises UserError as `find_checkpoint`/`load_checkpoint`/`hf_checkpoint`."""
+    if is_hf_folder(path_or_run):
+        return hf_checkpoint(path_or_run), Path(path_or_run)
     path = find_checkpoint(path_or_run)
-    ckpt = load_checkpoint(path)
+    return load_checkpoint(path), path
+
+
+def load_model(path_or_run: str | Path, device: str = "cpu") -> tuple[GPT, dict, Path]:
+    """(GPT in eval mode on `device`, the checkpoint dict, the file or folder) for a checkpoint file, a
+    run folder or a Hugging Face folder (`load_source`).
+
+    For a finetuned checkpoint this is its backbone. Raises UserError as `load_source`."""
+    ckpt, path = load_source(path_or_run)
     try:
         gpt = build_gpt(ckpt)
     except UserError as e:

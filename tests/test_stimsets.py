@@ -197,3 +197,39 @@ def test_analyze_refuses_an_unknown_contrast_before_writing(tmp_path):
     proc = run_main(analyze, [f"ckpt={tmp_path / 'none'}", f"out={out}", f"stimuli={tmp_path / 'gone.tsv'}"])
     one_error_line(proc, "stimuli=", "not found")
     assert not out.exists()
+
+
+def test_analyze_runs_the_research_layouts_in_place_of_the_shipped_sets(gpt2_run, tmp_path):
+    """An EvLab localizer CSV replaces the shipped localizer (its S - N is t_localizer, the profile has S and N
+    only) and Moseley's word list runs its four declared contrasts."""
+    words = ["dog", "cup", "idea", "hope", "run", "grab", "think", "seem", "milk", "fear"]
+    sentences = [f"the {w} was here" for w in words[:6]]
+    lists = [f"blorp {w} vang trisk" for w in words[:6]]
+    evlab = _write(tmp_path / "langloc.csv", "stim1,stim2,stim3,stim4,condition\n" + "".join(
+        ",".join(t.split()) + f",{c}\n" for c, texts in (("S", sentences), ("N", lists)) for t in texts))
+    rows = [(w, cat, cls) for k, w in enumerate(words[:8]) for cat, cls in [(("concrete", "abstract")[k % 2],
+                                                                               ("noun", "verb")[k // 4])]]
+    moseley = _write(tmp_path / "moseley.csv", "word,category,class\n" + "".join(",".join(r) + "\n" for r in rows))
+    out = tmp_path / "fig"
+    proc = run_main(analyze, [f"ckpt={gpt2_run.run}", f"out={out}", f"stimuli={evlab},{moseley}", "contrasts=all",
+                              "permutations=9", "null_shuffles=2", "heldout_tokens=256"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    units = np.load(out / "units.npz")
+    assert units["contrasts"].tolist() == ["localizer", "concrete_noun_verb", "abstract_noun_verb", "abstract_concrete",
+                                           "noun_verb"]
+    assert units["n_items_localizer"].tolist() == [6, 6] and units["localizer_items"].tolist() == list(range(6))
+    assert units["n_items_noun_verb"].tolist() == [4, 4] and units["n_items_concrete_noun_verb"].tolist() == [2, 2]
+    from topolm.checkpoint import load_model
+    from topolm.tokenizer import gpt2_encoding
+    model, _, _ = load_model(gpt2_run.run)
+    enc = gpt2_encoding()
+    resp = {}
+    for name, texts in (("S", sentences), ("N", lists), ("noun", words[:4]), ("verb", words[4:8])):
+        ids = [enc.encode_ordinary(t) for t in texts]
+        resp[name] = analysis.site_responses(model, ids, [(0, len(x)) for x in ids], batch_size=1).swapaxes(0, 1)
+    np.testing.assert_array_equal(units["t_localizer"], analysis.welch_t(resp["S"], resp["N"])[0])
+    np.testing.assert_array_equal(units["t_noun_verb"], analysis.welch_t(resp["noun"], resp["verb"])[0])
+    summary = json.loads((out / "summary.json").read_text())
+    profile = summary["model"]["sites"]["layer.0.mlp"]["profile"]
+    assert profile["W"] is None and profile["J"] is None
+    assert summary["stimuli"]["localizer_items_in_file"] == 6 and "pos" not in summary["stimuli"]["sets"]

@@ -233,3 +233,18 @@ def test_analyze_runs_the_research_layouts_in_place_of_the_shipped_sets(gpt2_run
     profile = summary["model"]["sites"]["layer.0.mlp"]["profile"]
     assert profile["W"] is None and profile["J"] is None
     assert summary["stimuli"]["localizer_items_in_file"] == 6 and "pos" not in summary["stimuli"]["sets"]
+
+
+def test_a_set_named_localizer_is_read_as_the_localizer(tmp_path):
+    rows = "".join(f"{c} text {k}\tcondition={c}\n" for c in "NS" for k in range(3))
+    s = stimsets.as_localizer(stimsets.read_set(_write(tmp_path / "localizer.tsv", "text\tlabels\n" + rows)))
+    assert [it.text for it in s.items[:2]] == ["S text 0", "S text 1"]  # ordered by condition, then item
+    assert [it.match for it in s.items] == ["0", "1", "2"] * 2 and list(s.contrasts) == ["localizer"]
+    shipped = stimsets.read_shipped_localizer(STIMULI_DIR)
+    assert len(shipped.items) == 4 * 96 and set(shipped.contrasts) == set(stimsets.LOCALIZER_CONTRASTS)
+    assert shipped.items[96 * 3 + 30].label == "localizer item 30 of condition N"
+    for text, match in (("S a\tcondition=S\nS b\tcondition=S\nN a\tcondition=N\n", "the same items"),
+                        ("S a\tcondition=S\nW a\tcondition=W\n", "needs the conditions S and N"),
+                        ("S a\tcondition=S\nN a\tclass=noun\n", "labelled condition=S, W, J or N")):
+        with pytest.raises(ValueError, match=match):
+            stimsets.as_localizer(stimsets.read_set(_write(tmp_path / "localizer.tsv", "text\tlabels\n" + text)))

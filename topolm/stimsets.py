@@ -8,8 +8,10 @@ conjunction of labels) and contrasts (two sides, each a group, a conjunction of 
 
 Readers (every one returns a `StimulusSet`; `read_any` picks one by the file's header):
 - `read_set`: this project's format, a tab-separated file with columns `text` and `labels`, optional
-  `target`, `frame` and `item`, `# group` / `# contrast` lines above the header;
-- `read_shipped_localizer`, `read_shipped_pos`: the shipped stimuli/localizer.tsv and stimuli/pos.tsv;
+  `target`, `frame` and `item`, `# group` / `# contrast` lines above the header; a set named `localizer`
+  is read as the localizer (`as_localizer`);
+- `read_shipped_localizer`, `read_shipped_pos`: the shipped stimuli/localizer.tsv and stimuli/pos.tsv, sets
+  of this format, with the names their items have in errors;
 - `read_evlab`, `read_fedorenko2010`, `read_moseley`, `read_elli`: the research code's layouts.
 Errors: ValueError naming the file (and line) and what is wrong; FileNotFoundError for a missing file.
 """
@@ -210,23 +212,68 @@ def _localizer(items_by_condition: dict[str, list[str]], source: str, label) -> 
     return StimulusSet(LOCALIZER, items, {}, contrasts, source)
 
 
-def read_shipped_localizer(folder: Path) -> StimulusSet:
-    """stimuli/localizer.tsv (topolm.stimuli.read_localizer) as the localizer set, with the paper's six contrasts."""
-    from topolm.stimuli import LOCALIZER_FILE, read_localizer
+def as_localizer(stim: StimulusSet) -> StimulusSet:
+    """A set read as the localizer: every item labelled condition=S, W, J or N (S and N at least), the same number of
+    items in each, item k of every condition matched (by the `item` column, else by its order in the condition),
+    items ordered by condition and item; the paper's contrasts of its conditions (LOCALIZER_CONTRASTS) added
+    where the file does not declare them. Raises ValueError naming the set's file."""
+    by_condition: dict[str, list[Item]] = {}
+    for item in stim.items:
+        condition = item.labels.get("condition")
+        if condition not in LOCALIZER_CONDITIONS:
+            raise ValueError(f"{stim.source}: {item.label}: a localizer item is labelled condition=S, W, J or N; got "
+                             f"{item.labels}")
+        by_condition.setdefault(condition, []).append(item)
+    if not {"S", "N"} <= set(by_condition):
+        raise ValueError(f"{stim.source}: a localizer needs the conditions S and N; got {', '.join(by_condition)}")
+    numbered = all(it.match.isdigit() for it in stim.items)
+    for items in by_condition.values():
+        for k, item in enumerate(items):
+            item.match = item.match if numbered else str(k)
+        items.sort(key=lambda it: int(it.match))
+    counts = {c: len(v) for c, v in by_condition.items()}
+    keys = {c: [it.match for it in v] for c, v in by_condition.items()}
+    if len(set(counts.values())) != 1 or len({tuple(v) for v in keys.values()}) != 1:
+        raise ValueError(f"{stim.source}: every condition of a localizer needs the same items (item k of each is "
+                         f"matched); got {counts} items per condition")
+    contrasts = {n: sides for n, sides in LOCALIZER_CONTRASTS.items() if all(s in by_condition for s in sides)}
+    items = [it for c in LOCALIZER_CONDITIONS for it in by_condition.get(c, [])]
+    return _checked(StimulusSet(LOCALIZER, items, stim.groups, {**contrasts, **stim.contrasts}, stim.source))
 
-    return _localizer(read_localizer(folder), str(Path(folder) / LOCALIZER_FILE),
-                      lambda c, k: f"localizer item {k} of condition {c}")
+
+def _localizer(items_by_condition: dict[str, list[str]], source: str, label) -> StimulusSet:
+    """The localizer set from texts per condition: item k of every condition matched, every row one sample."""
+    items = [Item(text, {"condition": c}, None, f"{c} {k}", str(k), label(c, k))
+             for c, texts in items_by_condition.items() for k, text in enumerate(texts)]
+    return as_localizer(StimulusSet(LOCALIZER, items, {}, {}, source))
+
+
+def read_shipped_localizer(folder: Path) -> StimulusSet:
+    """stimuli/localizer.tsv, a stimulus set (columns item, labels, text; labels condition=S/W/J/N), as the localizer,
+    with the paper's six contrasts; items named 'localizer item <k> of condition <c>' in errors."""
+    from topolm.stimuli import LOCALIZER_FILE
+
+    stim = as_localizer(read_set(Path(folder) / LOCALIZER_FILE, LOCALIZER))
+    for item in stim.items:
+        item.label = f"localizer item {item.match} of condition {item.labels['condition']}"
+    return stim
 
 
 def read_shipped_pos(folder: Path) -> StimulusSet:
-    """stimuli/pos.tsv (topolm.stimuli.read_pos): labels class=noun / class=verb, every word one sample (its mean
-    over the frames); the contrast verb_noun = verb - noun."""
-    from topolm.stimuli import POS_FILE, read_pos
+    """stimuli/pos.tsv, a stimulus set (columns labels, text, frame; labels class=noun / class=verb): every word one
+    sample (its mean over the frames); the contrast verb_noun = verb - noun; rows named 'the noun <word> in its
+    frame <j>' in errors. Raises ValueError for a row without a frame or a class."""
+    from topolm.stimuli import POS_FILE
 
-    items = [Item(r["text"], {"class": r["category"]}, (r["start"], r["end"]), f"{r['word']}|{r['category']}",
-                  f"{r['word']}|{r['category']}", f"the {r['category']} {r['word']!r} in its frame {r['frame']}")
-             for r in read_pos(folder)]
-    return StimulusSet("pos", items, {}, {"verb_noun": ("verb", "noun")}, str(Path(folder) / POS_FILE))
+    stim = read_set(Path(folder) / POS_FILE, "pos")
+    seen: dict[str, int] = {}
+    for item in stim.items:
+        if item.span is None or item.labels.get("class") not in ("noun", "verb"):
+            raise ValueError(f"{stim.source}: {item.label}: every row of pos.tsv has a frame and class=noun or verb")
+        word = item.text[item.span[0]:item.span[1]]
+        seen[word] = seen.get(word, -1) + 1
+        item.label = f"the {item.labels['class']} {word!r} in its frame {seen[word]}"
+    return stim
 
 
 def _require_columns(path: Path, header: list[str], columns: list[str], layout: str) -> None:
@@ -323,8 +370,6 @@ def read_elli(path: Path) -> StimulusSet:
 
 
 LAYOUTS = [  # (columns that identify the layout, reader)
-    (("item", "condition", "text"), read_shipped_localizer),
-    (("category", "word", "frame", "text", "start", "end"), read_shipped_pos),
     (("run", "block", "class", "category", "pair"), read_elli),
     (("word", "category", "class"), read_moseley),
     (("sentence", "condition"), read_fedorenko2010),
@@ -343,7 +388,7 @@ def read_any(path: Path) -> StimulusSet:
         return read_set(path)
     for columns, reader in LAYOUTS:
         if all(c in header for c in columns):
-            return reader(path.parent) if reader in (read_shipped_localizer, read_shipped_pos) else reader(path)
+            return reader(path)
     raise ValueError(f"{path}: no stimulus layout has the columns {header}: this project's set (text, labels, "
                      f"optional target, frame, item; tab-separated), or the research layouts (docs/analysis.md)")
 
@@ -374,6 +419,7 @@ def read_sets(spec: str, base: Path, shipped: Path) -> list[StimulusSet]:
             sets.append(read_any(path))
         else:
             raise FileNotFoundError(f"stimulus file or folder not found: {path}")
+    sets = [as_localizer(s) if s.name == LOCALIZER else s for s in sets]
     names = [s.name for s in sets]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

@@ -187,7 +187,8 @@ def fit_stimuli(stim: Stimuli, models: list[Loaded]) -> tuple[Stimuli, dict]:
     left, too_long = counts["left_out"], counts["too_long"]
     if any(left.values()):
         n, n_kept = _localizer_items(stim), _localizer_items(kept)
-        others = [f"{len({it.sample for it in s.items})} of {len({it.sample for it in f.items})} samples of {s.name}"
+        others = [f"{len({it.sample for it in s.items})} of {len({it.sample for it in f.items})} "
+                  f"{'nouns and verbs' if s.name == 'pos' else f'samples of {s.name}'}"
                   for s, f in zip(kept.sets[1:], stim.sets[1:])]
         print(f"block_size={block_size}: items longer than {block_size - 1} tokens (+1 prefix) are left out with their "
               f"matched items (too long: {', '.join(f'{c} {v}' for c, v in too_long.items())}); left out: "

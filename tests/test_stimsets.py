@@ -248,3 +248,13 @@ def test_a_set_named_localizer_is_read_as_the_localizer(tmp_path):
                         ("S a\tcondition=S\nN a\tclass=noun\n", "labelled condition=S, W, J or N")):
         with pytest.raises(ValueError, match=match):
             stimsets.as_localizer(stimsets.read_set(_write(tmp_path / "localizer.tsv", "text\tlabels\n" + text)))
+
+
+def test_the_documented_example_is_a_set(tmp_path):
+    from conftest import REPO
+    doc = (REPO / "docs" / "analysis.md").read_text(encoding="utf-8")
+    block = doc.split("# group concrete_noun", 1)[1].split("```", 1)[0]
+    s = stimsets.read_set(_write(tmp_path / "example.tsv", "# group concrete_noun" + block))
+    assert len(s.items) == 4 and len({it.sample for it in s.items}) == 3 and "mine" in s.contrasts
+    assert [it.text for it, m in zip(s.items, s.matches("concrete_noun")) if m] == ["The next word is apple.",
+                                                                                     "He said apple twice."]

@@ -240,11 +240,11 @@ def _localizer_items(stim: Stimuli) -> int:
 
 def _set_summary(full, kept) -> dict:
     """One set's entry of summary.json's `stimuli.sets`: its file, samples per label level as read and analysed."""
-    counts = {}
+    counts, prefix = {}, f"{full.name}:"
     for key, rows in count_keys(full).items():
-        counts[key] = {"in_file": len({full.items[k].sample for k in rows})}
+        counts[key.removeprefix(prefix)] = {"in_file": len({full.items[k].sample for k in rows})}
     for key, rows in count_keys(kept).items():
-        counts[key]["analysed"] = len({kept.items[k].sample for k in rows})
+        counts[key.removeprefix(prefix)]["analysed"] = len({kept.items[k].sample for k in rows})
     for entry in counts.values():
         entry.setdefault("analysed", 0)
     return {"source": full.source, "items_in_file": len(full.items), "samples_in_file": len({i.sample for i in full.items}),

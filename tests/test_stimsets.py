@@ -121,8 +121,11 @@ def test_a_sample_is_the_mean_over_its_frames_and_sides_select_by_labels(tmp_pat
     assert sides["concrete_vs_abstract"][0][0, :, 0].tolist() == [2.0, 20.0]
     assert sides["concrete_vs_abstract"][1][0, :, 0].tolist() == [10.0, 40.0]
     assert set(conditions) == set("SWJN") and sides["localizer"][0].shape == (1, 96, 2)
+    copy = stimsets.read_set(_write(tmp_path / "copy.tsv", SET.replace("contrast mine", "contrast yours")))
     with pytest.raises(ValueError, match="in 2 sets"):
-        stimsets.select_contrasts([loc, s, stimsets.read_set(_write(tmp_path / "copy.tsv", SET))], "noun-verb")
+        stimsets.select_contrasts([loc, s, copy], "noun-verb")
+    with pytest.raises(ValueError, match="the sets mine and again both declare a contrast mine"):
+        stimsets.select_contrasts([loc, s, stimsets.read_set(_write(tmp_path / "again.tsv", SET))], "")
     with pytest.raises(ValueError, match="no set declares this contrast"):
         stimsets.select_contrasts([loc, s], "nothing")
 
@@ -166,6 +169,7 @@ def test_analyze_runs_a_users_set_and_contrasts(gpt2_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stimuli"]["contrasts"]["mine"] == {"set": "mine", "sides": "concrete_noun - class=verb"}
     assert summary["stimuli"]["sets"]["mine"]["samples_in_file"] == 4
+    assert summary["stimuli"]["sets"]["mine"]["per_label"]["class=verb"] == {"in_file": 2, "analysed": 2}
     assert summary["model"]["contrasts"]["S_J"] == "S - J"
     for name in ("mine", "concrete_vs_abstract", "S_J"):
         assert (out / f"{name}_maps.png").is_file()

@@ -458,7 +458,13 @@ def select_contrasts(sets: list[StimulusSet], requested: str) -> list[Contrast]:
     expression `SIDE-SIDE` (named by `contrast_name`; it must select items on both sides in exactly one
     set), 'all' (every declared contrast); empty: the headline ones (localizer, verb_noun) the sets declare.
     The localizer's S - N (`localizer`) always comes first. Raises ValueError naming the entry."""
-    declared = {name: Contrast.of(name, s, a, b) for s in sets for name, (a, b) in s.contrasts.items()}
+    declared: dict[str, Contrast] = {}
+    for s in sets:
+        for name, (a, b) in s.contrasts.items():
+            if name in declared:
+                raise ValueError(f"the sets {declared[name].set_name} and {s.name} both declare a contrast {name}: "
+                                 f"rename one (contrast names key units.npz and the figures)")
+            declared[name] = Contrast.of(name, s, a, b)
     chosen = {"localizer": declared["localizer"]}
     entries = [e.strip() for e in requested.split(",") if e.strip()] or [n for n in HEADLINE if n in declared]
     for entry in entries:

@@ -29,6 +29,9 @@ smoothed on the sheet by a Gaussian of that FWHM (grid spacings; the paper's 2),
 outside it; written after the unsmoothed numbers, which stay the headline, with <contrast>_maps_smoothed.png.
 fdr=pooled (one Benjamini-Hochberg over all sites' units), moran=significant (also Moran's I of the
 significant units only) and profile=abs (mean absolute activation) are the paper's other choices.
+stimuli= takes several stimulus sets (this project's set format, the shipped files, the research code's
+layouts; topolm.stimsets) and contrasts= the contrasts to run (declared names, SIDE-SIDE, all); the
+localizer's S - N always runs; every other contrast gets its maps and its Moran's I the same way.
 All keys are fields of `AnalyzeConfig` (the statistics' choices: topolm.analysis.StatisticsKeys).
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.analysis import (CONTRASTS, StatisticsKeys, Stimuli, defined_mean, heldout_windows, measure_model,
+from topolm.analysis import (StatisticsKeys, Stimuli, contrast_names, count_keys, defined_mean, heldout_windows, measure_model,
                              option_lines, summarize)
 from topolm.checkpoint import load_model, require_gpt2_tokenizer
 from topolm.config import (DATA_DIR, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
@@ -54,7 +57,8 @@ from topolm.tokenizer import gpt2_encoding
 from model import GPT
 from topolm.figures import (_vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site,
                             readout_figures, save_figure)
-from topolm.stimuli import STIMULI_DIR, read_localizer, read_pos
+from topolm.stimuli import STIMULI_DIR
+from topolm.stimsets import read_sets, select_contrasts
 
 DEFAULT_STIMULI = "stimuli"
 
@@ -72,8 +76,15 @@ class AnalyzeConfig(StatisticsKeys, InferenceKeys, SeedKey):
     overwrite: bool = False
     """Write into an output folder that already holds a summary.json."""
     stimuli: str = DEFAULT_STIMULI
-    """Folder with localizer.tsv and pos.tsv (stimuli/generate.py writes them); a path is relative to the current
-    folder; left at 'stimuli', the repository's shipped stimuli/ wherever the command runs."""
+    """Stimulus sets, comma-separated: files (this project's set format or a research layout, told apart by the
+    header; docs/analysis.md) or folders (their localizer.tsv, pos.tsv and other *.tsv / *.csv); paths are
+    relative to the current folder; 'stimuli' is the repository's shipped stimuli/ wherever the command runs.
+    The localizer is always measured: the shipped one unless a set given is a localizer."""
+    contrasts: str = ""
+    """Contrasts to run, comma-separated: names the sets declare (e.g. S_J, concrete_noun_verb), SIDE-SIDE
+    expressions (groups, factor=level&factor=level conjunctions or levels of one set, e.g. noun-verb), or
+    'all'; empty: the headline ones, localizer (S - N) and verb_noun (verb - noun) where declared. S - N
+    (`localizer`) is always run."""
     heldout: str = ""
     """Held-out text for the correlations and the spatial loss: a uint16 token file (.bin) or a UTF-8 text
     file; empty: val.bin of the text the model was trained on (the checkpoint's `data`: a finetuned
@@ -125,7 +136,7 @@ def heldout_tokens(cfg: AnalyzeConfig, ckpt: dict, localizer: dict[str, list[str
         val = folder / "val.bin"
         if val.is_file() and val.stat().st_size >= 64:
             return np.memmap(val, dtype=np.uint16, mode="r"), str(val), f"the checkpoint's data ({data['dataset']})"
-    text = " ".join(localizer["S"])
+    text = " ".join(localizer.get("S") or next(iter(localizer.values())))
     return (np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)",
             "the fallback")
 
@@ -175,11 +186,14 @@ def fit_stimuli(stim: Stimuli, models: list[Loaded]) -> tuple[Stimuli, dict]:
     kept, counts = stim.fitting(block_size)
     left, too_long = counts["left_out"], counts["too_long"]
     if any(left.values()):
-        n = len(stim.localizer["S"][0])
+        n, n_kept = _localizer_items(stim), _localizer_items(kept)
+        others = [f"{len({it.sample for it in s.items})} of {len({it.sample for it in f.items})} "
+                  f"{'nouns and verbs' if s.name == 'pos' else f'samples of {s.name}'}"
+                  for s, f in zip(kept.sets[1:], stim.sets[1:])]
         print(f"block_size={block_size}: items longer than {block_size - 1} tokens (+1 prefix) are left out with their "
               f"matched items (too long: {', '.join(f'{c} {v}' for c, v in too_long.items())}); left out: "
-              f"{', '.join(f'{c} {v}' for c, v in left.items())}; analysed: {n - left['S']} of {n} localizer items "
-              f"per condition, {len(set(kept.pos_word))} of {len(set(stim.pos_word))} nouns and verbs")
+              f"{', '.join(f'{c} {v}' for c, v in left.items())}; analysed: {n_kept} of {n} localizer items "
+              f"per condition" + "".join(f", {x}" for x in others))
     return kept, counts
 
 
@@ -190,23 +204,27 @@ def _num(x: float, width: int) -> str:
     return f"{'undef':>{width}}" if x is None or x != x else f"{x:>{width}.3f}"
 
 
+SHORT = {"localizer": "S-N", "verb_noun": "V-N"}  # the console's names of the headline contrasts
+
+
 def print_table(loaded: Loaded, summary: dict) -> None:
+    contrasts = list(summary["contrasts"])
+    short = [SHORT.get(c, c) for c in contrasts]
+    widths = [max(7, len(x) + 3) for x in short]
     print(f"\n{loaded.title}  {loaded.path}")
-    print(f"{'site':<14}{'I S-N':>7}{'p':>7}{'I V-N':>7}{'p':>7}{'null I':>8}{'sel%':>6}{'adj r':>7}{'far r':>7}"
-          f"{'null r':>7}{'SL':>6}")
+    print(f"{'site':<14}" + "".join(f"{'I ' + x:>{w}}{'p':>7}" for x, w in zip(short, widths)) +
+          f"{'null I':>8}{'sel%':>6}{'adj r':>7}{'far r':>7}{'null r':>7}{'SL':>6}")
     for name, e in list(summary["sites"].items()) + [("mean", summary["mean"])]:
-        loc, vn = e["localizer"], e["verb_noun"]
-        p_loc, p_vn = (_num(loc["p"], 7), _num(vn["p"], 7)) if name != "mean" else ("", "")  # no p of a mean
-        print(f"{name:<14}{_num(loc['morans_i'], 7)}{p_loc:>7}{_num(vn['morans_i'], 7)}{p_vn:>7}"
-              f"{_num(defined_mean([loc['null_i'], vn['null_i']]), 8)}{100 * e['fraction_selective']:>6.1f}"
-              f"{_num(e['adjacent_corr'], 7)}{_num(e['far_corr'], 7)}{_num(e['null_adjacent_corr'], 7)}"
-              f"{_num(e['spatial_loss'], 6)}")
+        cells = "".join(f"{_num(e[c]['morans_i'], w)}{_num(e[c]['p'], 7) if name != 'mean' else '':>7}"  # no p of a mean
+                        for c, w in zip(contrasts, widths))
+        print(f"{name:<14}{cells}{_num(defined_mean([e[c]['null_i'] for c in contrasts]), 8)}"
+              f"{100 * e['fraction_selective']:>6.1f}{_num(e['adjacent_corr'], 7)}{_num(e['far_corr'], 7)}"
+              f"{_num(e['null_adjacent_corr'], 7)}{_num(e['spatial_loss'], 6)}")
     m = summary["mean"]
-    print(f"null 95% band of the site-mean I: S-N [{_num(m['localizer']['null_i_95'][0], 0)}, "
-          f"{_num(m['localizer']['null_i_95'][1], 0)}], V-N [{_num(m['verb_noun']['null_i_95'][0], 0)}, "
-          f"{_num(m['verb_noun']['null_i_95'][1], 0)}]")
+    print("null 95% band of the site-mean I: " + ", ".join(
+        f"{x} [{_num(m[c]['null_i_95'][0], 0)}, {_num(m[c]['null_i_95'][1], 0)}]" for c, x in zip(contrasts, short)))
     for name, e in summary["sites"].items():
-        for contrast in CONTRASTS:
+        for contrast in contrasts:
             if "undefined" in e[contrast]:
                 print(f"{name} {contrast}: Moran's I undefined: {e[contrast]['undefined']}")
     for line in option_lines(summary):
@@ -215,30 +233,70 @@ def print_table(loaded: Loaded, summary: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def stimuli_summary(localizer: dict, pos_rows: list[dict], full: Stimuli, kept: Stimuli, fit: dict) -> dict:
-    """summary.json's `stimuli`: what was analysed (items per condition, nouns, verbs, frames) and what was left out."""
-    return {"localizer_items_per_condition": len(kept.localizer_index),
-            "localizer_items_in_file": len(localizer["S"]),
-            "nouns": int(len(set(kept.pos_word[kept.pos_category == "noun"]))),
-            "verbs": int(len(set(kept.pos_word[kept.pos_category == "verb"]))),
-            "frames": int(len(pos_rows) // len(set(full.pos_word))),
-            "left_out": {"block_size": fit["block_size"], "per_condition": fit["left_out"], "too_long": fit["too_long"],
-                         "reason": "longer than block_size - 1 tokens (the item and its <|endoftext|> prefix), or "
-                                   "matched to an item that is (localizer items leave every condition, words leave "
-                                   "with all their frames)"}}
+def _localizer_items(stim: Stimuli) -> int:
+    """Items per condition of the localizer (item k of every condition is matched)."""
+    return len({it.match for it in stim.localizer.items})
+
+
+def _set_summary(full, kept) -> dict:
+    """One set's entry of summary.json's `stimuli.sets`: its file, samples per label level as read and analysed."""
+    counts, prefix = {}, f"{full.name}:"
+    for key, rows in count_keys(full).items():
+        counts[key.removeprefix(prefix)] = {"in_file": len({full.items[k].sample for k in rows})}
+    for key, rows in count_keys(kept).items():
+        counts[key.removeprefix(prefix)]["analysed"] = len({kept.items[k].sample for k in rows})
+    for entry in counts.values():
+        entry.setdefault("analysed", 0)
+    return {"source": full.source, "items_in_file": len(full.items), "samples_in_file": len({i.sample for i in full.items}),
+            "samples_analysed": len({i.sample for i in kept.items}), "per_label": counts,
+            "contrasts": {n: f"{a} - {b}" for n, (a, b) in full.contrasts.items()}}
+
+
+def stimuli_summary(full: Stimuli, kept: Stimuli, fit: dict) -> dict:
+    """summary.json's `stimuli`: what was analysed (localizer items per condition; with the shipped pos set its
+    nouns, verbs and frames; every set under `sets`), the contrasts run and what was left out."""
+    summary = {"localizer_items_per_condition": _localizer_items(kept),
+               "localizer_items_in_file": _localizer_items(full)}
+    for s, k in zip(full.sets, kept.sets):
+        if s.name == "pos":
+            for cls, key in (("noun", "nouns"), ("verb", "verbs")):
+                summary[key] = len({it.sample for it in k.items if it.labels["class"] == cls})
+            summary["frames"] = len(s.items) // max(1, len({it.sample for it in s.items}))
+    summary["sets"] = {s.name: _set_summary(s, k) for s, k in zip(full.sets, kept.sets)}
+    summary["contrasts"] = {c.name: {"set": c.set_name, "sides": c.label} for c in full.contrasts}
+    summary["left_out"] = {"block_size": fit["block_size"], "per_condition": fit["left_out"], "too_long": fit["too_long"],
+                           "reason": "longer than block_size - 1 tokens (the item and its <|endoftext|> prefix), or "
+                                     "matched to an item that is (localizer items leave every condition, words leave "
+                                     "with all their frames)"}
+    return summary
+
+
+def read_stimuli(cfg: AnalyzeConfig) -> tuple[Stimuli, dict[str, list[str]]]:
+    """The sets of `stimuli`, the contrasts of `contrasts`, tokenized; and the localizer's texts per condition.
+    Raises UserError naming the key for a set or contrast that cannot be read."""
+    try:
+        sets = read_sets(cfg.stimuli, Path("."), STIMULI_DIR)
+    except (OSError, ValueError) as e:
+        raise UserError(f"stimuli={cfg.stimuli}: {e}") from e
+    try:
+        contrasts = select_contrasts(sets, cfg.contrasts)
+    except ValueError as e:
+        raise UserError(f"{e}" if str(e).startswith("contrasts=") else f"contrasts={cfg.contrasts}: {e}") from e
+    try:
+        full = Stimuli.build(sets, contrasts, gpt2_encoding())
+    except ValueError as e:
+        raise UserError(f"stimuli={cfg.stimuli}: {e}") from e
+    localizer: dict[str, list[str]] = {}
+    for item in sets[0].items:
+        localizer.setdefault(item.labels["condition"], []).append(item.text)
+    return full, localizer
 
 
 def main(argv: list[str]) -> None:
     exit_on_stop()
     cfg: AnalyzeConfig = load_config(AnalyzeConfig, argv)
     device = resolve_device(cfg.device)
-    # Left at its default, the stimuli shipped in the repository; any path given is relative to the current folder.
-    folder = STIMULI_DIR if cfg.stimuli == DEFAULT_STIMULI else Path(cfg.stimuli)
-    try:
-        localizer, pos_rows = read_localizer(folder), read_pos(folder)
-        full = Stimuli.build(localizer, pos_rows, gpt2_encoding())
-    except (OSError, ValueError) as e:
-        raise UserError(f"stimuli={cfg.stimuli}: {e}") from e
+    full, localizer = read_stimuli(cfg)
     models = [load(cfg, device, "model", cfg.ckpt, localizer)]
     if cfg.compare:
         models.append(load(cfg, device, "compare", cfg.compare, localizer))
@@ -250,7 +308,7 @@ def main(argv: list[str]) -> None:
     remove_partial_writes(require_writable(out))
     start = time.time()
     try:
-        results, summary = measure_all(cfg, models, stim, (localizer, pos_rows, full, fit))
+        results, summary = measure_all(cfg, models, stim, (full, fit))
         written = write_staged(results, summary, cfg.q, out)
     except BaseException:  # a stop or an error: a folder made for this analysis goes again
         if not existed and out.is_dir() and not any(out.iterdir()):
@@ -260,18 +318,18 @@ def main(argv: list[str]) -> None:
     for loaded, _ in results:
         print_table(loaded, summary[loaded.label])
     print(f"\n{len(written)} files in {out} ({time.time() - start:.0f} s): summary.json, units.npz, "
-          f"{', '.join(f'{c}_maps.png' for c in CONTRASTS)}, morans_i.png, correlation_vs_distance.png, "
+          f"{', '.join(f'{c.name}_maps.png' for c in stim.contrasts)}, morans_i.png, correlation_vs_distance.png, "
           f"response_profile.png, sites/")
     print(f"maps: {out / 'localizer_maps.png'}")
 
 
 def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: tuple) -> tuple[list, dict]:
     """Every model's measures (topolm.analysis.measure_model) on the stimuli that fit every model (`stim`)
-    and the summary that summary.json holds; `read`: the localizer and part-of-speech rows as read, all
-    their items (`Stimuli`) and what was left out (`fit_stimuli`)."""
+    and the summary that summary.json holds; `read`: every item as read (`Stimuli`) and what was left out
+    (`fit_stimuli`)."""
     from tqdm import tqdm
 
-    localizer, pos_rows, full, fit = read
+    full, fit = read
     torch.manual_seed(cfg.seed)
     results = []
     for loaded in models:
@@ -281,7 +339,7 @@ def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: t
                               stats=cfg)
         results.append((loaded, m))
     summary = {"analysis": {k: v for k, v in asdict(cfg).items()},
-               "stimuli": stimuli_summary(localizer, pos_rows, full, stim, fit)}
+               "stimuli": stimuli_summary(full, stim, fit)}
     for loaded, m in results:
         summary[loaded.label] = {"name": loaded.name, "checkpoint": str(loaded.path), "step": loaded.step,
                                  "provenance": loaded.provenance,
@@ -318,7 +376,7 @@ def write_outputs(results: list, summary: dict, q: float, out: Path) -> list[Pat
         arrays = {**m, "provenance": np.array(json.dumps(loaded.provenance))}  # a string: loads without pickle
         atomic_write(npz, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
         written.append(npz)
-    for contrast in CONTRASTS:
+    for contrast in contrast_names(results[0][1]):
         written.append(save_figure(plot_maps(results, contrast, q), out / f"{contrast}_maps.png"))
         vmax = _vmax(results, contrast)
         for loaded, m in results:

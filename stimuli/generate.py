@@ -16,7 +16,7 @@ from topolm.stimuli import write_stimuli  # noqa: E402
 
 def main() -> None:
     for path in write_stimuli(HERE):
-        print(f"wrote {path} ({sum(1 for _ in open(path)) - 1} rows)")
+        print(f"wrote {path} ({sum(1 for line in open(path) if not line.startswith('#')) - 1} rows)")
 
 
 if __name__ == "__main__":

@@ -138,9 +138,11 @@ def test_responses_are_bit_identical_at_every_batch_size():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=16, block_size=64, vocab_size=50304, radius=2,
                           neighborhoods_per_batch=2, alpha=0.0), random_layout(4, 16, seed=1)).eval()
-    stim = analysis.Stimuli.build(stimuli.read_localizer(), stimuli.read_pos(), gpt2_encoding())
-    ids = [x for c in analysis.CONDITIONS for x in stim.localizer[c][0][:24]] + stim.pos_ids[::4]
-    ranges = [x for c in analysis.CONDITIONS for x in stim.localizer[c][1][:24]] + stim.pos_ranges[::4]
+    from topolm import stimsets
+    sets = [stimsets.read_shipped_localizer(stimuli.STIMULI_DIR), stimsets.read_shipped_pos(stimuli.STIMULI_DIR)]
+    stim = analysis.Stimuli.build(sets, stimsets.select_contrasts(sets, ""), gpt2_encoding())
+    ids = stim.ids[0][::4] + stim.ids[1][::4]
+    ranges = stim.ranges[0][::4] + stim.ranges[1][::4]
     alone = analysis.site_responses(model, ids, ranges, batch_size=1)
     for batch_size in (7, 32):
         np.testing.assert_array_equal(analysis.site_responses(model, ids, ranges, batch_size=batch_size), alone)

@@ -266,9 +266,9 @@ def _no_signal_stimuli(folder):
     folder.mkdir()
     rows = list(csv.DictReader(open(REPO / "stimuli" / "localizer.tsv", newline="", encoding="utf-8"), delimiter="\t",
                                quoting=csv.QUOTE_NONE))
-    sentence = {r["item"]: r["text"] for r in rows if r["condition"] == "S"}
-    lines = ["item\tcondition\ttext"] + [f"{r['item']}\t{r['condition']}\t"
-                                         f"{sentence[r['item']] if r['condition'] == 'N' else r['text']}" for r in rows]
+    sentence = {r["item"]: r["text"] for r in rows if r["labels"] == "condition=S"}
+    lines = ["item\tlabels\ttext"] + [f"{r['item']}\t{r['labels']}\t"
+                                      f"{sentence[r['item']] if r['labels'] == 'condition=N' else r['text']}" for r in rows]
     (folder / "localizer.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     shutil.copy(REPO / "stimuli" / "pos.tsv", folder / "pos.tsv")
     return folder

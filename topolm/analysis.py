@@ -245,7 +245,7 @@ def response_profile(responses: dict[str, np.ndarray], q: float = 0.05, select=(
     items and measured on the even ones, then the other way round; every item is measured once.
     profile: 'signed' measures the units' mean activation, 'abs' their mean absolute activation.
     Returns mean and sem (over items) per condition in `CONDITIONS` order, (4,) each (NaN when
-    no unit was selected), `per_item` (4, n_items) and n_selected (2,) for the two folds.
+    no unit was selected, or for a condition not in `responses`), `per_item` (4, n_items) and n_selected (2,) for the two folds.
     """
     out = response_profiles({c: np.asarray(r)[None] for c, r in responses.items()}, q, select, profile=profile)
     return {k: v[0] for k, v in out.items()}
@@ -270,6 +270,8 @@ def response_profiles(responses: dict[str, np.ndarray], q: float = 0.05, select=
         n_selected[:, fold] = units.sum(axis=1)
         for s in np.flatnonzero(units.any(axis=1)):
             for c, cond in enumerate(CONDITIONS):
+                if cond not in responses:  # a localizer without this condition (EvLab's has S and N): NaN
+                    continue
                 x = responses[cond][s][measure][:, units[s]]
                 per_item[s, c, measure] = (np.abs(x) if profile == "abs" else x).mean(axis=1)
     counts = np.sum(~np.isnan(per_item), axis=-1)
@@ -569,126 +571,178 @@ CORRELATION_NULL_SHUFFLES = 10  # the nulls of the correlation curve and the spa
 
 @dataclass
 class Stimuli:
-    """Tokenized stimuli: the localizer's conditions and the part-of-speech rows (word x frame).
+    """Tokenized stimulus sets (topolm.stimsets.StimulusSet), the localizer first, and the contrasts to run.
 
-    localizer_index (n_kept,): the localizer items kept, as indices into the file's items (all of them
-    unless `fitting` left some out); left_out: {condition or 'noun'/'verb': items (words) left out}."""
-    localizer: dict[str, tuple[list[list[int]], list[tuple[int, int]]]]
-    pos_ids: list[list[int]]
-    pos_ranges: list[tuple[int, int]]
-    pos_category: np.ndarray  # (n_rows,) 'noun' / 'verb'
-    pos_word: np.ndarray  # (n_rows,)
-    localizer_index: np.ndarray | None = None
-    left_out: dict[str, int] = field(default_factory=dict)
+    ids[j], ranges[j]: the token ids and read ranges of set j's items; index[j] (n_kept,): the items kept, as
+    indices into the set's items as read (all unless `fitting` left some out); dropped[j]: the items left out."""
+    sets: list
+    ids: list[list[list[int]]]
+    ranges: list[list[tuple[int, int]]]
+    contrasts: list
+    index: list[np.ndarray] | None = None
+    dropped: list[list] | None = None
 
     def __post_init__(self):
-        if self.localizer_index is None:
-            self.localizer_index = np.arange(len(self.localizer[CONDITIONS[0]][0]))
+        if self.index is None:
+            self.index = [np.arange(len(s.items)) for s in self.sets]
+        if self.dropped is None:
+            self.dropped = [[] for _ in self.sets]
 
     @classmethod
-    def build(cls, localizer: dict[str, list[str]], pos_rows: list[dict], encoding) -> "Stimuli":
-        loc = {c: tokenize_items(localizer[c], encoding) for c in CONDITIONS}
-        ids, ranges = tokenize_items([r["text"] for r in pos_rows], encoding, [(r["start"], r["end"]) for r in pos_rows])
-        return cls(loc, ids, ranges, np.array([r["category"] for r in pos_rows]), np.array([r["word"] for r in pos_rows]))
+    def build(cls, sets: list, contrasts: list, encoding) -> "Stimuli":
+        """Tokenize every item (`tokenize_items`: read at its span, else whole). Raises ValueError naming the set."""
+        ids, ranges = [], []
+        for s in sets:
+            try:
+                i, r = tokenize_items([it.text for it in s.items], encoding,
+                                      [it.span or (0, len(it.text)) for it in s.items])
+            except ValueError as e:
+                raise ValueError(f"{s.source}: {e}") from None
+            ids.append(i)
+            ranges.append(r)
+        return cls(sets, ids, ranges, contrasts)
+
+    @property
+    def localizer(self):
+        return self.sets[0]
 
     @property
     def n_items(self) -> int:
-        return sum(len(v[0]) for v in self.localizer.values()) + len(self.pos_ids)
+        return sum(len(x) for x in self.ids)
 
     @property
     def longest(self) -> int:
-        return max((len(x) for ids in [v[0] for v in self.localizer.values()] + [self.pos_ids] for x in ids), default=0)
+        return max((len(x) for ids in self.ids for x in ids), default=0)
 
     def fitting(self, block_size: int) -> tuple["Stimuli", dict]:
         """The matched stimuli a model with `block_size` reads whole: an item fits when its tokens and the
         `<|endoftext|>` prefix do (len + 1 <= block_size).
 
         Cutting an item would bias the contrasts (a nonword list has 2-3x the tokens of its sentence), so
-        an item that does not fit is left out, matched: localizer item k leaves every condition when it
-        does not fit in one (the conditions stay built from the same sentences), and a noun or verb
-        leaves with all its frames when one of them does not fit (every word is the mean over the same
-        frames). Returns the kept stimuli (their `left_out` set) and the counts {"block_size",
-        "too_long": {key: items that do not fit themselves}, "left_out": {key: items left out}}, keys the
-        conditions S, W, J, N and 'noun', 'verb' (the part-of-speech set counted in words)."""
-        fits = {c: np.array([len(x) + 1 <= block_size for x in self.localizer[c][0]], dtype=bool) for c in CONDITIONS}
-        keep = np.logical_and.reduce([fits[c] for c in CONDITIONS])
-        row_fits = np.array([len(x) + 1 <= block_size for x in self.pos_ids], dtype=bool)
-        bad_words = set(self.pos_word[~row_fits].tolist())
-        keep_row = np.array([w not in bad_words for w in self.pos_word], dtype=bool)
-        too_long = {c: int((~fits[c]).sum()) for c in CONDITIONS}
-        left_out = {c: int((~keep).sum()) for c in CONDITIONS}
-        for category in ("noun", "verb"):
-            words = set(self.pos_word[self.pos_category == category].tolist())
-            too_long[category] = left_out[category] = len(words & bad_words)
-        index = np.flatnonzero(keep)
-        rows = np.flatnonzero(keep_row)
-        kept = Stimuli({c: ([ids[k] for k in index], [ranges[k] for k in index]) for c, (ids, ranges)
-                        in self.localizer.items()}, [self.pos_ids[r] for r in rows], [self.pos_ranges[r] for r in rows],
-                       self.pos_category[rows], self.pos_word[rows], self.localizer_index[index], left_out)
+        an item that does not fit is left out, matched: with every item sharing its match key (localizer
+        item k leaves every condition) and every row of its sample (a word leaves with all its frames).
+        Returns the kept stimuli and the counts {"block_size", "too_long": {key: samples that do not fit
+        themselves}, "left_out": {key: samples left out}}, keys (`count_keys`) the localizer's conditions
+        and the levels of the other sets ('noun', 'verb'; '<set>:<level>' beyond the shipped two sets)."""
+        kept_sets, ids, ranges, index, dropped = [], [], [], [], []
+        too_long, left_out = {}, {}
+        for j, s in enumerate(self.sets):
+            fits = np.array([len(x) + 1 <= block_size for x in self.ids[j]], dtype=bool)
+            keep = fits.copy()
+            while True:  # a match key or sample with one row left out takes its other rows along
+                bad_match = {s.items[k].match for k in np.flatnonzero(~keep)}
+                bad_sample = {s.items[k].sample for k in np.flatnonzero(~keep)}
+                new = np.array([it.match not in bad_match and it.sample not in bad_sample for it in s.items], bool)
+                if (new == keep).all():
+                    break
+                keep = new
+            rows = np.flatnonzero(keep)
+            for key, (side_items) in count_keys(s).items():
+                too_long[key] = len({s.items[k].sample for k in side_items if not fits[k]})
+                left_out[key] = len({s.items[k].sample for k in side_items if not keep[k]})
+            kept_sets.append(type(s)(s.name, [s.items[k] for k in rows], s.groups, s.contrasts, s.source))
+            ids.append([self.ids[j][k] for k in rows])
+            ranges.append([self.ranges[j][k] for k in rows])
+            index.append(self.index[j][rows])
+            dropped.append(self.dropped[j] + [s.items[k] for k in np.flatnonzero(~keep)])
+        kept = Stimuli(kept_sets, ids, ranges, self.contrasts, index, dropped)
         return kept, {"block_size": int(block_size), "too_long": too_long, "left_out": left_out}
 
 
-def word_means(resp: np.ndarray, words: np.ndarray, wanted: list) -> np.ndarray:
-    """Mean response over the rows (frames) of each wanted word: (n_sites, n_rows, C) -> (n_sites, n_words, C)."""
-    if not wanted:
-        return np.empty((resp.shape[0], 0, resp.shape[2]), dtype=resp.dtype)
-    return np.stack([resp[:, words == w].mean(axis=1) for w in wanted], axis=1)
+def count_keys(s) -> dict[str, list[int]]:
+    """The keys `Stimuli.fitting` counts a set's items by, {key: item indices}: the localizer's conditions,
+    another set's label levels ('noun'), prefixed '<set>:' unless the set is the shipped 'pos' one."""
+    keys: dict[str, list[int]] = {}
+    for k, item in enumerate(s.items):
+        for factor, level in item.labels.items():
+            if s.name == "localizer" and factor != "condition":
+                continue
+            key = level if s.name in ("localizer", "pos") else f"{s.name}:{factor}={level}"
+            keys.setdefault(key, []).append(k)
+    return keys
 
 
 def stimulus_labels(stim: Stimuli) -> list[str]:
-    """A name for every stimulus, in `measure_model`'s order (the localizer by condition, then the part-of-speech rows)."""
-    labels = [f"localizer item {int(k)} of condition {c}" for c in CONDITIONS for k in stim.localizer_index]
-    seen: dict[str, int] = {}
-    for category, word in zip(stim.pos_category, stim.pos_word):
-        seen[word] = seen.get(word, -1) + 1
-        labels.append(f"the {category} {word!r} in its frame {seen[word]}")
-    return labels
+    """A name for every stimulus, in `measure_model`'s order (the sets' items, set by set)."""
+    return [item.label for s in stim.sets for item in s.items]
+
+
+def sample_responses(resp: np.ndarray, items: list) -> tuple[np.ndarray, list]:
+    """Each sample's response, the mean over its rows (a word over its frames): resp (n_sites, n_rows, C) ->
+    ((n_sites, n_samples, C), the first item of each sample), samples in order of first appearance."""
+    samples = list(dict.fromkeys(it.sample for it in items))
+    if len(samples) == len(items):
+        return resp, list(items)
+    rows = {key: [] for key in samples}
+    for k, it in enumerate(items):
+        rows[it.sample].append(k)
+    return (np.stack([resp[:, rows[key]].mean(axis=1) for key in samples], axis=1),
+            [items[rows[key][0]] for key in samples])
+
+
+def contrast_sides(stim: Stimuli, resp: np.ndarray) -> tuple[dict, dict, dict]:
+    """Each contrast's two sides {name: (a, b)}, each (n_sites, n_samples, n_units), from every item's responses
+    resp (n_sites, n_items, n_units) in `stimulus_labels`' order; the samples left out per side {name: (a, b)};
+    and the localizer's responses per condition {condition: (n_sites, n_items, n_units)}."""
+    per_set, start = {}, 0
+    for s in stim.sets:
+        per_set[s.name] = (s, *sample_responses(resp[:, start:start + len(s.items)], s.items))
+        start += len(s.items)
+    dropped = {s.name: d for s, d in zip(stim.sets, stim.dropped)}
+    sides, left = {}, {}
+    for c in stim.contrasts:
+        _, r, firsts = per_set[c.set_name]
+        sides[c.name] = tuple(r[:, np.array([c.selects(side, it.labels) for it in firsts], bool)] for side in (0, 1))
+        left[c.name] = tuple(len({it.sample for it in dropped[c.set_name] if c.selects(side, it.labels)})
+                             for side in (0, 1))
+    loc, r, firsts = per_set[stim.localizer.name]
+    conditions = {c: r[:, [it.labels.get("condition") == c for it in firsts]] for c in CONDITIONS
+                  if any(it.labels.get("condition") == c for it in loc.items + dropped[loc.name])}
+    return sides, left, conditions
 
 
 def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 32, progress=None,
                       stats: StatisticsKeys | None = None) -> tuple[dict, dict]:
     """The per-unit contrasts and response profiles of `measure_model` (see there), from the responses to `stim`,
-    and the responses of each contrast's two sides, {contrast: (a, b)}, each (n_sites, n_items, n_units).
+    and the responses of each contrast's two sides, {contrast: (a, b)}, each (n_sites, n_samples, n_units).
 
     stats: the FDR's scope and the profile's measure (StatisticsKeys; default this project's). A side
-    with fewer than 2 items leaves its contrast undefined (`welch_t`); the counts of each side
-    (n_items_<contrast>) and of the items `Stimuli.fitting` left out (n_left_out_<contrast>) are kept.
+    with fewer than 2 samples leaves its contrast undefined (`welch_t`); the counts of each side
+    (n_items_<contrast>) and of the samples `Stimuli.fitting` left out (n_left_out_<contrast>) are kept.
     Raises UserError for a response that is not a number (`site_responses`)."""
     stats = stats or StatisticsKeys()
     pooled = stats.fdr == "pooled"
-    ids = [x for c in CONDITIONS for x in stim.localizer[c][0]] + stim.pos_ids
-    ranges = [x for c in CONDITIONS for x in stim.localizer[c][1]] + stim.pos_ranges
-    resp = site_responses(model, ids, ranges, batch_size=batch_size, progress=progress, labels=stimulus_labels(stim))
-    n_loc = len(stim.localizer["S"][0])
-    loc = {c: resp[:, k * n_loc:(k + 1) * n_loc] for k, c in enumerate(CONDITIONS)}
-    pos = resp[:, 4 * n_loc:]
-    nouns = list(dict.fromkeys(stim.pos_word[stim.pos_category == "noun"]))
-    verbs = list(dict.fromkeys(stim.pos_word[stim.pos_category == "verb"]))
-    noun_resp, verb_resp = word_means(pos, stim.pos_word, nouns), word_means(pos, stim.pos_word, verbs)
-    sides = {"localizer": (loc["S"], loc["N"]), "verb_noun": (verb_resp, noun_resp)}
-
-    out: dict[str, np.ndarray] = {}
-    t, p = welch_t(loc["S"].swapaxes(0, 1), loc["N"].swapaxes(0, 1))
-    qv, sig = fdr(p, q, pooled)
-    out.update(t_localizer=t, p_localizer=p, q_localizer=qv, selective_localizer=sig & (t > 0))
-    t, p = welch_t(verb_resp.swapaxes(0, 1), noun_resp.swapaxes(0, 1))
-    qv, sig = fdr(p, q, pooled)
-    out.update(t_verb_noun=t, p_verb_noun=p, q_verb_noun=qv, selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
+    resp = site_responses(model, [x for ids in stim.ids for x in ids], [x for r in stim.ranges for x in r],
+                          batch_size=batch_size, progress=progress, labels=stimulus_labels(stim))
+    sides, left, loc = contrast_sides(stim, resp)
+    out: dict[str, np.ndarray] = {"contrasts": np.array([c.name for c in stim.contrasts]),
+                                  "contrast_labels": np.array([c.label for c in stim.contrasts])}
+    for name, (a, b) in sides.items():
+        t, p = welch_t(a.swapaxes(0, 1), b.swapaxes(0, 1))
+        qv, sig = fdr(p, q, pooled)
+        out.update({f"t_{name}": t, f"p_{name}": p, f"q_{name}": qv})
+        out[f"n_items_{name}"] = np.array([a.shape[1], b.shape[1]])
+        out[f"n_left_out_{name}"] = np.array(left[name])
+        if name == "localizer":
+            out["selective_localizer"] = sig & (t > 0)
+        if name == "verb_noun":
+            out.update(selective_verb=sig & (t > 0), selective_noun=sig & (t < 0))
     n_sites, n_embed = resp.shape[0], resp.shape[2]
-    out["mean_localizer"] = np.stack([loc[c].mean(axis=1) if n_loc else np.full((n_sites, n_embed), np.nan)
-                                      for c in CONDITIONS], axis=1)
-    out["n_items_localizer"] = np.array([loc["S"].shape[1], loc["N"].shape[1]])
-    out["n_items_verb_noun"] = np.array([len(verbs), len(nouns)])
-    left = stim.left_out
-    out["n_left_out_localizer"] = np.array([left.get("S", 0), left.get("N", 0)])
-    out["n_left_out_verb_noun"] = np.array([left.get("verb", 0), left.get("noun", 0)])
-    out["localizer_items"] = np.asarray(stim.localizer_index, dtype=np.int64)
+    out["mean_localizer"] = np.stack([loc[c].mean(axis=1) if c in loc and loc[c].shape[1] else
+                                      np.full((n_sites, n_embed), np.nan) for c in CONDITIONS], axis=1)
+    first = next(iter(loc))
+    out["localizer_items"] = np.array([int(it.match) for it, k in zip(stim.localizer.items, stim.index[0])
+                                       if it.labels["condition"] == first], dtype=np.int64)
 
     profiles = response_profiles(loc, q, pooled=pooled, profile=stats.profile)
     out["profile_mean"], out["profile_sem"] = profiles["mean"], profiles["sem"]
     out["profile_n_selected"] = profiles["n_selected"]
     return out, sides
 
+
+def contrast_names(m: dict) -> list[str]:
+    """The contrasts measured in `m` (units.npz's `contrasts`; the headline CONTRASTS for arrays without it)."""
+    return [str(c) for c in m["contrasts"]] if "contrasts" in m else list(CONTRASTS)
 
 def site_morans(out: dict, sides: dict, s: int, coords: np.ndarray, perms: np.ndarray, permutations: int, seed: int,
                 stats: StatisticsKeys, q: float) -> dict[str, object]:
@@ -697,7 +751,7 @@ def site_morans(out: dict, sides: dict, s: int, coords: np.ndarray, perms: np.nd
     readout and its null (topolm.readout.readout_site). Returns {units.npz key: this site's value}."""
     cells = SheetCells.from_coords(coords)
     values: dict[str, object] = {}
-    for contrast in CONTRASTS:
+    for contrast in contrast_names(out):
         t = out[f"t_{contrast}"][s]
         m = morans_i(t, coords, permutations, seed, cells=cells)
         values.update({f"moran_{contrast}": m.i, f"moran_p_{contrast}": m.p,
@@ -722,8 +776,9 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
                   stats: StatisticsKeys | None = None) -> dict:
     """Every measure of one model; returns a dict of numpy arrays (the `units.npz` of analyze.py).
 
-    Per site s and unit u: t/p/q_localizer (S vs N), selective_localizer (q <= q, t > 0),
-    t/p/q_verb_noun (verbs - nouns, one sample per word: its mean over frames), selective_verb /
+    contrasts, contrast_labels (n_contrasts,): the contrasts run (stim.contrasts, 'localizer' first).
+    Per contrast c, site s and unit u: t/p/q_<c> (side a - side b, one sample per item, a target word's
+    rows averaged over its frames); selective_localizer (q <= q, t > 0); with verb_noun selective_verb /
     selective_noun; mean_localizer (n_sites, 4, n_units) mean response per condition. Per site:
     moran_<contrast>, moran_p_<contrast>, null_moran_<contrast> (null_shuffles, n_sites),
     profile_mean/profile_sem (n_sites, 4), profile_n_selected (n_sites, 2), corr_centres,
@@ -830,7 +885,7 @@ def _variant_mean(m: dict, variant: str, contrast: str, defined: np.ndarray) -> 
 def _variants(m: dict, s: int) -> dict[str, str | None]:
     """The variants of Moran's I measured for site s (see `measure_model`'s stats), each with why it is undefined."""
     found = {}
-    for contrast in CONTRASTS:
+    for contrast in contrast_names(m):
         if f"moran_smoothed_{contrast}" in m:
             found[("smoothed", contrast)] = undefined_map(m[f"t_smoothed_{contrast}"][s], m.get(f"n_items_{contrast}"),
                                                           m.get(f"n_left_out_{contrast}"))
@@ -854,12 +909,12 @@ def summarize(m: dict) -> dict:
     names = [str(n) for n in m["site_names"]]
     fwhm = float(m["fwhm"]) if "fwhm" in m else 0.0
     reasons = {c: [undefined_map(m[f"t_{c}"][s], m.get(f"n_items_{c}"), m.get(f"n_left_out_{c}"))
-                  for s in range(len(names))] for c in CONTRASTS}
+                  for s in range(len(names))] for c in contrast_names(m)}
     variants = [_variants(m, s) for s in range(len(names))]
     sites = {}
     for s, name in enumerate(names):
         entry = {}
-        for contrast in CONTRASTS:
+        for contrast in contrast_names(m):
             null = m[f"null_moran_{contrast}"][:, s]
             entry[contrast] = {"morans_i": float(m[f"moran_{contrast}"][s]), "p": float(m[f"moran_p_{contrast}"][s]),
                                "null_i": defined_mean(null), "null_i_95": _band(null)}
@@ -872,20 +927,23 @@ def summarize(m: dict) -> dict:
             if variant == "smoothed":
                 entry[contrast][variant] = {"fwhm": fwhm, **entry[contrast][variant]}
         entry["fraction_selective"] = float(m["selective_localizer"][s].mean())
-        entry["fraction_verb_selective"] = float(m["selective_verb"][s].mean())
-        entry["fraction_noun_selective"] = float(m["selective_noun"][s].mean())
+        if "selective_verb" in m:
+            entry["fraction_verb_selective"] = float(m["selective_verb"][s].mean())
+            entry["fraction_noun_selective"] = float(m["selective_noun"][s].mean())
         entry["profile"] = {c: float(v) for c, v in zip(CONDITIONS, m["profile_mean"][s])}
         for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
                     "null_spatial_loss"):
             entry[key] = float(m[key][s])
         sites[name] = entry
-    return {"sites": sites, "mean": _summary_mean(m, sites, names, fwhm)}
+    labels = [str(x) for x in m["contrast_labels"]] if "contrast_labels" in m else ["S - N", "verb - noun"]
+    return {"contrasts": dict(zip(contrast_names(m), labels)), "sites": sites,
+            "mean": _summary_mean(m, sites, names, fwhm)}
 
 
 def _summary_mean(m: dict, sites: dict, names: list[str], fwhm: float) -> dict:
     """summary.json's `mean`: the site means of `summarize` (see there)."""
     mean = {}
-    for contrast in CONTRASTS:
+    for contrast in contrast_names(m):
         defined = np.array(["undefined" not in sites[n][contrast] for n in names])
         null_means = m[f"null_moran_{contrast}"][:, defined].mean(axis=1) if defined.any() else np.full(1, math.nan)
         p = m[f"moran_p_{contrast}"][defined]
@@ -916,13 +974,14 @@ def option_lines(summary: dict) -> list[str]:
     the significant units only), one per site and the mean; [] when neither was measured."""
     lines = []
     rows = list(summary["sites"].items()) + [("mean", summary["mean"])]
-    first = summary["mean"][CONTRASTS[0]]
+    contrasts = list(summary.get("contrasts", CONTRASTS))
+    first = summary["mean"][contrasts[0]]
     if "smoothed" in first:
         lines.append(f"smoothed readout (FWHM {first['smoothed']['fwhm']:g} grid spacings), Moran's I against its null "
                      f"(positions shuffled, then smoothed; 95% band): outside = outside the band")
         for name, e in rows:
             cells = []
-            for contrast in CONTRASTS:
+            for contrast in contrasts:
                 r = e[contrast]["smoothed"]
                 lo, hi = r["null_i_95"]
                 verdict = "undefined" if "undefined" in r else ("OUTSIDE" if r["outside_null"] else "inside")
@@ -932,12 +991,12 @@ def option_lines(summary: dict) -> list[str]:
         lines.append("Moran's I of the significant units only (the others left out), p, units")
         for name, e in rows:
             cells = []
-            for contrast in CONTRASTS:
+            for contrast in contrasts:
                 r = e[contrast]["significant"]
                 extra = f" p {_fmt(r['p'])} n {r['n_units']}" if name != "mean" else ""
                 cells.append(f"{contrast} {_fmt(r['morans_i'])}{extra}")
             lines.append(f"  {name:<14}" + "   ".join(cells))
-            for contrast in CONTRASTS:
+            for contrast in contrasts:
                 if name != "mean" and "undefined" in e[contrast]["significant"]:
                     lines.append(f"    {contrast} undefined: {e[contrast]['significant']['undefined']}")
     return lines

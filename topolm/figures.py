@@ -9,10 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from topolm.analysis import CONDITIONS, CONTRASTS, undefined_map
+from topolm.analysis import CONDITIONS, contrast_names, undefined_map
 from topolm.files import atomic_write
 
 CONTRAST_LABELS = {"localizer": ("sentences - nonword lists", "S - N"), "verb_noun": ("verbs - nouns", "verbs - nouns")}
+
+
+def contrast_label(m: dict, contrast: str) -> tuple[str, str]:
+    """(title, short) of a contrast: the headline ones' words, else its name and sides (units.npz's contrast_labels)."""
+    if contrast in CONTRAST_LABELS:
+        return CONTRAST_LABELS[contrast]
+    names = contrast_names(m)
+    sides = str(m["contrast_labels"][names.index(contrast)]) if "contrast_labels" in m else contrast
+    return f"{contrast}: {sides}", sides
 
 
 # ----------------------------------------------------------------------------- output files
@@ -63,10 +72,12 @@ def _draw_map(ax, t: np.ndarray, marked: np.ndarray, coords: np.ndarray, vmax: f
     return image
 
 
-def _marks(m: dict, contrast: str) -> np.ndarray:
+def _marks(m: dict, contrast: str, q: float = 0.05) -> np.ndarray:
     if contrast == "localizer":
         return m["selective_localizer"]
-    return m["selective_verb"] | m["selective_noun"]
+    if contrast == "verb_noun":
+        return m["selective_verb"] | m["selective_noun"]
+    return np.nan_to_num(m[f"q_{contrast}"], nan=1.0) <= q
 
 
 def _vmax(results, contrast: str, smoothed: bool = False) -> float | None:
@@ -89,7 +100,9 @@ UNDEFINED_NOTE = "grey: t undefined"
 def _mark_text(contrast: str, q: float) -> str:
     if contrast == "localizer":
         return f"dots: language-selective units (S > N, FDR q < {q:g})"
-    return f"dots: units that tell verbs from nouns (FDR q < {q:g}, either sign)"
+    if contrast == "verb_noun":
+        return f"dots: units that tell verbs from nouns (FDR q < {q:g}, either sign)"
+    return f"dots: units that tell the two sides apart (FDR q < {q:g}, either sign)"
 
 
 def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = False) -> "object":
@@ -113,7 +126,7 @@ def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = Fa
             layer, kind = s // 2, s % 2
             row = (k * wraps + layer // cols) * 2 + kind
             ax = axes[row, layer % cols]
-            marks = np.zeros(len(m["coords"][s]), bool) if smoothed else _marks(m, contrast)[s]
+            marks = np.zeros(len(m["coords"][s]), bool) if smoothed else _marks(m, contrast, q)[s]
             image = _draw_map(ax, m[f"t_{key}"][s], marks, m["coords"][s], vmax, 2.0)
             ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  {_moran_text(m, s, key)}", fontsize=7, pad=2)
             if layer % cols == 0:
@@ -121,7 +134,7 @@ def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = Fa
         for layer in range(n_layer, wraps * cols):
             for kind in range(2):
                 axes[(k * wraps + layer // cols) * 2 + kind, layer % cols].axis("off")
-    what, short = CONTRAST_LABELS[contrast]
+    what, short = contrast_label(results[0][1], contrast)
     titles = ", below it ".join(loaded.title for loaded, _ in results)
     scale = "" if vmax is not None else "\nno colour scale: t is 0 or undefined at every unit of every map"
     if smoothed:
@@ -148,8 +161,8 @@ def plot_site(loaded, m: dict, s: int, contrast: str, q: float, vmax: float | No
     t = m[f"t_{contrast}"][s]
     fig = plt.figure(figsize=(4.2, 4.2), dpi=100)
     ax = fig.add_axes((0.06, 0.08, 0.72, 0.72))  # fixed rectangles: no layout engine to run per file
-    image = _draw_map(ax, t, _marks(m, contrast)[s], m["coords"][s], vmax, 9.0)
-    what, short = CONTRAST_LABELS[contrast]
+    image = _draw_map(ax, t, _marks(m, contrast, q)[s], m["coords"][s], vmax, 9.0)
+    what, short = contrast_label(m, contrast)
     null = m[f"null_moran_{contrast}"][:, s]
     i, p = m[f"moran_{contrast}"][s], m[f"moran_p_{contrast}"][s]
     reason = undefined_map(t, m.get(f"n_items_{contrast}"), m.get(f"n_left_out_{contrast}"))
@@ -169,9 +182,11 @@ def plot_site(loaded, m: dict, s: int, contrast: str, q: float, vmax: float | No
 def plot_morans(results: list[tuple]):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=90, sharey=True)
+    contrasts = contrast_names(results[0][1])
+    fig, axes = plt.subplots(1, len(contrasts), figsize=(5 * len(contrasts), 3.6), dpi=90, sharey=True, squeeze=False)
+    axes = axes[0]
     colours = ["C3", "C0"]
-    for ax, contrast in zip(axes, CONTRASTS):
+    for ax, contrast in zip(axes, contrasts):
         for k, (loaded, m) in enumerate(results):
             x = np.arange(len(m["site_names"])) + 0.15 * k
             null = m[f"null_moran_{contrast}"]
@@ -188,10 +203,10 @@ def plot_morans(results: list[tuple]):
         names = [str(n).replace("layer.", "L") for n in results[0][1]["site_names"]]
         ax.set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7)
         ax.axhline(0, color="0.5", linewidth=0.8)
-        ax.set_title(f"{CONTRAST_LABELS[contrast][0]}", fontsize=9)
-    smoothed = any(f"moran_smoothed_{CONTRASTS[0]}" in m for _, m in results)
+        ax.set_title(f"{contrast_label(results[0][1], contrast)[0]}", fontsize=9)
+    smoothed = any(f"moran_smoothed_{contrasts[0]}" in m for _, m in results)
     axes[0].set_ylabel("Moran's I of the t-map" + (" (squares: smoothed)" if smoothed else " (unsmoothed)"))
-    axes[1].legend(fontsize=6 if smoothed else 7, loc="best")
+    axes[-1].legend(fontsize=6 if smoothed else 7, loc="best")
     fig.suptitle("Spatial autocorrelation of every site's t-map (queen contiguity, row-standardised)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -199,10 +214,11 @@ def plot_morans(results: list[tuple]):
 
 def readout_figures(results: list[tuple], q: float, out: Path) -> list[Path]:
     """The smoothed readout's t-maps, `<contrast>_maps_smoothed.png` in `out`, where it was measured (fwhm > 0)."""
-    if f"t_smoothed_{CONTRASTS[0]}" not in results[0][1]:
+    contrasts = contrast_names(results[0][1])
+    if f"t_smoothed_{contrasts[0]}" not in results[0][1]:
         return []
     return [save_figure(plot_maps(results, contrast, q, smoothed=True), out / f"{contrast}_maps_smoothed.png")
-            for contrast in CONTRASTS]
+            for contrast in contrasts]
 
 
 def _site_grid(n_sites: int, width: float, height: float):

@@ -326,21 +326,28 @@ def pos_items() -> list[dict]:
 
 LOCALIZER_FILE = "localizer.tsv"
 POS_FILE = "pos.tsv"
-LOCALIZER_COLUMNS = ("item", "condition", "text")
-POS_COLUMNS = ("category", "word", "frame", "text", "start", "end")
+# Both files are stimulus sets in the format of topolm.stimsets (docs/analysis.md): labels, and for pos.tsv
+# the carrier frame of each row; the localizer's contrasts are implied by its name (stimsets.LOCALIZER_CONTRASTS).
+LOCALIZER_COLUMNS = ("item", "labels", "text")
+POS_COLUMNS = ("labels", "text", "frame")
+POS_DECLARATIONS = "# verbs and nouns, each word in four carrier frames (stimuli/README.md)\n# contrast verb_noun = verb - noun\n"
 
 
 def write_stimuli(folder: Path = STIMULI_DIR) -> list[Path]:
-    """Generate both sets and write them as tab-separated files (atomically). Needs wordfreq."""
+    """Generate both sets and write them as tab-separated stimulus sets (atomically). Needs wordfreq."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     loc = localizer_items()
-    loc_rows = [dict(item=k, condition=c, text=loc[c][k]) for k in range(len(loc["S"])) for c in CONDITIONS]
+    loc_rows = [dict(item=k, labels=f"condition={c}", text=loc[c][k]) for k in range(len(loc["S"])) for c in CONDITIONS]
+    pos_rows = [dict(labels=f"class={r['category']}", text=r["word"], frame=FRAMES[r["frame"]].replace("{w}", "___"))
+                for r in pos_items()]
     written = []
-    for name, columns, rows in ((LOCALIZER_FILE, LOCALIZER_COLUMNS, loc_rows), (POS_FILE, POS_COLUMNS, pos_items())):
+    for name, columns, rows, head in ((LOCALIZER_FILE, LOCALIZER_COLUMNS, loc_rows, ""),
+                                      (POS_FILE, POS_COLUMNS, pos_rows, POS_DECLARATIONS)):
         path = folder / name
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(head)
             writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
             writer.writeheader()
             writer.writerows(rows)
@@ -349,45 +356,26 @@ def write_stimuli(folder: Path = STIMULI_DIR) -> list[Path]:
     return written
 
 
-def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"stimulus file not found: {path} (python stimuli/generate.py writes it)")
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    if tuple(reader.fieldnames or ()) != columns:
-        raise ValueError(f"{path}: expected the columns {', '.join(columns)}; got {reader.fieldnames}")
-    rows = []
-    for row in reader:
-        empty = next((c for c in columns if not row[c] or row[c].isspace()), None)
-        if empty:
-            raise ValueError(f"{path} line {reader.line_num}: the field '{empty}' is empty or missing; every row "
-                             f"needs {', '.join(columns)}")
-        rows.append(row)
-    return rows
-
-
 def read_localizer(folder: Path = STIMULI_DIR) -> dict[str, list[str]]:
-    """{condition: [item text]} from `localizer.tsv`, items in order; every condition has the same count.
+    """{condition: [item text]} from `localizer.tsv` (topolm.stimsets.read_shipped_localizer), items in order;
+    every condition has the same count. Raises FileNotFoundError / ValueError on a missing or malformed file."""
+    from topolm.stimsets import read_shipped_localizer
 
-    Raises FileNotFoundError / ValueError on a missing or malformed file."""
-    path = Path(folder) / LOCALIZER_FILE
-    items: dict[str, dict[int, str]] = {c: {} for c in CONDITIONS}
-    for row in _read_tsv(path, LOCALIZER_COLUMNS):
-        if row["condition"] not in items:
-            raise ValueError(f"{path}: unknown condition {row['condition']!r} (expected one of {CONDITIONS})")
-        items[row["condition"]][int(row["item"])] = row["text"]
-    counts = {c: len(v) for c, v in items.items()}
-    if len(set(counts.values())) != 1 or not counts["S"]:
-        raise ValueError(f"{path}: every condition needs the same number of items; got {counts}")
-    return {c: [v[k] for k in sorted(v)] for c, v in items.items()}
+    items: dict[str, list[str]] = {}
+    for item in read_shipped_localizer(folder).items:
+        items.setdefault(item.labels["condition"], []).append(item.text)
+    return items
 
 
 def read_pos(folder: Path = STIMULI_DIR) -> list[dict]:
-    """Rows of `pos.tsv` (see `pos_items`), frame/start/end as ints, the span checked."""
-    path = Path(folder) / POS_FILE
-    rows = _read_tsv(path, POS_COLUMNS)
-    for row in rows:
-        for key in ("frame", "start", "end"):
-            row[key] = int(row[key])
-        if row["text"][row["start"]:row["end"]] != row["word"] or row["category"] not in ("noun", "verb"):
-            raise ValueError(f"{path}: bad row {row}")
+    """Rows of `pos.tsv` as `pos_items` gives them (category, word, frame index, text, start, end), read through
+    topolm.stimsets.read_shipped_pos. Raises FileNotFoundError / ValueError on a missing or malformed file."""
+    from topolm.stimsets import read_shipped_pos
+
+    rows, seen = [], {}
+    for item in read_shipped_pos(folder).items:
+        word = item.text[item.span[0]:item.span[1]]
+        seen[word] = seen.get(word, -1) + 1
+        rows.append(dict(category=item.labels["class"], word=word, frame=seen[word], text=item.text,
+                         start=item.span[0], end=item.span[1]))
     return rows

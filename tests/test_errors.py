@@ -41,7 +41,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     (dict(radius=4), "radius=4 is too large for a 6x6 grid"),
     (dict(radius=0), "radius=0 must be >= 1"),
     (dict(neighborhoods_per_batch=17), "neighborhoods_per_batch=17 exceeds the 16 neighborhoods"),
-    (dict(init_from="gpt2"), "init_from must be one of scratch, resume"),
+    (dict(init_from="gpt2"), "checkpoint not found: gpt2"),  # neither scratch nor resume: a path
     (dict(dtype="fp8"), "dtype must be one of"),
 ])
 def test_bad_config_values(tmp_path, kw, match):

@@ -13,7 +13,7 @@ import finetune
 from topolm import glue
 from topolm.config import UserError
 from topolm.checkpoint import build_classifier
-from conftest import (PYTHON, overrides, read_checkpoint, read_log, run_in_process, run_script, signal_and_wait,
+from conftest import (STOP_BOUND_S, PYTHON, overrides, read_checkpoint, read_log, run_in_process, run_script, signal_and_wait,
                       start_and_wait_for_log, torchrun, write_pattern_data)
 from topolm.glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
@@ -358,7 +358,7 @@ def test_a_stop_during_the_evaluation_abandons_it_and_the_resumed_run_does_it_fi
     proc = start_and_wait_for_log([PYTHON, "finetune.py", *finetune_args(pretrained, glue, cut, **common)],
                                   cut / "sst2" / "log.jsonl", '"iter": 1,')
     seconds, out, err = signal_and_wait(proc, signal.SIGTERM)
-    assert proc.returncode == 0 and seconds < 5, (proc.returncode, seconds, err[-2000:])
+    assert proc.returncode == 0 and seconds < STOP_BOUND_S, (proc.returncode, seconds, err[-2000:])
     assert "stop requested during the evaluation at step 2: evaluation abandoned" in out
     assert [(r["event"], r["iter"]) for r in read_log(cut / "sst2")] == [("start", 0), ("train", 0), ("train", 1),
                                                                           ("stopped", 2)]

@@ -14,7 +14,7 @@ import pytest
 
 import analyze
 import blimp
-from conftest import PYTHON, REPO, run_main, write_units
+from conftest import STOP_BOUND_S, PYTHON, REPO, run_main, write_units
 from topolm.checkpoint import load_model
 from topolm.signals import Stopped, exit_on_stop
 
@@ -106,7 +106,7 @@ def test_a_stop_signal_ends_an_inference_command_at_once_with_one_line(gpt2_run,
     seconds = run.stop(sig)
     err = run.text("err")
     name = signal.Signals(sig).name
-    assert run.proc.returncode == 128 + sig and seconds < 5, (run.proc.returncode, seconds, err[-2000:])
+    assert run.proc.returncode == 128 + sig and seconds < STOP_BOUND_S, (run.proc.returncode, seconds, err[-2000:])
     assert err.replace("\r", "\n").splitlines()[-1] == f"stopped by {name}; nothing written", err[-2000:]
     assert "Traceback" not in err
     assert list((tmp_path / "results").iterdir()) == []  # neither outputs nor their temporary files

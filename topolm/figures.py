@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from topolm.analysis import CONDITIONS, contrast_names, undefined_map
+from topolm.analysis import CONDITIONS, contrast_names, correlation_by_distance, distance_bin_edges, undefined_map
 from topolm.files import atomic_write
 
 CONTRAST_LABELS = {"localizer": ("sentences - nonword lists", "S - N"), "verb_noun": ("verbs - nouns", "verbs - nouns")}
@@ -46,9 +46,37 @@ def json_safe(x):
 
 # ----------------------------------------------------------------------------- figures
 
-def _sheet_image(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Per-cell mean of unit values on the grid spanned by the coordinates; NaN where no unit sits."""
-    size = coords.max(axis=0) + 1
+MAP_DPI = 100
+"""Dots per inch of the maps' figures, on screen and in the PNG."""
+PANEL_SHORT_PX = 150
+"""A map panel's shorter side is at least this many pixels at MAP_DPI, so the significance dots show."""
+PANEL_LONG_PX = 200
+"""... and its longer side at least this many (a square sheet: 200 x 200 px panels)."""
+
+
+def sheet_shape(coords: np.ndarray) -> tuple[int, int]:
+    """(rows, cols) of the grid the unit coordinates span: coords (..., 2) of (row, col) cells, 0-based."""
+    coords = np.asarray(coords).reshape(-1, 2)
+    return int(coords[:, 0].max()) + 1, int(coords[:, 1].max()) + 1
+
+
+def panel_pixels(shape: tuple[int, int]) -> tuple[float, float, float]:
+    """(width, height, cell) in pixels at MAP_DPI of a map panel of a rows x cols sheet: square cells, the
+    short side at least PANEL_SHORT_PX and the long side at least PANEL_LONG_PX."""
+    rows, cols = shape
+    cell = max(PANEL_LONG_PX / max(rows, cols), PANEL_SHORT_PX / min(rows, cols))
+    return cols * cell, rows * cell, cell
+
+
+def _dot_size(cell_px: float, dpi: float) -> float:
+    """Marker area (points^2) of a significance dot: a disc 0.45 of a cell across."""
+    return (0.45 * cell_px * 72.0 / dpi) ** 2
+
+
+def _sheet_image(values: np.ndarray, coords: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Per-cell mean of unit values on the rows x cols grid (`shape`, default the one the coordinates span);
+    NaN where no unit sits."""
+    size = sheet_shape(coords) if shape is None else shape
     total = np.zeros(size)
     count = np.zeros(size)
     np.add.at(total, (coords[:, 0], coords[:, 1]), values)
@@ -57,13 +85,14 @@ def _sheet_image(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _draw_map(ax, t: np.ndarray, marked: np.ndarray, coords: np.ndarray, vmax: float, dot: float):
+def _draw_map(ax, t: np.ndarray, marked: np.ndarray, coords: np.ndarray, vmax: float, dot: float,
+              shape: tuple[int, int] | None = None):
     import matplotlib.pyplot as plt
 
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad("0.8")
     vmax = 1.0 if vmax is None else vmax  # no colour bar is drawn then: t is 0 (white) or undefined (grey)
-    image = ax.imshow(_sheet_image(t, coords), cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    image = ax.imshow(_sheet_image(t, coords, shape), cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
     if marked.any():
         cells = np.unique(coords[marked], axis=0)
         ax.scatter(cells[:, 1], cells[:, 0], s=dot, c="k", marker="o", linewidths=0)
@@ -105,19 +134,51 @@ def _mark_text(contrast: str, q: float) -> str:
     return f"dots: units that tell the two sides apart (FDR q < {q:g}, either sign)"
 
 
-def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = False) -> "object":
-    """Every site's t-map, n_layer columns (wrapped at 12) x (attn, mlp) rows, per model; `smoothed`: the t-maps of
-    the smoothed readout (`t_smoothed_<contrast>`), without selective units (no FDR test runs on them)."""
+def _map_grid(results: list[tuple]):
+    """The figure and (rows, cols) axes of plot_maps: n_layer columns (wrapped at 12) x (attn, mlp) rows per
+    model, every panel sized by panel_pixels for the sheet's rows x cols. Returns fig, axes, wraps, shape, cell px."""
     import matplotlib.pyplot as plt
-
-    key = f"smoothed_{contrast}" if smoothed else contrast
 
     n_layer = results[0][0].model.config.n_layer
     cols = min(n_layer, 12)
     wraps = math.ceil(n_layer / cols)
     rows = 2 * wraps * len(results)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(1.3 * cols + 1.4, 6.0), 1.3 * rows + 1.1), dpi=90, squeeze=False,
+    shape = sheet_shape(np.concatenate([np.reshape(m["coords"], (-1, 2)) for _, m in results]))
+    width, height, cell = panel_pixels(shape)
+    # room around each panel (its title, the row's label), the colour bar on the right and the title lines on top
+    fig_w = cols * (width / MAP_DPI + 0.45) + 1.6
+    fig_h = rows * (height / MAP_DPI + 0.35) + 1.5
+    fig, axes = plt.subplots(rows, cols, figsize=(max(fig_w, 6.0), fig_h), dpi=MAP_DPI, squeeze=False,
                              layout="constrained")
+    return fig, axes, wraps, shape, cell
+
+
+def _maps_title(results: list[tuple], contrast: str, q: float, smoothed: bool, shape: tuple[int, int]) -> str:
+    what, _ = contrast_label(results[0][1], contrast)
+    titles = ", below it ".join(loaded.title for loaded, _ in results)
+    sheet = f"sheet of every site ({shape[0]} x {shape[1]} cells)"
+    if smoothed:
+        fwhm = float(results[0][1]["fwhm"])
+        how = (f"smoothed readout (Gaussian, FWHM {fwhm:g} grid spacings),\nWelch t per cell on the {sheet}\n"
+               f"{titles}\nI: Moran's I of the smoothed map; smoothing alone raises it: compare it\nwith its null "
+               f"(positions shuffled, then smoothed; morans_i.png), never with 0")
+    else:
+        how = (f"Welch t per unit on the {sheet}\n{titles}\n{_mark_text(contrast, q)}; "
+               f"I: Moran's I (unsmoothed)")
+    return f"{what}: {how}; {UNDEFINED_NOTE}"
+
+
+def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = False) -> "object":
+    """Every site's t-map, n_layer columns (wrapped at 12) x (attn, mlp) rows, per model; `smoothed`: the t-maps of
+    the smoothed readout (`t_smoothed_<contrast>`), without selective units (no FDR test runs on them).
+
+    The sheet's rows x cols come from the units' coordinates; each panel is at least PANEL_SHORT_PX x
+    PANEL_LONG_PX pixels at MAP_DPI (panel_pixels); one colour scale, symmetric around 0, for every panel of
+    every model, its bar labelled in t."""
+    key = f"smoothed_{contrast}" if smoothed else contrast
+    n_layer = results[0][0].model.config.n_layer
+    fig, axes, wraps, shape, cell = _map_grid(results)
+    cols = axes.shape[1]
     vmax = _vmax(results, contrast, smoothed)
     image = None
     for k, (loaded, m) in enumerate(results):
@@ -127,29 +188,19 @@ def plot_maps(results: list[tuple], contrast: str, q: float, smoothed: bool = Fa
             row = (k * wraps + layer // cols) * 2 + kind
             ax = axes[row, layer % cols]
             marks = np.zeros(len(m["coords"][s]), bool) if smoothed else _marks(m, contrast, q)[s]
-            image = _draw_map(ax, m[f"t_{key}"][s], marks, m["coords"][s], vmax, 2.0)
-            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  {_moran_text(m, s, key)}", fontsize=7, pad=2)
+            image = _draw_map(ax, m[f"t_{key}"][s], marks, m["coords"][s], vmax, _dot_size(cell, MAP_DPI), shape)
+            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  {_moran_text(m, s, key)}", fontsize=8, pad=2)
             if layer % cols == 0:
-                ax.set_ylabel(f"{loaded.name}\nattn" if kind == 0 else "mlp", fontsize=7)
+                ax.set_ylabel(f"{loaded.title}\nattn" if kind == 0 else "mlp", fontsize=8)
         for layer in range(n_layer, wraps * cols):
             for kind in range(2):
                 axes[(k * wraps + layer // cols) * 2 + kind, layer % cols].axis("off")
-    what, short = contrast_label(results[0][1], contrast)
-    titles = ", below it ".join(loaded.title for loaded, _ in results)
     scale = "" if vmax is not None else "\nno colour scale: t is 0 or undefined at every unit of every map"
-    if smoothed:
-        fwhm = float(results[0][1]["fwhm"])
-        how = (f"smoothed readout (Gaussian, FWHM {fwhm:g} grid spacings),\nWelch t per cell on the sheet of every site\n"
-               f"{titles}\nI: Moran's I of the smoothed map; smoothing alone raises it: compare it\nwith its null "
-               f"(positions shuffled, then smoothed; morans_i.png), never with 0")
-    else:
-        how = (f"Welch t per unit on the sheet of every site\n{titles}\n{_mark_text(contrast, q)}; "
-               f"I: Moran's I (unsmoothed)")
-    fig.suptitle(f"{what}: {how}; {UNDEFINED_NOTE}{scale}", fontsize=8)
+    fig.suptitle(_maps_title(results, contrast, q, smoothed, shape) + scale, fontsize=9)
     if vmax is not None:
         cbar = fig.colorbar(image, ax=axes, shrink=0.7, aspect=30)
-        cbar.set_label(f"t ({short})", fontsize=8)
-        cbar.ax.tick_params(labelsize=7)
+        cbar.set_label(f"Welch t ({contrast_label(results[0][1], contrast)[1]})", fontsize=9)
+        cbar.ax.tick_params(labelsize=8)
     return fig
 
 
@@ -206,9 +257,15 @@ def plot_morans(results: list[tuple]):
         ax.set_title(f"{contrast_label(results[0][1], contrast)[0]}", fontsize=9)
     smoothed = any(f"moran_smoothed_{contrasts[0]}" in m for _, m in results)
     axes[0].set_ylabel("Moran's I of the t-map" + (" (squares: smoothed)" if smoothed else " (unsmoothed)"))
-    axes[-1].legend(fontsize=6 if smoothed else 7, loc="best")
-    fig.suptitle("Spatial autocorrelation of every site's t-map (queen contiguity, row-standardised)", fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the panels, in the figure's own room: inside a panel it hid points and ran past the figure's edge
+    ncol = 2 if smoothed else len(results)
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=ncol, frameon=False)
+    fig.suptitle("Spatial autocorrelation of every site's t-map (queen contiguity, row-standardised);\n"
+                 "bars: 95% band of the same map's I with the units' positions shuffled", fontsize=9)
+    legend_rows = math.ceil(len(labels) / ncol)
+    fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.2 * legend_rows)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -221,23 +278,63 @@ def readout_figures(results: list[tuple], q: float, out: Path) -> list[Path]:
             for contrast in contrasts]
 
 
-def _site_grid(n_sites: int, width: float, height: float):
+def _site_grid(n_sites: int, width: float, height: float, sharey: bool = False):
     import matplotlib.pyplot as plt
 
     n_layer = n_sites // 2
     cols = min(n_layer, 8)
     wraps = math.ceil(n_layer / cols)
     fig, axes = plt.subplots(2 * wraps, cols, figsize=(width * cols + 0.8, height * 2 * wraps + 1.0), dpi=90,
-                             squeeze=False)
+                             squeeze=False, sharey=sharey)
     for layer in range(n_layer, wraps * cols):
         for kind in range(2):
             axes[(layer // cols) * 2 + kind, layer % cols].axis("off")
     return fig, [axes[(s // 2 // cols) * 2 + s % 2, (s // 2) % cols] for s in range(n_sites)]
 
 
+def pair_counts(coords: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(n_bins,) unit pairs per distance bin: the pairs analysis.correlation_by_distance averages (every
+    unordered pair of distinct units once; distance 0 in no bin). coords (n_units, 2); edges (n_bins + 1,)."""
+    coords = np.asarray(coords)
+    return correlation_by_distance(np.zeros((len(coords), len(coords))), coords, edges)["counts"]
+
+
+CORRELATION_NOTE = ("grey bars (right axis): unit pairs per distance bin. Few pairs lie at the largest distances "
+                    "(only the sheet's far corners are that far apart),\nso the curve there averages few pairs and "
+                    "can rise again by chance: read it where the bars are tall")
+
+
+def _pair_bars(ax, m: dict, s: int, edges: np.ndarray, first: bool):
+    """The site's pair counts as bars on a second y axis behind the curves; returns that axis."""
+    counts = pair_counts(m["coords"][s], edges)
+    twin = ax.twinx()
+    twin.set_label(f"pairs {m['site_names'][s]}")
+    twin.bar((edges[:-1] + edges[1:]) / 2, counts, width=0.9, color="0.85", zorder=0,
+             label="unit pairs per bin (right axis)" if first else None)
+    twin.tick_params(labelsize=6, colors="0.45")
+    ax.set_zorder(twin.get_zorder() + 1)  # the curves over the bars
+    ax.patch.set_visible(False)
+    return twin
+
+
 def plot_correlation(results: list[tuple]):
+    """Mean correlation by grid distance per site, each model's and its shuffled-position null, over the number
+    of unit pairs in each distance bin (bars on a second axis; of the first model's layout, and of the
+    compared model's where its layout differs)."""
     fig, axes = _site_grid(len(results[0][1]["site_names"]), 2.3, 1.9)
     colours = ["C3", "C0"]
+    m0 = results[0][1]
+    edges = m0["corr_edges"] if "corr_edges" in m0 else distance_bin_edges(np.reshape(m0["coords"], (-1, 2)))
+    cols = min(len(axes) // 2, 8)  # _site_grid's columns: the right axis is labelled in the last one
+    twins = []
+    for s, ax in enumerate(axes):
+        twins.append(_pair_bars(ax, m0, s, edges, s == 0))
+        for k, (loaded, m) in enumerate(results[1:], 1):
+            if not np.array_equal(m["coords"][s], m0["coords"][s]):
+                twins[s].step((edges[:-1] + edges[1:]) / 2, pair_counts(m["coords"][s], edges), where="mid",
+                              color=colours[k], alpha=0.5, linewidth=0.8)
+        if (s // 2) % cols == cols - 1:
+            twins[s].set_ylabel("unit pairs", fontsize=6, color="0.45")
     for k, (loaded, m) in enumerate(results):
         x = m["corr_centres"]
         for s, ax in enumerate(axes):
@@ -251,14 +348,19 @@ def plot_correlation(results: list[tuple]):
     for ax in axes[-2:]:
         ax.set_xlabel("grid distance", fontsize=7)
     axes[0].set_ylabel("mean correlation", fontsize=7)
-    fig.legend(fontsize=7, loc="lower center", ncol=4)
-    fig.suptitle("Correlation of unit responses on held-out text, by distance on the sheet", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    handles, labels = axes[0].get_legend_handles_labels()
+    bar_handles, bar_labels = twins[0].get_legend_handles_labels()
+    fig.legend(handles + bar_handles, labels + bar_labels, fontsize=7, loc="lower center", ncol=3)
+    fig.suptitle("Correlation of unit responses on held-out text, by distance on the sheet\n" + CORRELATION_NOTE,
+                 fontsize=8)
+    fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.4)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.9))
     return fig
 
 
 def plot_profile(results: list[tuple]):
-    fig, axes = _site_grid(len(results[0][1]["site_names"]), 2.1, 1.8)
+    # one y scale for every panel: a site's bars are compared with the other sites' by eye
+    fig, axes = _site_grid(len(results[0][1]["site_names"]), 2.1, 1.8, sharey=True)
     colours = ["C3", "C0"]
     width = 0.8 / len(results)
     for k, (loaded, m) in enumerate(results):
@@ -273,11 +375,14 @@ def plot_profile(results: list[tuple]):
                          f", {n_sel[0]}/{n_sel[1]}", fontsize=7)
             ax.axhline(0, color="0.6", linewidth=0.6)
     axes[0].set_ylabel("mean response", fontsize=7)
+    for ax in axes:
+        ax.yaxis.set_tick_params(labelleft=True)  # shared, but every panel keeps its numbers
     fig.legend(fontsize=7, loc="lower center", ncol=2)
     fig.suptitle("Language-selective units (S > N): mean response to sentences, word lists, jabberwocky, nonwords\n"
-                 "selected on odd items, measured on even ones and vice versa; n = units selected per fold; "
+                 "(one y scale for every site); selected on odd items, measured on even ones and vice versa;\n"
+                 "n = units selected per fold; "
                  "bars: s.e.m. over items", fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.92))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.89))
     return fig
 
 

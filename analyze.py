@@ -317,9 +317,8 @@ def main(argv: list[str]) -> None:
 
     for loaded, _ in results:
         print_table(loaded, summary[loaded.label])
-    print(f"\n{len(written)} files in {out} ({time.time() - start:.0f} s): summary.json, units.npz, "
-          f"{', '.join(f'{c.name}_maps.png' for c in stim.contrasts)}, morans_i.png, correlation_vs_distance.png, "
-          f"response_profile.png, sites/")
+    top = sorted(p.name for p in written if p.parent == written[-1].parent)  # summary.json's folder: the top
+    print(f"\n{len(written)} files in {out} ({time.time() - start:.0f} s): {', '.join(top)}, sites/")
     print(f"maps: {out / 'localizer_maps.png'}")
 
 

@@ -42,15 +42,16 @@ def main(argv: list[str]) -> None:
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass overwrite=true to replace it")
     require_writable(out.parent)
+    from topolm.hf import export_hf, require_full_softmax
+
+    gpt, ckpt, path = load_model(cfg.ckpt)
+    require_full_softmax(gpt, str(path))  # before the packages: no install for a model that cannot go
     try:
         import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
         import transformers  # noqa: F401
     except ImportError as e:
         raise UserError(f"export needs the packages of requirements-hf.txt ({e.name} is missing): "
                         f"pip install -r requirements-hf.txt") from e
-    from topolm.hf import export_hf
-
-    gpt, ckpt, path = load_model(cfg.ckpt)
     files = export_hf(gpt, ckpt, out, str(path), overwrite=cfg.overwrite)
     if "head" in ckpt:
         print(f"note: {path} is finetuned ({ckpt['task']['name']}); its backbone is exported, not its head")

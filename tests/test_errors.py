@@ -26,7 +26,8 @@ def refuse(argv, match):
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     proc = run_script([PYTHON, "train.py", "train_shakespeare.yaml", "batch_sise=4"], check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown config key 'batch_sise'"
+    assert proc.stderr.strip() == ("error: unknown config key 'batch_sise'; did you mean 'batch_size'? "
+                                   "`python train.py help` lists every key")
     assert proc.stdout == ""
     proc = run_in_process([PYTHON, "train.py", "train_shakespeare.yaml", "batch_size=four"], check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

@@ -77,11 +77,15 @@ def resolve_path(name: str, folder: Path, suffix: str = "") -> Path:
     return candidate
 
 
-def _omegaconf_message(e: Exception) -> str:
+def _omegaconf_message(e: Exception, cls: type) -> str:
     msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
     key = getattr(e, "full_key", None)
     if type(e).__name__ == "ConfigKeyError" and key:
-        return f"unknown config key '{key}'"
+        import difflib
+
+        close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(cls)], n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown config key '{key}'; {hint}`python {Path(sys.argv[0]).name} help` lists every key"
     choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
     if key and choice:  # a Literal key: the same wording as one_of
         allowed = ", ".join(a.strip().strip("'") for a in choice.group(2).split(","))
@@ -147,7 +151,7 @@ def load_config(cls: type, argv: list[str], default_file: str | None = None):
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(parsed))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise UserError(_omegaconf_message(e)) from e
+        raise UserError(_omegaconf_message(e, cls)) from e
     except ValueError as e:  # raised by a dataclass's __post_init__
         raise UserError(str(e)) from e
 

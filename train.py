@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -201,19 +202,23 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
 SOURCE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "activation")
 
 
-def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, tuple[dict, Path] | None]:
     """The config with the shape keys (SOURCE_KEYS) of the model init_from names, or with init_from=resume
-    those of a run that was started from a model (its checkpoints record `started_from`). Raises UserError
-    when that model cannot be loaded, or when a key `given` on the command line sets another value."""
+    those of a run that was started from a model (its checkpoints record `started_from`), and what was
+    loaded to read them ((checkpoint or model, its path), handed on to check_inputs so that it is not
+    loaded twice; None when nothing was). Raises UserError when that model cannot be loaded, or when a
+    key `given` on the command line sets another value."""
     if cfg.init_from == "resume":
         ckpts = list_checkpoints(cfg.run_dir())
-        src, path = (load_checkpoint(ckpts[-1]), ckpts[-1]) if ckpts else ({}, None)
+        if not ckpts:
+            return cfg, None  # check_inputs refuses it
+        src, path = load_checkpoint(ckpts[-1]), ckpts[-1]
         if not src.get("started_from"):
-            return cfg  # a run from random weights, or none yet: check_inputs checks or refuses it
+            return cfg, (src, path)  # a run from random weights: its config is checked by check_inputs
     elif cfg.from_model:
         src, path = load_source(cfg.init_from)
     else:
-        return cfg
+        return cfg, None
     saved = src["model_config"]
     clash = [f"{k}={getattr(cfg, k)} on the command line vs {saved[k]} in the model" for k in SOURCE_KEYS
              if k in given and getattr(cfg, k) != saved[k]]
@@ -224,7 +229,7 @@ def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     if adopted:
         print0(f"{path}: the run takes the model's {' '.join(f'{k}={v}' for k, v in adopted.items())}")
     try:
-        return dataclasses.replace(cfg, **adopted)
+        return dataclasses.replace(cfg, **adopted), (src, path)
     except ValueError as e:  # the run's own keys (radius, neighborhoods) may not fit the model's sheet
         raise UserError(f"{path}: {e}") from e
 
@@ -359,8 +364,9 @@ class TrainRun:
 
 # ----------------------------------------------------------------------------- setup
 
-def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
-    """Everything that can refuse the run, checked before anything is written."""
+def check_inputs(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) -> Inputs:
+    """Everything that can refuse the run, checked before anything is written. loaded: the checkpoint or
+    model adopt_source_shape read (used instead of reading it again)."""
     data_dir = resolve_path(cfg.dataset, DATA_DIR)
     try:
         batches = {split: Batches(data_dir / f"{split}.bin", cfg, d.device) for split in ("train", "val")}
@@ -383,12 +389,12 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> Inputs:
             raise UserError(f"init_from=resume but {run_dir} holds no checkpoint; use init_from=scratch to start "
                             f"the run (or name the run folder with out_dir/run_name)")
         ckpt_file = ckpts[-1]
-        ckpt = load_checkpoint(ckpt_file)
+        ckpt = loaded[0] if loaded is not None and loaded[1] == ckpt_file else load_checkpoint(ckpt_file)
         check_resume_config(ckpt, cfg, ckpt_file, 0 if output_ids is None else len(output_ids))
         positions_source, origin = ckpt["layout"]["source"], ckpt.get("started_from")
     else:
         if cfg.from_model:
-            source, source_path = load_source(cfg.init_from)
+            source, source_path = loaded if loaded is not None else load_source(cfg.init_from)
             check_source_vocabulary(source, source_path, data_dir, data_tokenizer)
             coords, positions_source, positions_meta = source_positions(cfg, source, source_path)
             origin = started_from(source, source_path, positions_source)
@@ -419,11 +425,11 @@ def start_log(cfg: TrainConfig, d: Dist, fresh: bool) -> JsonLog:
     return JsonLog(run_dir / "log.jsonl", d.is_main, fresh=fresh)
 
 
-def setup(cfg: TrainConfig, d: Dist) -> TrainRun:
+def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) -> TrainRun:
     """The model, optimizer, random streams, checkpoints, log and wandb run of a new or resumed run."""
     accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
     dtype = resolve_dtype(cfg.dtype, d.device)
-    inputs = check_inputs(cfg, d)
+    inputs = check_inputs(cfg, d, loaded)
     ckpt, output_ids = inputs.ckpt, inputs.output_ids
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), inputs.coords,
@@ -527,13 +533,14 @@ def check_ranks_agree(run: TrainRun) -> None:
 def main(argv: list[str]) -> None:
     cfg = load_config(TrainConfig, argv, default_file="train_shakespeare.yaml")
     given = command_line_keys(argv)
-    run_distributed(seed_for_positions(adopt_source_shape(cfg, given), "seed" in given), train)
+    cfg, loaded = adopt_source_shape(cfg, given)
+    run_distributed(seed_for_positions(cfg, "seed" in given), partial(train, loaded=loaded))
 
 
-def train(cfg: TrainConfig, d: Dist) -> None:
+def train(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) -> None:
     stop = StopFlag()  # before setup: a stop while the data and model load is honoured at the first check
     try:
-        run = setup(cfg, d)
+        run = setup(cfg, d, loaded)
         try:
             if cfg.eval_only:
                 evaluate_and_log(run, run.iter_num, stop)

@@ -26,23 +26,15 @@ def signal_name(signum: int) -> str:
 
 
 class StopFlag:
-    """Turns SIGTERM/SIGINT/SIGUSR1 into a request (`requested`, and the first signal's number in
-    `signum`) that the training loop honours at its next check. `restore` puts back the handlers
-    that were installed before."""
+    """Turns SIGTERM/SIGINT/SIGUSR1 into a request (`requested`) that the training loop honours at its
+    next check. `restore` puts back the handlers that were installed before."""
 
     def __init__(self):
         self.requested = False
-        self.signum: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame):
-        if not self.requested:
-            self.signum = signum
         self.requested = True
-
-    @property
-    def name(self) -> str:
-        return signal_name(self.signum) if self.signum is not None else "a stop signal"
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

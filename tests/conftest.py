@@ -298,6 +298,15 @@ def start_and_wait_for_log(args: list[str], log_path: Path, text: str, timeout: 
 STOP_BOUND_S = 15
 
 
+class StopAtOnce:
+    """topolm.signals.StopFlag as if SIGTERM had arrived before the command started (monkeypatched into
+    train.py or finetune.py)."""
+    requested = True
+
+    def restore(self):
+        pass
+
+
 def signal_and_wait(proc: subprocess.Popen, sig: int, pid: int | None = None,
                     timeout: float = 60) -> tuple[float, str, str]:
     """Send `sig` to `pid` (default: `proc` itself) and wait for `proc` to end: (seconds from the signal

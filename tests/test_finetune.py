@@ -13,8 +13,8 @@ import finetune
 from topolm import glue
 from topolm.config import UserError
 from topolm.checkpoint import build_classifier
-from conftest import (STOP_BOUND_S, PYTHON, overrides, read_checkpoint, read_log, run_in_process, run_script, signal_and_wait,
-                      start_and_wait_for_log, torchrun, write_pattern_data)
+from conftest import (STOP_BOUND_S, StopAtOnce, PYTHON, overrides, read_checkpoint, read_log, run_in_process,
+                      run_script, signal_and_wait, start_and_wait_for_log, torchrun, write_pattern_data)
 from topolm.glue import average_ranks, compute_metrics, f1_positive, matthews_corr, task_score
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import gathered_centred_gram, neighborhood_loss, random_layout
@@ -405,14 +405,6 @@ def test_compiled_finetuning_matches_eager(pretrained, glue_dir, tmp_path):
     bad = {k: (losses[False][k], losses[True][k]) for k in losses[False]
            if abs(losses[False][k] - losses[True][k]) > 1e-4 * abs(losses[False][k])}
     assert not bad, bad
-
-
-class StopAtOnce:
-    """finetune.py's StopFlag as if SIGTERM had arrived before the first step."""
-    requested = True
-
-    def restore(self):
-        pass
 
 
 def test_a_stopped_finetuning_prints_its_resume_command_and_the_resume_says_where(pretrained, glue_dir, tmp_path,

@@ -23,7 +23,8 @@ import import_research
 import init_pos
 import sample
 import train
-from conftest import PYTHON, REPO, one_error_line, overrides, run_in_process, run_main, run_script, write_pattern_data, write_units
+from conftest import (PYTHON, REPO, StopAtOnce, one_error_line, overrides, run_in_process, run_main, run_script,
+                      write_pattern_data, write_units)
 
 NO_HUB = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -232,14 +233,6 @@ def test_a_checkpoint_that_is_not_there_suggests_the_runs_and_none_says_how_to_m
 
 
 # ----------------------------------------------------------------------------- stop and resume
-
-
-class StopAtOnce:
-    """train.py's StopFlag as if SIGTERM had arrived before the first step."""
-    requested = True
-
-    def restore(self):
-        pass
 
 
 def test_a_stopped_run_prints_its_resume_command_and_the_resume_says_where_it_resumed(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from conftest import (STOP_BOUND_S, PYTHON, REPO, overrides, read_checkpoint, read_log, run_in_process, run_script, signal_and_wait,
-                      start_and_wait_for_log, torchrun, torchrun_launcher)
+from conftest import (STOP_BOUND_S, PYTHON, REPO, overrides, read_checkpoint, read_log, run_in_process, run_script,
+                      signal_and_wait, start_and_wait_for_log, torchrun, torchrun_launcher)
 
 
 def train_args(data, out, **kw):

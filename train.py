@@ -34,15 +34,17 @@ from model import ARCH_KEYS, GPT, GPTConfig
 from topolm.position_sets import MODEL_KEYS, initial_weights_digest, load_positions, match_model_record, read_meta
 from positions import random_layout
 from topolm.signals import StopFlag
+from topolm.topography import TopographyKeys, TrainingHook
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
                              eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops, reduce_with_stop,
                              resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 @dataclass
-class TrainConfig(LoopConfig, GPTConfig):
+class TrainConfig(LoopConfig, GPTConfig, TopographyKeys):
     """train.py's keys: its own below, the model's from model.GPTConfig, the optimizer's, batches',
-    logging and system keys from topolm.config.LoopConfig (each declared once, with its docstring, there)."""
+    logging and system keys from topolm.config.LoopConfig, the topography measured at each evaluation from
+    topolm.topography.TopographyKeys (each declared once, with its docstring, there)."""
     # ---- I/O
     out_dir: str = "out"
     """Folder that holds run folders; each run writes into out_dir/<run name>."""
@@ -58,6 +60,9 @@ class TrainConfig(LoopConfig, GPTConfig):
     """If False, a periodic checkpoint is written only when the last val loss is the best so far."""
     keep_last: int = 0
     """Keep only the newest this many checkpoints of the run; 0 keeps all."""
+    keep_every: int = 0
+    """With keep_last: keep also, beyond the newest keep_last, every n-th periodic checkpoint (those whose iteration
+    is a multiple of keep_every x save_interval), e.g. for development.py's maps over training; 0: none."""
     init_from: str = "scratch"
     """'scratch' starts a new run from random weights; 'resume' continues from the run folder's newest
     checkpoint. Any other value is a path: a checkpoint file, a run folder (its newest checkpoint), a
@@ -93,7 +98,7 @@ class TrainConfig(LoopConfig, GPTConfig):
         super().__post_init__()  # the model's, optimizer's, loop's and system keys
         for key in ("eval_interval", "eval_iters", "save_interval"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        for key in ("keep_last", "max_iters"):
+        for key in ("keep_last", "keep_every", "max_iters"):
             require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
         require(self.radius >= 2 or self.alpha == 0,
                 f"radius={self.radius} gives one-unit neighborhoods, which have no pairs to correlate; use "
@@ -102,6 +107,8 @@ class TrainConfig(LoopConfig, GPTConfig):
         require(bool(self.init_from), "init_from= is empty; use scratch, resume or the path of a model to start from")
         require(self.run_name == "" or self.run_name.strip("./") != "",
                 f"run_name='{self.run_name}' is not a folder name")
+        require(self.keep_every == 0 or self.keep_last > 0,
+                f"keep_every={self.keep_every} needs keep_last > 0 (keep_last=0 keeps every checkpoint already)")
         require(self.n_output_ids == 0, f"n_output_ids={self.n_output_ids}: train.py derives it from the data; "
                                         f"set output_vocab=corpus instead")
 
@@ -350,6 +357,7 @@ class TrainRun:
     wandb_id: str | None
     peak: float | None  # the GPU's dense bf16 peak FLOP/s, for MFU (None on CPU)
     running_mfu: float = -1.0
+    topography: TrainingHook | None = None  # the evaluations' topography (None: topography=false)
 
     @property
     def checks(self) -> dict:
@@ -430,6 +438,7 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
     accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
     dtype = resolve_dtype(cfg.dtype, d.device)
     inputs = check_inputs(cfg, d, loaded)
+    topography = start_topography(cfg, d, inputs)
     ckpt, output_ids = inputs.ckpt, inputs.output_ids
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), inputs.coords,
@@ -452,7 +461,8 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
         raw_model.load_state_dict(ckpt["model"])
         iter_num, best_val_loss, wandb_id = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("wandb_id")
     ckpts = RunCheckpoints(cfg.run_dir(), d, opt, generators, interval=cfg.save_interval, start_iter=iter_num,
-                           last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint)
+                           last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint,
+                           keep_every=cfg.keep_every)
     if ckpt is not None:
         ckpts.restore(ckpt, cfg.seed, "the checkpoint")
         print0(f"resumed from iteration {iter_num} ({inputs.ckpt_file})")
@@ -471,7 +481,7 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
                             enabled=d.is_main)
     return TrainRun(cfg, d, raw_model, model, opt, inputs.batches, generators, ckpts, log, wandb_run, inputs.record,
                     accum_steps, tokens_per_iter, iter_num, iter_num, best_val_loss, wandb_run.id or wandb_id,
-                    peak_flops(d.device))
+                    peak_flops(d.device), topography=topography)
 
 
 # ----------------------------------------------------------------------------- the loop's steps
@@ -500,7 +510,24 @@ def evaluate_and_log(run: TrainRun, it: int, stop: StopFlag) -> bool | None:
     run.wandb.log({"iter": it, **{f"{split}/{k}": res[split][k] for split in ("train", "val")
                                   for k in ("loss", "task", "spatial")},
                    **{f"val/sl/{n}": v for n, v in zip(run.raw_model.site_names, res["val"]["sites"])}}, step=it)
+    measure_topography(run, it)
     return improved
+
+
+# ----------------------------------------------------------------------------- the evaluations' topography
+
+def start_topography(cfg: TrainConfig, d: Dist, inputs: Inputs) -> TrainingHook | None:
+    """The evaluation hook of topolm.topography (its inputs read and checked before anything is written);
+    None with topography=false."""
+    gpt2_ids = (inputs.record["tokenizer"] or {}).get("name") == "gpt2"
+    return TrainingHook.start(cfg, inputs.batches["val"].path, cfg.block_size, gpt2_ids, cfg.run_dir(), d.is_main)
+
+
+def measure_topography(run: TrainRun, it: int) -> None:
+    """The topography of the raw model after `it` steps, outside every collective: every rank measures the same
+    weights on the same inputs (so the ranks stay in step without waiting for each other), rank 0 logs it."""
+    if run.topography is not None:
+        run.topography(run.raw_model, it, run.log, run.wandb, say=print0)
 
 
 def log_step(run: TrainRun, it: int, lr: float, step: StepResult, dt: float) -> None:

@@ -58,6 +58,14 @@ def checkpoint_path(run_dir: Path, iter_num: int) -> Path:
     return Path(run_dir) / f"ckpt-{iter_num:07d}.pt"
 
 
+def checkpoint_iter(path: Path) -> int:
+    """The iteration in a checkpoint file's name (`checkpoint_path`'s). Raises ValueError for another name."""
+    m = CKPT_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not named as a run's checkpoint (ckpt-<iter>.pt)")
+    return int(m.group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary files never match)."""
     run_dir = Path(run_dir)

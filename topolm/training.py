@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from topolm.checkpoint import list_checkpoints, save_checkpoint
+from topolm.checkpoint import checkpoint_iter, list_checkpoints, save_checkpoint
 from topolm.config import UserError
 from topolm.distributed import Dist, print0, raise_together
 from topolm.signals import StopFlag
@@ -397,17 +397,27 @@ class RunCheckpoints:
 
     `folder` is the run's folder, `interval` the steps between periodic checkpoints, `start_iter`
     the iteration the run (re)started at and `last_iter` its final one. `keep_last` > 0 keeps only
-    the newest that many `ckpt-<iter>.pt` files of the folder; `always=False` writes a periodic
+    the newest that many `ckpt-<iter>.pt` files of the folder, and with `keep_every` = n > 0 also those whose
+    iteration is a multiple of n x interval; `always=False` writes a periodic
     checkpoint only after an evaluation that improved. Every checkpoint carries every rank's
     random streams and the rank count; a resumable one also the optimizer and scaler state and the
     loop's own state, so that `restore` continues the run bit-exactly. Writing is a collective: all
     ranks call `save`; rank 0 writes, atomically (topolm.checkpoint.save_checkpoint)."""
 
     def __init__(self, folder: Path, d: Dist, opt: Optimization, generators: dict[str, torch.Generator], *,
-                 interval: int, start_iter: int, last_iter: int, keep_last: int = 0, always: bool = True):
+                 interval: int, start_iter: int, last_iter: int, keep_last: int = 0, always: bool = True,
+                 keep_every: int = 0):
         self.folder, self.d, self.opt, self.generators = Path(folder), d, opt, generators
         self.interval, self.start_iter, self.last_iter = interval, start_iter, last_iter
-        self.keep_last, self.always = keep_last, always
+        self.keep_last, self.always, self.keep_every = keep_last, always, keep_every
+
+    def pruned(self) -> list[Path]:
+        """The checkpoints of the folder that keep_last and keep_every do not keep (oldest first)."""
+        if not self.keep_last:
+            return []
+        kept_every = self.keep_every * self.interval
+        return [old for old in list_checkpoints(self.folder)[:-self.keep_last]
+                if not (kept_every and checkpoint_iter(old) % kept_every == 0)]
 
     def due(self, it: int, improved: bool = True) -> bool:
         """Whether a checkpoint is due after `it` steps: every `interval` steps (with always=False only
@@ -428,9 +438,8 @@ class RunCheckpoints:
             except UserError as e:  # a full disk: the earlier checkpoints stay, and every rank stops
                 error = e
             else:
-                if self.keep_last:
-                    for old in list_checkpoints(self.folder)[:-self.keep_last]:
-                        old.unlink()
+                for old in self.pruned():
+                    old.unlink()
         raise_together(self.d, error)
 
     def restore(self, ckpt: dict, seed: int, what: str) -> None:

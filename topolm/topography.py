@@ -161,13 +161,11 @@ def measure(model, windows: np.ndarray, stim: Stimuli | None, null_shuffles: int
     names = list(model.site_names)
     coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
     corr, n_samples = heldout_correlations(model, windows)
-    arrays = None
-    if stim is not None:
-        arrays, _ = stimulus_measures(model, stim, Q, stats=StatisticsKeys())
+    arrays = map_arrays(model, stim) if stim is not None else None
     rng = np.random.default_rng(seed)
     edges = distance_bin_edges(coords.reshape(-1, 2))
     contrasts = contrast_names(arrays) if arrays is not None else []
-    sites, morans, nulls = {}, {c: [] for c in contrasts}, {c: [] for c in contrasts}
+    sites, nulls = {}, {c: [] for c in contrasts}
     for s, name in enumerate(names):
         # drawn for every site, as measure_model draws them, so the null is analyze.py's
         perms = np.stack([rng.permutation(len(coords[s])) for _ in range(null_shuffles)])
@@ -176,22 +174,20 @@ def measure(model, windows: np.ndarray, stim: Stimuli | None, null_shuffles: int
                  "adjacent_corr": curve["adjacent"], "far_corr": curve["far"]}
         cells = SheetCells.from_coords(coords[s])
         for c in contrasts:
-            t = arrays[f"t_{c}"][s]
-            i = morans_i(t, coords[s], 0, cells=cells).i
+            t, i = arrays[f"t_{c}"][s], arrays[f"moran_{c}"][s]
             null = null_morans_i(t, cells, cells.unit_cell[perms])
             reason = undefined_map(t, arrays.get(f"n_items_{c}"), arrays.get(f"n_left_out_{c}"))
             if reason or math.isnan(i):
                 entry[c] = {"morans_i": math.nan, "null_i": math.nan,
                             "undefined": reason or "the map on the sheet's cells is constant"}
-                i = math.nan
+                arrays[f"moran_{c}"][s] = math.nan
             else:
                 entry[c] = {"morans_i": float(i), "null_i": defined_mean(null)}
-            morans[c].append(i)
             nulls[c].append(null)
         sites[name] = entry
     mean = {k: float(np.mean([e[k] for e in sites.values()])) for k in ("spatial_loss", "adjacent_corr", "far_corr")}
     for c in contrasts:
-        i = np.array(morans[c])
+        i = arrays[f"moran_{c}"]
         defined = ~np.isnan(i)
         null_means = np.stack(nulls[c], axis=1)[:, defined].mean(axis=1) if defined.any() else np.full(1, math.nan)
         mean[c] = {"morans_i": defined_mean(i), "null_i": defined_mean(null_means),
@@ -199,11 +195,21 @@ def measure(model, windows: np.ndarray, stim: Stimuli | None, null_shuffles: int
     record = {"sites": sites, "mean": mean, "heldout_samples": int(n_samples),
               "contrasts": {str(c): str(lab) for c, lab in zip(arrays["contrasts"], arrays["contrast_labels"])}
               if arrays is not None else {}}
-    if arrays is not None:
-        arrays = {**arrays, "site_names": np.array(names), "coords": coords,
-                  **{f"moran_{c}": np.array(morans[c]) for c in contrasts}}
     record["seconds"] = time.perf_counter() - start
     return record, arrays
+
+
+@torch.no_grad()
+def map_arrays(model, stim: Stimuli) -> dict:
+    """Every site's t-map of each contrast of `stim` and its Moran's I: `stimulus_measures`' arrays with
+    site_names, coords and moran_<contrast> (n_sites,) (analyze.py's units.npz keys, for topolm.figures).
+    model: a GPT in eval mode."""
+    arrays, _ = stimulus_measures(model, stim, Q, stats=StatisticsKeys())
+    coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
+    arrays.update(site_names=np.array(list(model.site_names)), coords=coords)
+    for c in contrast_names(arrays):
+        arrays[f"moran_{c}"] = np.array([morans_i(arrays[f"t_{c}"][s], coords[s], 0).i for s in range(len(coords))])
+    return arrays
 
 
 def wandb_scalars(record: dict) -> dict:

@@ -520,7 +520,8 @@ def start_topography(cfg: TrainConfig, d: Dist, inputs: Inputs) -> TrainingHook 
     """The evaluation hook of topolm.topography (its inputs read and checked before anything is written);
     None with topography=false."""
     gpt2_ids = (inputs.record["tokenizer"] or {}).get("name") == "gpt2"
-    return TrainingHook.start(cfg, inputs.batches["val"].path, cfg.block_size, gpt2_ids, cfg.run_dir(), d.is_main)
+    return TrainingHook.start(cfg, inputs.batches["val"].path, cfg.block_size, cfg.vocab_size, gpt2_ids, cfg.run_dir(),
+                              d.is_main, say=print0)
 
 
 def measure_topography(run: TrainRun, it: int) -> None:

@@ -16,6 +16,8 @@ same numbers (`analyze_keys` gives that command's keys):
   shuffled-position null (`null_morans_i`, `topography_null_shuffles` shuffles per site drawn as
   analyze.py draws them, so the null equals analyze.py's `null_i`). Moran's I needs GPT-2's token ids
   (the stimuli are English text); a model of other ids (tokenizer field not GPT-2) has none, said once.
+  Every window and stimulus starts with `<|endoftext|>` (id 50256), as in the analysis: a model whose
+  vocabulary has no such id is not measured at all (said once at the start).
 
 No permutation p-values are computed (they cost `permutations` Moran's I each and do not change I).
 Every rank computes the same numbers from the same weights (under DDP the ranks hold identical weights),
@@ -37,6 +39,7 @@ from topolm.analysis import (SheetCells, Stimuli, StatisticsKeys, contrast_names
                              heldout_windows, morans_i, null_morans_i, stimulus_measures, undefined_map)
 from topolm.config import Checked, UserError, require
 from topolm.stimuli import STIMULI_DIR
+from topolm.tokenizer import EOT_TOKEN
 
 REPO = STIMULI_DIR.parent
 DEFAULT_STIMULI = "stimuli/small/localizer.tsv"
@@ -257,8 +260,15 @@ class TrainingHook:
         self.noted = False
 
     @classmethod
-    def start(cls, cfg, val_path: Path, block_size: int, gpt2_ids: bool, run_dir: Path, is_main: bool):
+    def start(cls, cfg, val_path: Path, block_size: int, vocab_size: int, gpt2_ids: bool, run_dir: Path,
+              is_main: bool, say=print):
+        """The hook, or None: with topography=false, and (said with `say`) for a model whose vocabulary has no
+        `<|endoftext|>` (vocab_size <= 50256), which the analysis runs every window after."""
         if not cfg.topography:
+            return None
+        if vocab_size <= EOT_TOKEN:
+            say(f"topography: not measured: the model's vocab_size={vocab_size} has no <|endoftext|> (id {EOT_TOKEN}), "
+                f"which the analysis's held-out windows and stimuli start with")
             return None
         return cls(Measurer(cfg, val_path, block_size, gpt2_ids), run_dir, is_main, cfg.max_iters)
 

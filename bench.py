@@ -1,4 +1,5 @@
-"""Measure what this code costs on this machine: spatial loss, train step, swap search, data prep.
+"""Measure what this code costs on this machine: spatial loss, train step, swap search, data prep, and the
+topography train.py measures at an evaluation.
 
     python bench.py                       # everything; on 2 CPU cores about 20 minutes, most of it the
                                           # 30 pairs of paper-width train steps (pairs=N for fewer)

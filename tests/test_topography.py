@@ -165,3 +165,20 @@ def test_the_small_localizer_is_the_first_items_of_the_shipped_one(tmp_path):
     [loc] = read_sets(str(written), REPO, REPO / "stimuli")
     assert loc.name == "localizer" and set(loc.contrasts) == {"localizer"}
     assert [it.text for it in loc.items if it.labels["condition"] == "S"] == stimuli.read_localizer()["S"][:24]
+
+
+@pytest.mark.torchrun
+def test_under_ddp_every_rank_measures_and_the_ranks_stay_in_step(tmp_path):
+    from conftest import run_script, torchrun
+
+    data = grammar_corpus(tmp_path / "data")
+    args = ["train_shakespeare.yaml", *overrides(dataset=str(data), out_dir=str(tmp_path), run_name="d", backend="gloo",
+                                                 gradient_accumulation_steps=2, topography_image_interval=4,
+                                                 **{**GPT2_TINY, "max_iters": 4, "eval_interval": 2,
+                                                    "save_interval": 4, "lr_decay_iters": 4})]
+    run_script(torchrun(2, "train.py", args))
+    log = read_log(tmp_path / "d")
+    assert sorted(topography_records(tmp_path / "d")) == [0, 2, 4]  # rank 0 alone writes: one record per step
+    end = [r for r in log if r["event"] == "end"][0]
+    assert len(set(end["param_sha256"])) == 1 and len(end["param_sha256"]) == 2
+    assert sorted(p.name for p in (tmp_path / "d" / "topography").iterdir()) == ["maps-0000000.png", "maps-0000004.png"]

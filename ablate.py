@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.checkpoint import load_model, require_gpt2_tokenizer, require_positions
 from topolm.config import DATA_DIR, SeedKey, UserError, cli_main, load_config, require, resolve_device, resolve_path
 from topolm.files import atomic_write, open_tokens, output_file, require_writable
 from topolm.provenance import provenance
@@ -79,6 +79,7 @@ def main(argv: list[str]) -> None:
     cfg: AblateConfig = load_config(AblateConfig, argv)
     device = resolve_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, device)
+    require_positions(ckpt, path, "the ablation")
     source = provenance(path, ckpt, model)
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
     out = output_file(cfg.out, f"{path.name}.ablation-k{cfg.k}.json", path.parent)

@@ -8,7 +8,9 @@ the passage digested as one text (one presentation per part) through brainscore/
 the same sentences through a plain HuggingfaceSubject at the site's module; the contexts Brain-Score
 built. "ridge" jobs (folder, site, stimuli, out .json): Brain-Score's ridge_pearsonr metric on the
 site's activations of the stimuli against a noisy linear map of them, and against the same map with
-the stimuli shuffled.
+the stimuli shuffled. "score" jobs (folder, site, stimuli, out .json): brainscore/score.py's main with
+Brain-Score's Blank2014 benchmark on synthetic stories whose neural data are a noisy linear map of
+one site.
 """
 import json
 import sys
@@ -75,6 +77,45 @@ def ridge(folder: Path, site: str, stimuli: dict, out: Path) -> None:
     out.write_text(json.dumps(results))
 
 
+def synthetic_blank2014(data, ceiling: float):
+    """Brain-Score's Blank2014 benchmark (its own __call__: each story digested in order, ridge regression
+    cross-validated by story in 8 group folds, ceiling-normalised) on `data` instead of the S3 recordings."""
+    from brainscore_core.benchmarks import BenchmarkBase
+    from brainscore_core.metrics import Score
+    from brainscore_language.benchmarks.blank2014.benchmark import Blank2014
+
+    benchmark = Blank2014.__new__(Blank2014)
+    benchmark.data = data
+    benchmark.metric = load_metric("ridge_pearsonr", crossvalidation_kwargs=dict(splits=8, split_coord="story",
+                                                                                 kfold="group", random_state=1234))
+    BenchmarkBase.__init__(benchmark, identifier="synthetic-Blank2014-ridge", ceiling=Score(ceiling), version=1,
+                           parent="synthetic")
+    return benchmark
+
+
+def score_run(folder: Path, site: str, stimuli: dict, out: Path) -> None:
+    """score.py's main on the folder with one benchmark, Blank2014's on synthetic stories whose neural
+    assembly is a noisy linear map of `site` as Brain-Score records it there."""
+    import brainscore_language
+
+    model, tokenizer = score.load_folder(folder)
+    subject = recording(score.site_subject(folder, site, score.read_sites(folder)[site], model, tokenizer))
+    stories = stimuli["stories"]
+    x = np.concatenate([subject.digest_text(story)["neural"].values for story in stories])
+    rng = np.random.default_rng(stimuli["seed"])
+    signal = (x - x.mean(0)) @ rng.normal(size=(x.shape[1], stimuli["neuroids"]))
+    y = signal + stimuli["noise"] * signal.std(0) * rng.normal(size=signal.shape)
+    data = NeuroidAssembly(y, coords={
+        "stimulus_id": ("presentation", [f"s{i:03d}" for i in range(len(y))]),
+        "stimulus": ("presentation", [sentence for story in stories for sentence in story]),
+        "story": ("presentation", [f"story{k:02d}" for k, story in enumerate(stories) for _ in story]),
+        "neuroid_id": ("neuroid", [f"n{n}" for n in range(y.shape[1])]),
+        "subject": ("neuroid", ["synthetic"] * y.shape[1])}, dims=["presentation", "neuroid"])
+    benchmark = synthetic_blank2014(data, stimuli["ceiling"])
+    brainscore_language.load_benchmark = lambda identifier: benchmark  # score.py loads it by name at run time
+    score.main([f"model={folder}", "benchmarks=synthetic-Blank2014-ridge", f"out={out}"])
+
+
 if __name__ == "__main__":
     # one process for every job (importing brainscore_language takes most of its time)
     jobs = json.loads(Path(sys.argv[1]).read_text())
@@ -82,3 +123,5 @@ if __name__ == "__main__":
         digest(Path(job["folder"]), job["stimuli"], Path(job["out"]))
     for job in jobs["ridge"]:
         ridge(Path(job["folder"]), job["site"], job["stimuli"], Path(job["out"]))
+    for job in jobs.get("score", []):
+        score_run(Path(job["folder"]), job["site"], job["stimuli"], Path(job["out"]))

@@ -29,14 +29,17 @@ PASSAGE = ["The dog runs.", "It barks , loudly.", "Then it sleeps !"]
 CONTEXTS = ["The dog runs.", "The dog runs. It barks, loudly.", "The dog runs. It barks, loudly. Then it sleeps!"]
 
 
-def ridge_stimuli(n: int = 80) -> list[str]:
-    """`n` distinct sentences of one frame, in a fixed shuffled order."""
+def ridge_stimuli(n: int = 80, end: str = "", seed: int = 0) -> list[str]:
+    """`n` distinct sentences of one frame, each ending in `end`, in a fixed shuffled order."""
     import itertools
     words = (["old", "small", "happy", "red", "quiet"], ["dog", "cat", "bird", "horse"],
              ["sees", "likes", "finds", "hears"], ["a tree", "the river", "my house", "some bread"])
-    sentences = [f"The {a} {b} {c} {d}" for a, b, c, d in itertools.product(*words)]
-    order = np.random.default_rng(0).permutation(len(sentences))[:n]
+    sentences = [f"The {a} {b} {c} {d}{end}" for a, b, c, d in itertools.product(*words)]
+    order = np.random.default_rng(seed).permutation(len(sentences))[:n]
     return [sentences[i] for i in order]
+
+
+PLANTED, CEILING = "layer.1.attn", 0.95
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +66,20 @@ def brainscore_run(exports):
     root = exports["root"]
     stimuli = {"sentences": SENTENCES, "passage": PASSAGE}
     ridge = {"sentences": ridge_stimuli(), "seed": 0, "neuroids": 20, "noise": 0.5}
+    stories = ridge_stimuli(80, ".", seed=1)
     jobs = {"digest": [{"folder": str(exports[r][1]), "stimuli": stimuli, "out": str(root / f"digest-{r}.npz")}
                        for r in (False, True)],
             "ridge": [{"folder": str(exports[False][1]), "site": "layer.1.mlp", "stimuli": ridge,
-                       "out": str(root / "ridge.json")}]}
+                       "out": str(root / "ridge.json")}],
+            "score": [{"folder": str(exports[False][1]), "site": PLANTED, "out": str(root / "score.json"),
+                       "stimuli": {"stories": [stories[k * 8:(k + 1) * 8] for k in range(10)], "seed": 0,
+                                   "neuroids": 20, "noise": 0.5, "ceiling": CEILING}}]}
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
     run_script([str(python), str(REPO / "tests" / "brainscore_wiring.py"), str(root / "jobs.json")], env=env,
                timeout=600)
     return {r: dict(np.load(root / f"digest-{r}.npz")) for r in (False, True)} | \
-        {"ridge": json.loads((root / "ridge.json").read_text())}
+        {name: json.loads((root / f"{name}.json").read_text()) for name in ("ridge", "score")}
 
 
 def last_token(model, text: str, prefix: list[int] = ()) -> dict[str, np.ndarray]:
@@ -118,6 +125,25 @@ def test_brainscore_ridge_metric_finds_a_linear_map_and_not_its_shuffle(brainsco
     assert r["linear"]["splits"] == r["shuffled"]["splits"] == 10
     assert r["linear"]["score"] > 0.8
     assert abs(r["shuffled"]["score"]) < 0.2
+
+
+def test_score_py_finds_the_site_a_synthetic_benchmark_was_made_from(exports, brainscore_run):
+    """score.py's main with one benchmark: Brain-Score's Blank2014 (its own __call__: 10 stories of 8 sentences
+    digested in order, ridge regression cross-validated by story in 8 group folds, divided by the ceiling)
+    on a neural assembly made as a noisy linear map of one site as Brain-Score records it: every site is
+    scored alone, and that site scores best."""
+    r = brainscore_run["score"]
+    scores = r["scores"]["synthetic-Blank2014-ridge"]
+    meta = json.loads((exports[False][1] / "topolm.json").read_text())
+    assert r["sites"] == meta["site_modules"] and list(scores) == meta["sites"]
+    assert r["topolm"]["provenance"] == meta["provenance"]
+    for value in scores.values():
+        assert value["score"] == pytest.approx(min(value["raw"] / CEILING, 1.0), rel=1e-12)
+    assert r["best_site"] == {"synthetic-Blank2014-ridge": {"site": PLANTED, "score": scores[PLANTED]["score"]}}
+    assert scores[PLANTED]["score"] > 0.8
+    # 0.941 against 0.925 at most elsewhere: the sites of a 2-layer model are much alike
+    assert max(v["score"] for site, v in scores.items() if site != PLANTED) < scores[PLANTED]["score"] - 0.01
+    assert r["best_site_overall"] == {"site": PLANTED, "mean_score": scores[PLANTED]["score"]}
 
 
 # ----------------------------------------------------------------------------- score.py itself

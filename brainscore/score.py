@@ -165,6 +165,20 @@ def summarise(scores: dict[str, dict[str, dict]]) -> dict:
             "mean_over_benchmarks": means, "best_site_overall": {"site": overall[0], "mean_score": overall[1]}}
 
 
+def load(benchmark_id: str):
+    """brainscore_language's benchmark `benchmark_id`, its data and ceiling downloaded from Brain-Score's S3
+    bucket. Raises UserError naming the benchmark when it is unknown or cannot be downloaded."""
+    import brainscore_language
+
+    try:
+        return brainscore_language.load_benchmark(benchmark_id)
+    except Exception as e:  # the package raises bare Exceptions (a list of boto errors), AssertionErrors, KeyErrors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"benchmarks: {benchmark_id} cannot be loaded ({type(e).__name__}: {reason[:300]}); "
+                        f"its data come from Brain-Score's S3 bucket (network needed), and the name must be one "
+                        f"of brainscore_language's benchmarks") from e
+
+
 def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -184,12 +198,10 @@ def main(argv: list[str]) -> None:
     out = Path(args["out"]) if args["out"] else folder.with_name(folder.name + ".brainscore.json")
     if not out.parent.is_dir():
         raise UserError(f"out={out}: the folder {out.parent} does not exist")
-    from brainscore_language import load_benchmark
-
+    benchmarks = {benchmark_id: load(benchmark_id) for benchmark_id in ids}  # every download before any scoring
     model, tokenizer = load_folder(folder)
     scores = {}
-    for benchmark_id in ids:
-        benchmark = load_benchmark(benchmark_id)  # downloads the data and the ceiling
+    for benchmark_id, benchmark in benchmarks.items():
         scores[benchmark_id] = {}
         for site, spec in sites.items():
             scores[benchmark_id][site] = score_value(benchmark(site_subject(folder, site, spec, model, tokenizer)))

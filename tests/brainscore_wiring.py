@@ -5,12 +5,13 @@ brainscore_language makes of an exported folder, written to a file for the test 
 
 "digest" jobs (folder, stimuli, out .npz): per site of topolm.json, each sentence digested alone and
 the passage digested as one text (one presentation per part) through brainscore/score.py's subject;
+the token ids and logits of the last sentence;
 the same sentences through a plain HuggingfaceSubject at the site's module; the contexts Brain-Score
 built. "ridge" jobs (folder, site, stimuli, out .json): Brain-Score's ridge_pearsonr metric on the
 site's activations of the stimuli against a noisy linear map of them, and against the same map with
 the stimuli shuffled. "score" jobs (folder, site, stimuli, out .json): brainscore/score.py's main with
 Brain-Score's Blank2014 benchmark on synthetic stories whose neural data are a noisy linear map of
-one site.
+one site. "refused" (argument lists of score.py): the messages of its refusals, to "refusals".
 """
 import json
 import sys
@@ -34,8 +35,12 @@ def recording(subject):
 
 
 def digest(folder: Path, stimuli: dict, out: Path) -> None:
+    import torch
+
     model, tokenizer = score.load_folder(folder)
-    arrays = {}
+    ids = tokenizer(stimuli["sentences"][-1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        arrays = {"ids": ids.numpy(), "logits": model(ids).logits.numpy()}  # the folder as transformers 4 reads it
     for site, spec in score.read_sites(folder).items():
         subject = recording(score.site_subject(folder, site, spec, model, tokenizer))
         arrays[f"{site}/alone"] = np.stack([subject.digest_text(s)["neural"].values[0] for s in stimuli["sentences"]])
@@ -112,8 +117,12 @@ def score_run(folder: Path, site: str, stimuli: dict, out: Path) -> None:
         "neuroid_id": ("neuroid", [f"n{n}" for n in range(y.shape[1])]),
         "subject": ("neuroid", ["synthetic"] * y.shape[1])}, dims=["presentation", "neuroid"])
     benchmark = synthetic_blank2014(data, stimuli["ceiling"])
-    brainscore_language.load_benchmark = lambda identifier: benchmark  # score.py loads it by name at run time
-    score.main([f"model={folder}", "benchmarks=synthetic-Blank2014-ridge", f"out={out}"])
+    original = brainscore_language.load_benchmark
+    brainscore_language.load_benchmark = lambda identifier: benchmark  # what score.load calls, by name
+    try:
+        score.main([f"model={folder}", "benchmarks=synthetic-Blank2014-ridge", f"out={out}"])
+    finally:
+        brainscore_language.load_benchmark = original
 
 
 if __name__ == "__main__":
@@ -125,3 +134,12 @@ if __name__ == "__main__":
         ridge(Path(job["folder"]), job["site"], job["stimuli"], Path(job["out"]))
     for job in jobs.get("score", []):
         score_run(Path(job["folder"]), job["site"], job["stimuli"], Path(job["out"]))
+    refusals = []
+    for argv in jobs.get("refused", []):  # score.py's main given bad input: the UserError's message
+        try:
+            score.main(argv)
+            refusals.append(None)
+        except score.UserError as e:
+            refusals.append(str(e))
+    if "refusals" in jobs:
+        Path(jobs["refusals"]).write_text(json.dumps(refusals))

@@ -16,6 +16,7 @@ import export_hf
 from conftest import COMMANDS, PYTHON, REPO, one_error_line, run_script
 from model import GPT
 from topolm.checkpoint import load_model, make_payload
+from topolm.blimp import gpt_logits
 from topolm.hf import export_hf as export_model
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -73,13 +74,16 @@ def brainscore_run(exports):
                        "out": str(root / "ridge.json")}],
             "score": [{"folder": str(exports[False][1]), "site": PLANTED, "out": str(root / "score.json"),
                        "stimuli": {"stories": [stories[k * 8:(k + 1) * 8] for k in range(10)], "seed": 0,
-                                   "neuroids": 20, "noise": 0.5, "ceiling": CEILING}}]}
+                                   "neuroids": 20, "noise": 0.5, "ceiling": CEILING}}],
+            "refused": [[f"model={exports[False][1]}", "benchmarks=NoSuch-ridge", f"out={root / 'refused.json'}"]],
+            "refusals": str(root / "refusals.json")}
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
     run_script([str(python), str(REPO / "tests" / "brainscore_wiring.py"), str(root / "jobs.json")], env=env,
                timeout=600)
     return {r: dict(np.load(root / f"digest-{r}.npz")) for r in (False, True)} | \
-        {name: json.loads((root / f"{name}.json").read_text()) for name in ("ridge", "score")}
+        {name: json.loads((root / f"{name}.json").read_text()) for name in ("ridge", "score", "refusals")} | \
+        {"refused_written": (root / "refused.json").exists()}
 
 
 def last_token(model, text: str, prefix: list[int] = ()) -> dict[str, np.ndarray]:
@@ -96,6 +100,11 @@ def test_brainscore_records_our_site_activations_at_the_last_token(exports, brai
     needs score.py's pre-hook: a plain HuggingfaceSubject at ln_2 records ln_2's output instead."""
     ours, _ = exports[with_resid]
     got = brainscore_run[with_resid]
+    # transformers 4.57 reads the folder written by transformers 5: our token ids, our logits
+    ids = gpt2_encoding().encode_ordinary(SENTENCES[-1])
+    assert got["ids"].tolist() == [ids]
+    with torch.no_grad():
+        np.testing.assert_allclose(got["logits"], gpt_logits(ours)(torch.tensor([ids])).numpy(), rtol=0, atol=1e-5)
     assert got["contexts"].tolist() == CONTEXTS
     alone = [last_token(ours, s) for s in SENTENCES]
     passage = [last_token(ours, c) for c in CONTEXTS]
@@ -175,6 +184,14 @@ def test_score_py_best_site_and_pereira_mean():
                                     "Blank2014-ridge": {"site": "a", "score": 0.5}}
     assert summary["mean_over_benchmarks"] == {"a": pytest.approx(0.4), "b": pytest.approx(0.325)}
     assert summary["best_site_overall"] == {"site": "a", "mean_score": pytest.approx(0.4)}
+
+
+def test_score_py_refuses_an_unknown_benchmark_before_writing(brainscore_run):
+    assert brainscore_run["refusals"] == [
+        "benchmarks: NoSuch-ridge cannot be loaded (AssertionError: No registrations found for NoSuch-ridge); its "
+        "data come from Brain-Score's S3 bucket (network needed), and the name must be one of brainscore_language's "
+        "benchmarks"]
+    assert not brainscore_run["refused_written"]
 
 
 def test_score_py_reads_the_sites_and_refuses_bad_input(exports, tmp_path):

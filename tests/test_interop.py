@@ -184,6 +184,71 @@ def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, wit
         assert (hf(ids).logits - gpt_logits(ours)(ids)).abs().max().item() < 1e-5
 
 
+# TransformerLens's TransformerBridge on an exported folder: its hook caches for the given ids, saved as .npz,
+# raw (the Hugging Face weights as they are), then in compatibility mode with and without weight processing
+TRANSFORMER_LENS_RUN = """
+import sys
+import numpy as np
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+folder, ids_file, out = sys.argv[1:]
+ids = torch.from_numpy(np.load(ids_file))
+caches = {}
+for mode in ("raw", "compatibility", "no_processing"):
+    bridge = TransformerBridge.boot_transformers(folder, device="cpu")
+    if mode != "raw":
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=mode == "no_processing")
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(ids)
+    caches[f"{mode}/logits"] = logits.numpy()
+    for key in cache.keys():
+        if key.endswith(("hook_attn_out", "hook_mlp_out", "hook_resid_mid", "hook_resid_post")):
+            caches[f"{mode}/{key}"] = cache[key].numpy()
+np.savez(out, **caches)
+"""
+# the hook that holds each kind of site, by with_resid
+TL_HOOKS = {False: {"attn": "hook_attn_out", "mlp": "hook_mlp_out"},
+            True: {"attn": "hook_resid_mid", "mlp": "hook_resid_post"}}
+
+
+@pytest.mark.transformer_lens
+@pytest.mark.parametrize("with_resid", [False, True])
+def test_transformer_lens_hooks_are_the_sites_without_weight_processing(grammar, tmp_path, with_resid):
+    """TransformerLens 4.3 (requirements-dev.txt) boots the export (TransformerBridge.boot_transformers, offline):
+    blocks.i.hook_attn_out / hook_mlp_out (with_resid=false) and hook_resid_mid / hook_resid_post
+    (with_resid=true) equal our sites within 1e-5 on the raw weights and in compatibility mode with
+    no_processing; the default compatibility mode (layer norm folded, weights centred) gives other numbers."""
+    pytest.importorskip("transformer_lens")
+    ours, ckpt, _ = load_model(grammar["run"])
+    folder = grammar["hf"]
+    if with_resid:  # the same weights with the sites after the residual additions
+        import dataclasses
+        resid = GPT(dataclasses.replace(ours.config, with_resid=True)).eval()
+        resid.load_state_dict(ours.state_dict())
+        folder = tmp_path / "hf-resid"
+        export_model(resid, make_payload(resid, kind="pretrain", config={}, iter_num=12, tokenizer=ckpt["tokenizer"],
+                                         layout_source="test"), folder, "test")
+        ours = resid
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    run_script([PYTHON, "-c", TRANSFORMER_LENS_RUN, str(folder), str(tmp_path / "ids.npy"), str(tmp_path / "tl.npz")],
+               env=env, timeout=600)
+    got = dict(np.load(tmp_path / "tl.npz"))
+    with torch.no_grad():
+        expected = ours.site_activations(ids)
+        logits = gpt_logits(ours)(ids).numpy()
+    processed = []
+    for name in ours.site_names:
+        _, layer, kind = name.split(".")
+        hook = f"blocks.{layer}.{TL_HOOKS[with_resid][kind]}"
+        for mode in ("raw", "no_processing"):
+            np.testing.assert_allclose(got[f"{mode}/{hook}"], expected[name].numpy(), rtol=0, atol=1e-5)
+        processed.append(np.abs(got[f"compatibility/{hook}"] - expected[name].numpy()).max())
+    assert min(processed) > 1e-3  # folded layer norms and centred weights: other activations
+    assert np.abs(got["raw/logits"] - logits).max() < 1e-5
+
+
 def test_export_refuses_to_overwrite(grammar):
     with pytest.raises(UserError, match="already exists; pass overwrite=true"):
         export_hf.main([f"ckpt={grammar['run']}", f"out={grammar['hf']}"])

@@ -469,24 +469,26 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
     ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}",
                  f"dataset={grammar['data']}", "val_batches=2", "val_batch_size=4", f"out={out}", "seed=3"])
     r = json.loads(out.read_text())
+    assert r["k"] == [6] and [e["k"] for e in r["sweep"]] == [6]
+    entry = r["sweep"][0]
     assert r["provenance"]["weights_sha256"] == weights_digest(model) and r["units_provenance"] == r["provenance"]
     expected_top = top_units(t, 6)
-    assert r["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
-    assert r["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()
-    draws = r["random"]["draws"]
+    assert entry["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
+    assert entry["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()
+    draws = entry["random"]["draws"]
     assert len(draws) == 5 and len({json.dumps(d["units"]) for d in draws}) == 5
     assert all(len(set(u)) == 6 for d in draws for u in d["units"].values())
-    assert r["random"]["blimp"]["values"] == [d["blimp"] for d in draws]
-    assert r["random"]["val_loss"]["mean"] == pytest.approx(np.mean([d["val_loss"] for d in draws]))
-    assert r["random"]["val_loss"]["std"] == pytest.approx(np.std([d["val_loss"] for d in draws], ddof=1))
+    assert entry["random"]["blimp"]["values"] == [d["blimp"] for d in draws]
+    assert entry["random"]["val_loss"]["mean"] == pytest.approx(np.mean([d["val_loss"] for d in draws]))
+    assert entry["random"]["val_loss"]["std"] == pytest.approx(np.std([d["val_loss"] for d in draws], ddof=1))
     # the intact condition is blimp.py's score, and the validation loss of the same windows
     assert r["intact"]["blimp"] == 1.0
     tokens = np.fromfile(grammar["data"] / "val.bin", dtype=np.uint16)
     assert r["intact"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
     # the selective condition is the model with exactly those units zeroed
-    with zeroed_units(model, r["selective"]["units"]):
-        assert r["selective"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
-    assert r["selective"]["val_loss"] != pytest.approx(r["intact"]["val_loss"])
+    with zeroed_units(model, entry["selective"]["units"]):
+        assert entry["selective"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
+    assert entry["selective"]["val_loss"] != pytest.approx(r["intact"]["val_loss"])
 
     np.savez(units, site_names=np.array(model.site_names), coords=np.roll(model.sheet.unit_coords.numpy(), 1, 1),
              t_localizer=t, provenance=np.array(json.dumps(r["provenance"])))
@@ -639,12 +641,10 @@ def test_ablation_of_a_restricted_vocabulary_is_batch_size_invariant(restricted,
         runs.append(json.loads(out.read_text()))
     for r in runs:
         assert r["intact"]["blimp"] == alone["accuracy"]
-        assert math.isfinite(r["intact"]["val_loss"]) and math.isfinite(r["selective"]["val_loss"])
+        assert math.isfinite(r["intact"]["val_loss"]) and math.isfinite(r["sweep"][0]["selective"]["val_loss"])
     # the same 8 windows, batched 8 x 1 or 2 x 4: the same losses; the same pairs at batch_size 1 or 64
-    for key in ("intact", "selective"):
-        assert runs[0][key]["blimp"] == runs[1][key]["blimp"] and runs[0][key]["val_loss"] == runs[1][key]["val_loss"]
-    assert runs[0]["random"]["blimp"]["values"] == runs[1]["random"]["blimp"]["values"]
-    assert runs[0]["random"]["val_loss"]["values"] == runs[1]["random"]["val_loss"]["values"]
+    assert runs[0]["intact"] == runs[1]["intact"]
+    assert runs[0]["sweep"] == runs[1]["sweep"]  # every condition, the random draws included
     assert runs[0]["not_scorable"] == runs[1]["not_scorable"] == 8 and runs[0]["n_pairs"] == 16
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,8 +78,8 @@ class AblateConfig(BlimpKeys, SeedKey):
     where: Literal["site", "input"] = "site"
     """Where a unit is zeroed: 'site', the site's activation (with with_resid=false: what the sublayer adds to
     the residual stream in that dimension); 'input', that dimension of the sublayer's input, i.e. the input
-    column of c_attn (attn site) or c_fc (mlp site) of the site's block (the research code's, and the paper's,
-    ablation). Hooks only: the weights are never changed."""
+    column of c_attn (attn site) or c_fc (mlp site) of the site's block (the research code's ablation, whose
+    numbers the paper reports). Hooks only: the weights are never changed."""
     draws: int = 5
     """Random draws at every k (at least 5): as many units at every site as the top-k put there."""
     seed: int = 0
@@ -233,8 +234,15 @@ def sweep_entry(subject: Subject, k: int, scoring: Scoring, intact: dict) -> dic
 def sweep(subject: Subject, scoring: Scoring) -> dict:
     """The record of one model: its provenance, the intact model's scores and one entry per k."""
     print(f"{subject.role} {subject.path}:")
+    start = time.perf_counter()
     intact = measure(subject.model, None, scoring, "intact")
-    entries = [sweep_entry(subject, k, scoring, intact) for k in scoring.cfg.k_values()]
+    print(f"  (the intact model in {time.perf_counter() - start:.1f} s)")
+    entries = []
+    for k in scoring.cfg.k_values():
+        start = time.perf_counter()
+        entries.append(sweep_entry(subject, k, scoring, intact))
+        if k:
+            print(f"  (k={k}: {1 + scoring.cfg.draws} conditions in {time.perf_counter() - start:.1f} s)")
     return {"checkpoint": str(subject.path), "provenance": subject.provenance, "units_file": subject.units_file,
             "units_provenance": subject.units_provenance, "intact": intact, "sweep": entries}
 

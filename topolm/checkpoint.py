@@ -114,7 +114,8 @@ def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer:
         "model": gpt.state_dict(),
         "model_config": dataclasses.asdict(gpt.config),
         "tokenizer": tokenizer,
-        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed)), "source": layout_source},
+        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed, gpt.sheet.shape)),
+                   "source": layout_source},
         "data": data,
         "config": config,
         "iter_num": iter_num,
@@ -340,7 +341,7 @@ def hf_checkpoint(folder: str | Path) -> dict:
     tokenizer = sheet["tokenizer"] if "tokenizer" in sheet else tokenizer_for(model_config.vocab_size)
     provenance = sheet.get("provenance") or {}
     return {"format": FORMAT, "kind": "imported", "model": state, "model_config": dataclasses.asdict(model_config),
-            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config.n_embed, state),
+            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config, state),
             "data": None, "config": {}, "iter_num": 0,
             "hf": {"folder": str(folder.resolve()), "positions": coords is not None, "provenance": provenance}}
 

@@ -37,8 +37,7 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
 
     Per site: visit `n_neighborhoods` random distinct neighborhoods (or all of them in random
     order), and in each make `local_steps` attempts to swap the cells of two of its units,
-    keeping a swap when that neighborhood's spatial loss does not increase. shape: the sheet's (rows,
-    cols), default `positions.sheet_shape(n_embed)`.
+    keeping a swap when that neighborhood's spatial loss does not increase (shape: the sheet's (rows, cols)).
 
     Swapping permutes the members, which leaves the set of pairwise correlations, hence their
     mean and spread, unchanged: only the cross term sum_ij r_ij * D'_ij of the Pearson numerator

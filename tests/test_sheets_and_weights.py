@@ -255,3 +255,25 @@ def test_a_gpt2_of_width_48_becomes_topographic_on_a_4_by_12_sheet_and_is_analys
         grid[coords[:, 0], coords[:, 1]] = t
         assert not np.isnan(grid).any()  # one unit on every cell of the 4 x 12 grid
         assert summary["sites"][name]["verb_noun"]["morans_i"] == pytest.approx(_esda_i(grid, 4, 12).I, abs=1e-12)
+
+
+def test_an_export_of_a_rectangular_sheet_with_per_site_weights_reads_back_as_it_was(tmp_path):
+    import json
+
+    from topolm.checkpoint import load_model, make_payload
+    from topolm.hf import export_hf
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embed=48, sheet_rows=8, block_size=16, vocab_size=64, radius=2,
+                    neighborhoods_per_batch=3, alpha_sites=[1.0, 0.0, 2.5, 0.5])
+    torch.manual_seed(0)
+    gpt = GPT(cfg, random_layout(4, 48, seed=3, shape=(8, 6)))
+    ckpt = make_payload(gpt, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="random")
+    assert ckpt["layout"]["permutation"]
+    export_hf(gpt, ckpt, tmp_path / "hf", "test")
+    sheet = json.loads((tmp_path / "hf" / "topolm.json").read_text())
+    assert (sheet["grid_rows"], sheet["grid_cols"]) == (8, 6) and "grid_side" not in sheet
+    assert sheet["spatial_loss"]["alpha_sites"] == [1.0, 0.0, 2.5, 0.5]
+    back, back_ckpt, _ = load_model(tmp_path / "hf")
+    assert back.config.sheet == (8, 6) and back.config.site_alpha == [1.0, 0.0, 2.5, 0.5]
+    assert back.spatial_sites == [0, 2, 3] and back_ckpt["layout"]["permutation"]
+    assert torch.equal(back.sheet.unit_coords, gpt.sheet.unit_coords)

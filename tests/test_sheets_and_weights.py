@@ -277,3 +277,16 @@ def test_an_export_of_a_rectangular_sheet_with_per_site_weights_reads_back_as_it
     assert back.config.sheet == (8, 6) and back.config.site_alpha == [1.0, 0.0, 2.5, 0.5]
     assert back.spatial_sites == [0, 2, 3] and back_ckpt["layout"]["permutation"]
     assert torch.equal(back.sheet.unit_coords, gpt.sheet.unit_coords)
+
+
+def test_finetuning_scales_every_sites_weight(tmp_path):
+    import finetune
+    from topolm.checkpoint import make_payload
+    from topolm.config import load_config
+
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embed=36, block_size=16, vocab_size=64, radius=2,
+                        neighborhoods_per_batch=3, alpha=2.0, alpha_mlp=0.0))
+    ckpt = make_payload(gpt, kind="pretrain", config={}, iter_num=0, tokenizer=None, layout_source="random")
+    cfg = load_config(finetune.FinetuneConfig, ["finetune_glue.yaml", "ckpt=x", "alpha_scale=0.25"])
+    model = finetune.build_model(ckpt, cfg, n_outputs=2, resume=False)
+    assert model.gpt.config.site_alpha == [0.5, 0.0, 0.5, 0.0] and model.gpt.spatial_sites == [0, 2]

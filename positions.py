@@ -252,8 +252,8 @@ def spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int,
 
     corr (sites, C, C) unit correlations and coords (sites, C, 2) integer cells -> (sites, centres); or one
     site: (C, C) and (C, 2) -> (centres,). A neighborhood's members are the units whose cells lie in the
-    (2r-1)^2 block around a centre (`centres`, on the rows x cols grid `shape`, by default the most square
-    grid of C cells widened to hold the coordinates): for a
+    (2r-1)^2 block around a centre (`centres`, on the rows x cols grid `shape`; by default the grid the
+    coordinates span when it has C cells, else the most square grid of C cells widened to hold them): for a
     permutation exactly the block's units, otherwise every unit of a shared cell and none of an empty one.
     d are the members' own grid distances (0 between units sharing a cell). NaN as in `pair_spatial_loss`.
     The loss of `CorticalSheet.loss` over all neighborhoods instead of sampled ones, computed from
@@ -261,10 +261,10 @@ def spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int,
     corr, coords = np.asarray(corr, np.float64), np.asarray(coords, np.int64)
     if coords.ndim == 2:
         return spatial_losses(corr[None], coords[None], radius, shape)[0]
-    if shape is None:
+    if shape is None:  # the grid the coordinates span when it has C cells, else the most square one widened to them
         rows, cols = sheet_shape(coords.shape[1])
         span = layout_shape(coords)
-        shape = (max(rows, span[0]), max(cols, span[1]))
+        shape = span if span[0] * span[1] == coords.shape[1] else (max(rows, span[0]), max(cols, span[1]))
     grid_centres = centres(shape, radius)
     return np.stack([_site_spatial_losses(corr[s], coords[s], grid_centres, radius, shape)
                      for s in range(len(coords))])

@@ -67,6 +67,7 @@ def test_the_sampled_loss_on_a_rectangular_sheet_is_the_formula():
     full = spatial_losses(corr, coords[0], radius, (rows, cols))
     grid_units = neighborhood_units(coords[:1], (rows, cols), radius)[0]
     assert len(full) == 20
+    np.testing.assert_array_equal(spatial_losses(corr, coords[0], radius), full)  # the grid its coordinates span
     np.testing.assert_allclose(full, [numpy_spatial_loss(acts[0].numpy()[:, m], coords[0, m]) for m in grid_units],
                                atol=1e-10)
 

@@ -2,8 +2,9 @@
 
 Every spatial site (the output of one attention or MLP sublayer) has `n_embed = rows * cols`
 units on a rows x cols sheet (`sheet_shape`: the most square factorisation unless the rows are set;
-the paper's 784 is 28 x 28). Cell (x, y) is row x, column y, cell index x * cols + y. A layout gives each unit integer coordinates (x, y); every grid cell holds exactly one
-unit, so a layout is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
+the paper's 784 is 28 x 28). Cell (x, y) is row x, column y, cell index x * cols + y. A layout
+gives each unit integer coordinates (x, y); every grid cell holds exactly one unit, so a layout
+is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
 Layouts imported from the research code may break that rule (its pre-optimization left shared
 and empty cells). A model keeps such a layout exactly, for sampling and analysis,
 but everything below that needs one unit per cell (sampling neighborhoods, hence the spatial

@@ -35,8 +35,8 @@ from topolm.position_sets import MODEL_KEYS, initial_weights_digest, load_positi
 from positions import random_layout, sheet_shape
 from topolm.signals import StopFlag
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank,
-                             alpha_factor_at, check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops, reduce_with_stop,
-                             resolve_dtype, resume_command, start_wandb, stream_seed)
+                             alpha_factor_at, check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest,
+                             peak_flops, reduce_with_stop, resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 @dataclass
@@ -226,6 +226,9 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
 
 # The keys that fix a model's weights' shapes and its function: a run started from a model takes them
 SOURCE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "activation")
+# The keys of the spatial loss's weights and their schedule (a checkpoint's `alpha` field records them)
+ALPHA_KEYS = ("alpha", "alpha_attn", "alpha_mlp", "alpha_sites", "alpha_schedule", "alpha_warmup_iters",
+              "alpha_decay_iters", "alpha_final")
 
 
 def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, tuple[dict, Path] | None]:
@@ -518,10 +521,6 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
 
 
 # ----------------------------------------------------------------------------- the loop's steps
-
-ALPHA_KEYS = ("alpha", "alpha_attn", "alpha_mlp", "alpha_sites", "alpha_schedule", "alpha_warmup_iters",
-              "alpha_decay_iters", "alpha_final")
-
 
 def alpha_record(cfg: TrainConfig, it: int) -> dict:
     """The checkpoint's `alpha` field after `it` steps: the schedule's keys, every site's weight

@@ -181,7 +181,7 @@ def test_the_schedule_is_logged_every_step_and_resumes_bit_exactly_across_its_ch
         assert rec["alpha_factor"] == factor and rec["alpha_sites"] == [2.0 * factor, 0.5 * factor] * 2
         weighted = sum(w * sl for w, sl in zip([2.0, 0.5, 2.0, 0.5], rec["sites"]))
         assert rec["spatial"] == pytest.approx(factor * weighted, rel=1e-5, abs=1e-7), it
-        assert (rec["loss"], rec["task"], rec["spatial"]) == (split[it]["loss"], split[it]["task"], split[it]["spatial"])
+        assert [rec[k] for k in ("loss", "task", "spatial")] == [split[it][k] for k in ("loss", "task", "spatial")]
     assert whole[0]["spatial"] == 0.0 and whole[2]["alpha_factor"] == 0.5
     a, b = (read_checkpoint(tmp_path / run / "ckpt-0000008.pt") for run in ("whole", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -819,9 +819,9 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
         for key in ("adjacent", "far"):
             per_site[f"{key}_corr"].append(curve[key])
             per_site[f"null_{key}_corr"].append(null[key])
-        per_site["spatial_loss"].append(full_grid_spatial_loss(corr[s], coords[s], model.config.radius, model.config.sheet))
-        per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], model.config.radius,
-                                                                      model.config.sheet)
+        radius, sheet = model.config.radius, model.config.sheet
+        per_site["spatial_loss"].append(full_grid_spatial_loss(corr[s], coords[s], radius, sheet))
+        per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], radius, sheet)
                                                       for perm in perms[:CORRELATION_NULL_SHUFFLES]]))
     for key, values in per_site.items():
         arr = np.array(values, dtype=bool if key.startswith("significant_") else np.float64)

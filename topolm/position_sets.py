@@ -62,8 +62,9 @@ def load_positions(folder: str | Path, n_layer: int, n_embed: int,
     rows, cols = shape or sheet_shape(n_embed)
     theirs = (meta.get("rows"), meta.get("cols")) if "rows" in meta else layout_shape(coords)
     if tuple(theirs) != (rows, cols):
-        raise ValueError(f"position set {folder} is for a {theirs[0]}x{theirs[1]} sheet; this model's is {rows}x{cols}: "
-                         f"set sheet_rows={theirs[0]}, or make a set for this sheet with init_pos.py sheet_rows={rows}")
+        raise ValueError(f"position set {folder} is for a {theirs[0]}x{theirs[1]} sheet; this model's is "
+                         f"{rows}x{cols}: set sheet_rows={theirs[0]}, or make a set for this sheet with init_pos.py "
+                         f"sheet_rows={rows}")
     check_layout(coords, *want[:2], shape=(rows, cols))
     return coords, meta
 

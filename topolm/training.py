@@ -4,8 +4,9 @@ Each script keeps its own readable loop; this module holds what both loops call:
 step with DDP / autocast / fp16 grad scaler / torch.compile and the non-finite check
 (`Optimization`), the learning-rate schedule, the random streams and their state, the JSON
 log and wandb (or its null stand-in), rank digests, the owner of a run's
-checkpoints (`RunCheckpoints`), the spatial loss's weight schedule (`alpha_factor_at`), the stop check of an evaluation batch (`reduce_with_stop`; the stop
-flag itself: topolm/signals.py) and the GPU peak-FLOPs table.
+checkpoints (`RunCheckpoints`), the spatial loss's weight schedule (`alpha_factor_at`), the stop
+check of an evaluation batch (`reduce_with_stop`; the stop flag itself: topolm/signals.py) and the
+GPU peak-FLOPs table.
 """
 from __future__ import annotations
 

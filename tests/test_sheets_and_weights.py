@@ -291,3 +291,18 @@ def test_finetuning_scales_every_sites_weight(tmp_path):
     cfg = load_config(finetune.FinetuneConfig, ["finetune_glue.yaml", "ckpt=x", "alpha_scale=0.25"])
     model = finetune.build_model(ckpt, cfg, n_outputs=2, resume=False)
     assert model.gpt.config.site_alpha == [0.5, 0.0, 0.5, 0.0] and model.gpt.spatial_sites == [0, 2]
+
+
+def test_a_position_set_of_another_sheet_or_a_resume_on_another_sheet_is_refused(tiny_data, tmp_path):
+    from conftest import one_error_line, run_main
+
+    run_in_process([PYTHON, "init_pos.py", "layout=random", "n_layer=2", "n_embed=48", "sheet_rows=4",
+                    f"out={tmp_path / 'pos'}"])
+    args = overrides(dataset=str(tiny_data), out_dir=str(tmp_path / "out"), run_name="r", n_embed=48, max_iters=1,
+                     position_dir=str(tmp_path / "pos"))
+    one_error_line(run_main(train, ["train_shakespeare.yaml", *args]), "is for a 4x12 sheet; this model's is 6x8",
+                   "set sheet_rows=4")
+    assert not (tmp_path / "out").exists()
+    run_in_process([PYTHON, "train.py", "train_shakespeare.yaml", *args, "sheet_rows=4"])
+    resume = ["train_shakespeare.yaml", *args, "init_from=resume", "max_iters=2", "position_dir=''"]
+    one_error_line(run_main(train, resume), "a 4x12 sheet in checkpoint vs 6x8 now (sheet_rows)")

@@ -346,7 +346,9 @@ def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: t
         summary[loaded.label] = {"name": loaded.name, "checkpoint": str(loaded.path), "step": loaded.step,
                                  "provenance": loaded.provenance,
                                  "n_layer": loaded.model.config.n_layer, "n_embed": loaded.model.config.n_embed,
+                                 "sheet": list(loaded.model.config.sheet),
                                  "with_resid": loaded.model.config.with_resid, "alpha": loaded.model.config.alpha,
+                                 "alpha_sites": loaded.model.config.site_alpha,
                                  "heldout": {"source": loaded.heldout_source, "from": loaded.heldout_chosen_by,
                                              "tokens": int(m["heldout_samples"])},
                                  **summarize(m)}

@@ -115,7 +115,8 @@ def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer:
         "model": gpt.state_dict(),
         "model_config": dataclasses.asdict(gpt.config),
         "tokenizer": tokenizer,
-        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed)), "source": layout_source},
+        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed, gpt.sheet.shape)),
+                   "source": layout_source},
         "data": data,
         "config": config,
         "iter_num": iter_num,
@@ -348,7 +349,7 @@ def hf_checkpoint(folder: str | Path) -> dict:
     kind = provenance.get("kind") if exported and provenance.get("kind") in KINDS else "imported"
     step = provenance.get("step") if exported and isinstance(provenance.get("step"), int) else 0
     return {"format": FORMAT, "kind": kind, "model": state, "model_config": dataclasses.asdict(model_config),
-            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config.n_embed, state),
+            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config, state),
             "data": sheet.get("data") if exported else None, "config": {}, "iter_num": step,
             "hf": {"folder": str(folder.resolve()), "positions": coords is not None, "provenance": provenance}}
 

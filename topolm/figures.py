@@ -459,3 +459,55 @@ def plot_development(dev: dict, title: str):
 def _nan(values: list) -> list[float]:
     """JSON's null (an undefined value) as NaN, which matplotlib leaves out of a line."""
     return [math.nan if v is None else v for v in values]
+
+
+# ----------------------------------------------------------------------------- the ablation sweep
+
+ABLATION_METRICS = (("blimp", "BLiMP accuracy (fraction of pairs)"), ("val_loss", "validation loss (nats per token)"))
+
+
+def _ablation_series(record: dict, key: str) -> tuple[list, list, list, list, list]:
+    """(k, top-k, random mean, random min, random max) of one metric, k = 0 the intact model."""
+    intact = record["intact"][key]
+    rows = [(0, intact, intact, intact, intact)]
+    rows += [(e["k"], e["selective"][key], e["random"][key]["mean"], e["random"][key]["min"], e["random"][key]["max"])
+             for e in record["sweep"] if e["k"] > 0]
+    return tuple(list(column) for column in zip(*rows))
+
+
+def plot_ablation(models: list[tuple[str, dict]], select: str, where: str, draws: int):
+    """The ablation sweep as curves against k: for every model (title, record as ablate.py writes it: `intact`,
+    `sweep`), the k most selective units' scores and the mean of the random draws with their min-max band;
+    BLiMP accuracy, and the validation loss where it was measured. k = 0 is the intact model; the x axis is
+    symmetric-log (linear below 1), so k = 0 and k = 12544 share it."""
+    import matplotlib.pyplot as plt
+
+    metrics = [(key, label) for key, label in ABLATION_METRICS if models[0][1]["intact"][key] is not None]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.9), dpi=90, squeeze=False)
+    colours = ["C3", "C0"]
+    for ax, (key, label) in zip(axes[0], metrics):
+        for c, (title, record) in enumerate(models):
+            k, top, mean, lo, hi = _ablation_series(record, key)
+            ax.plot(k, top, "-o", color=colours[c], markersize=4, label=f"{title}: top-k selective units")
+            ax.plot(k, mean, "--s", color=colours[c], mfc="none", markersize=4,
+                    label=f"{title}: random units, mean of {draws} draws")
+            ax.fill_between(k, lo, hi, color=colours[c], alpha=0.15, linewidth=0,
+                            label=f"{title}: random units, min to max")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("k: units zeroed per site" if select == "site" else "k: units zeroed in all (top-k over the "
+                      "network)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    # below the panels, in the figure's own room (the curves fill the panels): one column of three per model
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(models), frameon=False)
+    where_text = ("the site's output" if where == "site" else "the sublayer's input (c_attn / c_fc input columns)")
+    fig.suptitle(f"Ablation of the most language-selective units (localizer t) vs random units;\nunits chosen "
+                 f"{'per site' if select == 'site' else 'over the whole network'}, zeroed at {where_text}; "
+                 f"k = 0: the intact model", fontsize=9)
+    rows = 3
+    fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.18 * rows)
+    fig.tight_layout(rect=(0, (0.18 * rows + 0.1) / fig.get_figheight(), 1, 1))
+    return fig

@@ -173,7 +173,7 @@ def measure(model, windows: np.ndarray, stim: Stimuli | None, null_shuffles: int
         # drawn for every site, as measure_model draws them, so the null is analyze.py's
         perms = np.stack([rng.permutation(len(coords[s])) for _ in range(null_shuffles)])
         curve = correlation_by_distance(corr[s], coords[s], edges)
-        entry = {"spatial_loss": full_grid_spatial_loss(corr[s], coords[s], model.config.radius),
+        entry = {"spatial_loss": full_grid_spatial_loss(corr[s], coords[s], model.config.radius, model.config.sheet),
                  "adjacent_corr": curve["adjacent"], "far_corr": curve["far"]}
         cells = SheetCells.from_coords(coords[s])
         for c in contrasts:

@@ -4,8 +4,9 @@ Each script keeps its own readable loop; this module holds what both loops call:
 step with DDP / autocast / fp16 grad scaler / torch.compile and the non-finite check
 (`Optimization`), the learning-rate schedule, the random streams and their state, the JSON
 log and wandb (or its null stand-in), rank digests, the owner of a run's
-checkpoints (`RunCheckpoints`), the stop check of an evaluation batch (`reduce_with_stop`; the stop
-flag itself: topolm/signals.py) and the GPU peak-FLOPs table.
+checkpoints (`RunCheckpoints`), the spatial loss's weight schedule (`alpha_factor_at`), the stop
+check of an evaluation batch (`reduce_with_stop`; the stop flag itself: topolm/signals.py) and the
+GPU peak-FLOPs table.
 """
 from __future__ import annotations
 
@@ -86,6 +87,26 @@ def learning_rate_at(it: int, cfg) -> float:
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def alpha_factor_at(it: int, cfg) -> float:
+    """The factor on every site's spatial-loss weight at optimizer step `it` (0-based).
+
+    `cfg` has alpha_schedule, alpha_warmup_iters (W), alpha_decay_iters (D) and alpha_final (train.py's
+    TrainConfig). 'constant': 1. 'linear': it / W for it < W, then 1. 'cosine': it / W for it < W (no
+    warm-up when W = 0), then alpha_final + (1 - alpha_final) * (1 + cos(pi * (it - W) / (D - W))) / 2 up
+    to D, alpha_final from D on (the cosine of nanoGPT's learning rate, on the weight instead)."""
+    if cfg.alpha_schedule == "constant":
+        return 1.0
+    warmup = cfg.alpha_warmup_iters
+    if it < warmup:
+        return it / warmup
+    if cfg.alpha_schedule == "linear":
+        return 1.0
+    if it >= cfg.alpha_decay_iters:
+        return float(cfg.alpha_final)
+    ratio = (it - warmup) / (cfg.alpha_decay_iters - warmup)
+    return cfg.alpha_final + (1.0 - cfg.alpha_final) * 0.5 * (1.0 + math.cos(math.pi * ratio))
 
 
 STREAMS = {"batch": 1, "nbhd": 2, "dropout": 3}

@@ -14,6 +14,9 @@
   beside the same curve with unit positions shuffled;
 - response_profile.png: mean response of the language-selective units to S, W, J and N
   (cross-validated: selected on odd items, measured on even ones and vice versa);
+- clusters.png: the clusters of every site's localizer t-map (topolm.clusters; seed_threshold,
+  grow_threshold, min_size), a colour each; summary.json has their count and sizes and the response
+  profile of each cluster found on one half of the localizer items, measured on the other;
 - summary.json (per site and averaged, and under `stimuli` the items analysed and left out),
   units.npz (and compare_units.npz): per-unit arrays; both carry
   each model's provenance (checkpoint, step, weights digest, code version; in units.npz as the JSON
@@ -47,6 +50,7 @@ import torch
 from topolm.analysis import (StatisticsKeys, Stimuli, contrast_names, count_keys, defined_mean, heldout_windows, measure_model,
                              option_lines, summarize)
 from topolm.checkpoint import load_model, require_gpt2_tokenizer, require_positions
+from topolm.clusters import ClusterKeys
 from topolm.config import (DATA_DIR, InferenceKeys, SeedKey, UserError, cli_main, load_config, require,
                            resolve_device, resolve_path)
 from topolm.files import (atomic_write, commit_staged, discard_staged, read_text, remove_partial_writes,
@@ -55,8 +59,8 @@ from topolm.provenance import provenance
 from topolm.signals import exit_on_stop, held
 from topolm.tokenizer import gpt2_encoding
 from model import GPT
-from topolm.figures import (_vmax, json_safe, plot_correlation, plot_maps, plot_morans, plot_profile, plot_site,
-                            readout_figures, save_figure)
+from topolm.figures import (_vmax, json_safe, plot_clusters, plot_correlation, plot_maps, plot_morans, plot_profile,
+                            plot_site, readout_figures, save_figure)
 from topolm.stimuli import STIMULI_DIR
 from topolm.stimsets import read_sets, select_contrasts
 
@@ -65,10 +69,11 @@ DEFAULT_STIMULI = "stimuli"
 
 
 @dataclass
-class AnalyzeConfig(StatisticsKeys, InferenceKeys, SeedKey):
+class AnalyzeConfig(StatisticsKeys, ClusterKeys, InferenceKeys, SeedKey):
     """analyze.py's keys: its own below; ckpt (the model analysed) and device from topolm.config.InferenceKeys,
     seed from topolm.config.SeedKey, the statistics' choices (fwhm, fdr, moran, profile) from
-    topolm.analysis.StatisticsKeys."""
+    topolm.analysis.StatisticsKeys, the clusters' settings (seed_threshold, grow_threshold, min_size) from
+    topolm.clusters.ClusterKeys."""
     compare: str = ""
     """Optional second model (e.g. the alpha=0 control), analysed the same way and drawn below the first."""
     out: str = ""
@@ -232,6 +237,9 @@ def print_table(loaded: Loaded, summary: dict) -> None:
                 print(f"{name} {contrast}: Moran's I undefined: {e[contrast]['undefined']}")
     for line in option_lines(summary):
         print(line)
+    print("clusters of the localizer t-map (cells; + positive, - negative): " + "; ".join(
+        f"{name} +{e['clusters']['positive_sizes']} -{e['clusters']['negative_sizes']}"
+        for name, e in summary["sites"].items()))
 
 
 # ----------------------------------------------------------------------------- main
@@ -338,7 +346,7 @@ def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: t
         with tqdm(total=stim.n_items, desc=f"stimuli ({loaded.name})", unit="item") as bar:
             m = measure_model(loaded.model, stim, loaded.windows, q=cfg.q, permutations=cfg.permutations,
                               null_shuffles=cfg.null_shuffles, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar,
-                              stats=cfg)
+                              stats=cfg, clusters=cfg)
         results.append((loaded, m))
     summary = {"analysis": {k: v for k, v in asdict(cfg).items()},
                "stimuli": stimuli_summary(full, stim, fit)}
@@ -391,6 +399,7 @@ def write_outputs(results: list, summary: dict, q: float, out: Path) -> list[Pat
     written.append(save_figure(plot_morans(results), out / "morans_i.png"))
     written.append(save_figure(plot_correlation(results), out / "correlation_vs_distance.png"))
     written.append(save_figure(plot_profile(results), out / "response_profile.png"))
+    written.append(save_figure(plot_clusters(results), out / "clusters.png"))
     atomic_write(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
     written.append(out / "summary.json")
     return written

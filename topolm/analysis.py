@@ -19,6 +19,7 @@ value, and empty cells are not part of the map.
 - The statistics' choices (`StatisticsKeys`): FDR per site or pooled, Moran's I of the map or also
   of the significant units only (`significant_morans_i`), the profile's signed or absolute mean, and
   the fMRI-like readout (`fwhm`; topolm.readout) beside the unsmoothed numbers.
+- Clusters of the localizer t-map and their held-out response profiles: topolm.clusters.
 - Undefined statistics stay undefined (NaN; null in summary.json, with the reason), never a
   finding: Welch's t of a unit with zero variance in both groups or of a side with fewer than 2
   items; Moran's I and its p of a constant t-map or one with an undefined unit (`undefined_map`).
@@ -704,13 +705,16 @@ def contrast_sides(stim: Stimuli, resp: np.ndarray) -> tuple[dict, dict, dict]:
 
 
 def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 32, progress=None,
-                      stats: StatisticsKeys | None = None) -> tuple[dict, dict]:
+                      stats: StatisticsKeys | None = None, clusters=None,
+                      coords: np.ndarray | None = None) -> tuple[dict, dict]:
     """The per-unit contrasts and response profiles of `measure_model` (see there), from the responses to `stim`,
     and the responses of each contrast's two sides, {contrast: (a, b)}, each (n_sites, n_samples, n_units).
 
     stats: the FDR's scope and the profile's measure (StatisticsKeys; default this project's). A side
     with fewer than 2 samples leaves its contrast undefined (`welch_t`); the counts of each side
     (n_items_<contrast>) and of the samples `Stimuli.fitting` left out (n_left_out_<contrast>) are kept.
+    clusters (topolm.clusters.ClusterKeys) with coords (n_sites, n_units, 2): also the clusters of the
+    localizer t-map and their held-out profiles (topolm.clusters.site_clusters).
     Raises UserError for a response that is not a number (`site_responses`)."""
     stats = stats or StatisticsKeys()
     pooled = stats.fdr == "pooled"
@@ -739,6 +743,10 @@ def stimulus_measures(model, stim: Stimuli, q: float = 0.05, batch_size: int = 3
     profiles = response_profiles(loc, q, pooled=pooled, profile=stats.profile)
     out["profile_mean"], out["profile_sem"] = profiles["mean"], profiles["sem"]
     out["profile_n_selected"] = profiles["n_selected"]
+    if clusters is not None:
+        from topolm.clusters import site_clusters  # clusters build on this module's sheet and statistics
+
+        out.update(site_clusters(out["t_localizer"], loc, coords, clusters, stats.profile))
     return out, sides
 
 
@@ -775,7 +783,7 @@ def site_morans(out: dict, sides: dict, s: int, coords: np.ndarray, perms: np.nd
 
 def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, permutations: int = 999,
                   null_shuffles: int = 100, seed: int = 0, batch_size: int = 32, progress=None,
-                  stats: StatisticsKeys | None = None) -> dict:
+                  stats: StatisticsKeys | None = None, clusters=None) -> dict:
     """Every measure of one model; returns a dict of numpy arrays (the `units.npz` of analyze.py).
 
     contrasts, contrast_labels (n_contrasts,): the contrasts run (stim.contrasts, 'localizer' first).
@@ -792,12 +800,13 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
     (n_sites,), null_moran_significant_<contrast> (null_shuffles, n_sites); with fwhm > 0 also
     t_smoothed_<contrast> (n_sites, n_units), moran_smoothed_<contrast> (n_sites,) and
     null_moran_smoothed_<contrast> (null_shuffles, n_sites) (topolm.readout), and fwhm.
+    clusters (topolm.clusters.ClusterKeys, default none): also the cluster arrays of topolm.clusters.site_clusters.
     Raises UserError for a response or held-out activation that is NaN or infinite.
     """
     stats = stats or StatisticsKeys()
     names = list(model.site_names)
     coords = model.sheet.unit_coords.cpu().numpy().astype(np.int64)
-    measures, sides = stimulus_measures(model, stim, q, batch_size, progress, stats)
+    measures, sides = stimulus_measures(model, stim, q, batch_size, progress, stats, clusters, coords)
     out: dict[str, np.ndarray] = {"site_names": np.array(names), "coords": coords, **measures}
 
     corr, n_samples = heldout_correlations(model, windows)
@@ -937,6 +946,10 @@ def summarize(m: dict) -> dict:
         for key in ("adjacent_corr", "far_corr", "null_adjacent_corr", "null_far_corr", "spatial_loss",
                     "null_spatial_loss"):
             entry[key] = float(m[key][s])
+        if "cluster_labels" in m:
+            from topolm.clusters import summarize_clusters
+
+            entry["clusters"] = summarize_clusters(m, s)
         sites[name] = entry
     labels = [str(x) for x in m["contrast_labels"]] if "contrast_labels" in m else ["S - N", "verb - noun"]
     return {"contrasts": dict(zip(contrast_names(m), labels)), "sites": sites,
@@ -965,6 +978,9 @@ def _summary_mean(m: dict, sites: dict, names: list[str], fwhm: float) -> dict:
                 "null_spatial_loss"):
         mean[key] = float(np.mean(m[key]))
     mean["fraction_selective"] = float(m["selective_localizer"].mean())
+    if "cluster_labels" in m:
+        mean["clusters"] = {"n_positive": sum(sites[n]["clusters"]["n_positive"] for n in names),
+                            "n_negative": sum(sites[n]["clusters"]["n_negative"] for n in names)}
     return mean
 
 

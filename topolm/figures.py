@@ -510,4 +510,54 @@ def plot_ablation(models: list[tuple[str, dict]], select: str, where: str, draws
     rows = 3
     fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.18 * rows)
     fig.tight_layout(rect=(0, (0.18 * rows + 0.1) / fig.get_figheight(), 1, 1))
+
+def _cluster_image(m: dict, s: int, shape: tuple[int, int]) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+    """RGB (rows, cols, 3) of site s's clusters (topolm.clusters): each cluster its own colour (positive ones
+    from tab20's dark shades, negative ones from its light shades), other occupied cells grey, empty cells
+    white; and a label (+k / -k) with its centroid (row, col) per cluster."""
+    import matplotlib.pyplot as plt
+
+    coords = np.asarray(m["coords"][s])
+    rgb = np.ones((*shape, 3))
+    rgb[coords[:, 0], coords[:, 1]] = 0.85
+    palette = plt.get_cmap("tab20").colors
+    labels = []
+    for sign, key, shade in ((-1, "cluster_negative", 1), (1, "cluster_labels", 0)):  # positive drawn last: on top
+        lab = np.asarray(m[key][s])
+        for k in range(1, int(lab.max(initial=0)) + 1):
+            where = coords[lab == k]
+            rgb[where[:, 0], where[:, 1]] = palette[(2 * (k - 1) + shade) % len(palette)]
+            labels.append((f"{'+' if sign > 0 else '-'}{k}", float(where[:, 0].mean()), float(where[:, 1].mean())))
+    return rgb, labels
+
+
+def plot_clusters(results: list[tuple]):
+    """Every site's clusters of the localizer t-map (S - N) as a categorical map, n_layer columns (wrapped at
+    12) x (attn, mlp) rows per model, panels sized as plot_maps'; each panel's title counts its clusters."""
+    n_layer = results[0][0].model.config.n_layer
+    fig, axes, wraps, shape, cell = _map_grid(results)
+    cols = axes.shape[1]
+    for k, (loaded, m) in enumerate(results):
+        for s, name in enumerate(str(n) for n in m["site_names"]):
+            layer, kind = s // 2, s % 2
+            ax = axes[(k * wraps + layer // cols) * 2 + kind, layer % cols]
+            rgb, labels = _cluster_image(m, s, shape)
+            ax.imshow(rgb, interpolation="nearest")
+            for text, r, c in labels:
+                ax.text(c, r, text, ha="center", va="center", fontsize=6, color="k")
+            n_pos = int(np.count_nonzero(m["cluster_sizes"][s]))
+            n_neg = int(np.count_nonzero(m["cluster_negative_sizes"][s]))
+            ax.set_title(f"L{layer} {'attn' if kind == 0 else 'mlp'}  +{n_pos} / -{n_neg}", fontsize=8, pad=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer % cols == 0:
+                ax.set_ylabel(f"{loaded.title}\nattn" if kind == 0 else "mlp", fontsize=8)
+        for layer in range(n_layer, wraps * cols):
+            for kind in range(2):
+                axes[(k * wraps + layer // cols) * 2 + kind, layer % cols].axis("off")
+    seed, grow, min_size = (float(x) for x in results[0][1]["cluster_settings"])
+    titles = ", below it ".join(loaded.title for loaded, _ in results)
+    fig.suptitle(f"Clusters of the localizer t-map (S - N) on the sheet of every site ({shape[0]} x {shape[1]} cells)\n"
+                 f"{titles}\nseeded at t >= {seed:g}, grown over 4-neighbours while t >= {grow:g}, at least "
+                 f"{min_size:g} cells; +k positive, -k negative (on -t); grey: in no cluster", fontsize=9)
     return fig

@@ -232,7 +232,8 @@ def test_ablate_refuses_the_units_file_of_another_model(gpt2_run, tmp_path):
 def test_heldout_text_is_the_val_bin_of_the_checkpoint_data(tmp_path):
     """The analysis reads the checkpoint's `data` field (a finetuned checkpoint carries its backbone's), not the
     writer's config, and says which text it used."""
-    from analyze import AnalyzeConfig, heldout_tokens
+    from analyze import AnalyzeConfig
+    from topolm.analysis_run import heldout_tokens
     folders = {}
     for name, first in (("recorded", 7), ("by_name", 8), ("config", 9)):
         folders[name] = tmp_path / name

@@ -15,6 +15,7 @@ import pytest
 import analyze
 import blimp
 from conftest import STOP_BOUND_S, PYTHON, REPO, run_main, write_units
+from topolm import analysis_run
 from topolm.checkpoint import load_model
 from topolm.signals import Stopped, exit_on_stop
 
@@ -128,8 +129,8 @@ def test_a_stop_while_the_analysis_is_written_leaves_the_earlier_analysis_as_it_
         if len(drawn) == 3:
             raise Stopped(signal.SIGTERM)
         return real_save(fig, path)
-    real_save = analyze.save_figure
-    monkeypatch.setattr(analyze, "save_figure", save_then_stop)
+    real_save = analysis_run.save_figure  # analyze.py writes its figures through topolm.analysis_run
+    monkeypatch.setattr(analysis_run, "save_figure", save_then_stop)
     ran = run_main(analyze, [f"ckpt={gpt2_run.ckpt}", f"out={out}", "overwrite=true", "permutations=9",
                              "null_shuffles=2"])
     assert ran.returncode == 143 and ran.stderr.strip().splitlines()[-1] == "stopped by SIGTERM; nothing written"

@@ -1,8 +1,8 @@
 """The paper's table for a topographic model and its control, from one command (Rathi et al. 2025's Table 1 and
 figures 2-4).
 
-    python reproduce.py ckpt=out/<run> control=out/<control run>
-    python reproduce.py ckpt=out/<run> control=out/<control run> blimp=path/to/blimp/data glue=finetuned/<run>
+    python reproduce.py ckpt=out/<run> control=out/<control>
+    python reproduce.py ckpt=out/<run> control=out/<control> blimp=path/to/blimp/data glue=finetuned/<run>
 
 Runs, on both models: the analysis of analyze.py (topolm.analysis_run: maps, Moran's I, the readout at
 `fwhm`, the clusters of the localizer map and their held-out profiles); BLiMP (`blimp`: a folder of

@@ -161,3 +161,24 @@ def test_reproduce_writes_the_table_of_a_model_and_its_control(gpt2_run, tmp_pat
     assert (out / "clusters.png").is_file() and (out / "verb_noun_maps.png").is_file()
     again = run_main(reproduce, [f"ckpt={gpt2_run.ckpt}", f"out={out}", *FAST])
     one_error_line(again, "already holds a table", "overwrite=true")
+
+
+def test_the_logged_evaluation_is_the_last_eval_event_of_the_run(tmp_path):
+    rows = [{"event": "start", "iter": 0},
+            {"event": "eval", "iter": 10, "val": {"task": 4.0, "spatial": 9.0, "sites": [0.5, 0.25]}},
+            {"event": "train", "iter": 20, "loss": 1.0},
+            {"event": "eval", "iter": 30, "val": {"task": 3.5, "spatial": 2.0, "sites": [0.125, 0.375]}},
+            {"event": "end", "iter": 30}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = last_logged_evaluation(tmp_path / "ckpt-0000030.pt")
+    # the per-site losses before alpha, summed: not the logged `spatial` (alpha times that sum)
+    assert (got["step"], got["task_loss"], got["sampled_sl_sum"]) == (30, 3.5, 0.5)
+    assert last_logged_evaluation(tmp_path / "elsewhere" / "ckpt.pt") is None
+
+
+def test_blimp_without_pairs_is_skipped_and_a_missing_folder_refused(tmp_path):
+    from topolm.config import UserError
+    cfg = reproduce.ReproduceConfig(ckpt="x")
+    assert reproduce.read_blimp(cfg).startswith("no BLiMP pairs given")
+    with pytest.raises(UserError, match="BLiMP folder not found"):
+        reproduce.read_blimp(reproduce.ReproduceConfig(ckpt="x", blimp=str(tmp_path / "none")))

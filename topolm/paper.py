@@ -160,7 +160,7 @@ def _moran(summary: dict, contrast: str, smoothed: bool = False):
     """The site mean of Moran's I of a contrast (summary.json's `mean`), or the reason it is missing."""
     if contrast not in summary["mean"]:
         return (f"contrast {contrast} not run: give stimuli with a set declaring it and contrasts=all (e.g. the "
-                f"shipped stimuli/concrete_abstract)")
+                f"shipped stimuli/concrete_abstract/concrete_abstract.tsv)")
     entry = summary["mean"][contrast]
     if smoothed:
         if "smoothed" not in entry:

@@ -128,9 +128,32 @@ def main(argv: list[str]) -> None:
     glue = [read_glue(given, cfg.glue_root, m.provenance["weights_sha256"])
             for given, m in zip((cfg.glue, cfg.control_glue), models)]
     stim, fit = fit_stimuli(full, models)
+    existed = out.exists()
     remove_partial_writes(require_writable(out))
     start = time.time()
+    try:
+        results, summary, rows, record, written = measure_and_write(cfg, models, (stim, fit, full), (tokens, val_bin), pairs,
+                                                                    glue, device, out)
+    except BaseException:  # a stop or an error: a folder made for this table goes again
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    titles = (models[0].title, models[1].title if len(models) > 1 else "control (not given)")
+    for loaded, _ in results:
+        print_table(loaded, summary[loaded.label])
+    print()
+    print(markdown(rows, titles))
+    print(f"{len(written) + 2} files in {out} ({time.time() - start:.0f} s): table.md, table.json, "
+          f"{', '.join(sorted(p.name for p in written if p.parent == written[-1].parent))}, sites/")
 
+
+def measure_and_write(cfg: ReproduceConfig, models: list, stimuli: tuple, val: tuple, pairs, glue: list, device: str,
+                      out: Path):
+    """Every measure of the models, the rows, and the files written into `out` through a staging folder (a stop
+    or an error before the end leaves `out` as it was); `val`: the validation tokens (or why there are none) and
+    their file. Returns (results, summary, rows, record, written)."""
+    stim, fit, full = stimuli
+    tokens, val_bin = val  # the tokens (or why there are none) and their file
     results, summary = measure_all(cfg, models, stim, (full, fit))
     per_model = []
     for k, (loaded, _) in enumerate(results):
@@ -158,12 +181,7 @@ def main(argv: list[str]) -> None:
             commit_staged(stage, out)
     finally:
         discard_staged(stage)
-    for loaded, _ in results:
-        print_table(loaded, summary[loaded.label])
-    print()
-    print(markdown(rows, titles))
-    print(f"{len(written) + 2} files in {out} ({time.time() - start:.0f} s): table.md, table.json, "
-          f"{', '.join(sorted(p.name for p in written if p.parent == stage))}, sites/")
+    return results, summary, rows, record, written
 
 
 def _validation_json(v):

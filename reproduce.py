@@ -154,16 +154,17 @@ def measure_and_write(cfg: ReproduceConfig, models: list, stimuli: tuple, val: t
     their file. Returns (results, summary, rows, record, written)."""
     stim, fit, full = stimuli
     tokens, val_bin = val  # the tokens (or why there are none) and their file
+    losses = [validation(cfg, loaded, tokens, device) for loaded in models]  # first: cheap, and refuses early
     results, summary = measure_all(cfg, models, stim, (full, fit))
     per_model = []
-    for k, (loaded, _) in enumerate(results):
-        entry = {"summary": summary[loaded.label], "glue": glue[k], "log": last_logged_evaluation(loaded.path),
-                 "validation": validation(cfg, loaded, tokens, device)}
+    for index, (loaded, _) in enumerate(results):
+        entry = {"summary": summary[loaded.label], "glue": glue[index], "log": last_logged_evaluation(loaded.path),
+                 "validation": losses[index]}
         if isinstance(pairs, str):
             entry["blimp"] = pairs
         else:
             scored = score_blimp(loaded.model, pairs, gpt2_encoding(), cfg.blimp_batch_size, device)
-            entry["blimp"] = {k: v for k, v in scored.items() if k not in ("lp_good", "lp_bad", "scorable")}
+            entry["blimp"] = {key: v for key, v in scored.items() if key not in ("lp_good", "lp_bad", "scorable")}
         per_model.append(entry)
     rows = table_rows(per_model[0], per_model[1] if len(per_model) > 1 else None)
     titles = (models[0].title, models[1].title if len(models) > 1 else "control (not given)")

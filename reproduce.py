@@ -158,7 +158,7 @@ def measure_and_write(cfg: ReproduceConfig, models: list, stimuli: tuple, val: t
     results, summary = measure_all(cfg, models, stim, (full, fit))
     per_model = []
     for index, (loaded, _) in enumerate(results):
-        entry = {"summary": summary[loaded.label], "glue": glue[index], "log": last_logged_evaluation(loaded.path),
+        entry = {"summary": summary[loaded.label], "glue": glue[index], "log": last_logged_evaluation(loaded.path, loaded.model.config.alpha),
                  "validation": losses[index]}
         if isinstance(pairs, str):
             entry["blimp"] = pairs

@@ -182,3 +182,10 @@ def test_blimp_without_pairs_is_skipped_and_a_missing_folder_refused(tmp_path):
     assert reproduce.read_blimp(cfg).startswith("no BLiMP pairs given")
     with pytest.raises(UserError, match="BLiMP folder not found"):
         reproduce.read_blimp(reproduce.ReproduceConfig(ckpt="x", blimp=str(tmp_path / "none")))
+
+
+def test_a_control_run_logs_no_spatial_loss_and_none_is_reported(tmp_path):
+    rows = [{"event": "eval", "iter": 5, "val": {"task": 4.0, "spatial": 0.0, "sites": [0.0, 0.0]}}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = last_logged_evaluation(tmp_path / "ckpt-0000005.pt", alpha=0.0)
+    assert got["task_loss"] == 4.0 and np.isnan(got["sampled_sl_sum"])  # never the logged zeros

@@ -512,21 +512,22 @@ def plot_ablation(models: list[tuple[str, dict]], select: str, where: str, draws
     fig.tight_layout(rect=(0, (0.18 * rows + 0.1) / fig.get_figheight(), 1, 1))
 
 def _cluster_image(m: dict, s: int, shape: tuple[int, int]) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
-    """RGB (rows, cols, 3) of site s's clusters (topolm.clusters): each cluster its own colour (positive ones
-    from tab20's dark shades, negative ones from its light shades), other occupied cells grey, empty cells
-    white; and a label (+k / -k) with its centroid (row, col) per cluster."""
+    """RGB (rows, cols, 3) of site s's clusters (topolm.clusters): each cluster its own colour (positive ones warm,
+    negative ones cool, from tab10), other occupied cells grey, empty cells white; and a label (+k / -k) with its
+    centroid (row, col) per cluster."""
     import matplotlib.pyplot as plt
 
     coords = np.asarray(m["coords"][s])
     rgb = np.ones((*shape, 3))
     rgb[coords[:, 0], coords[:, 1]] = 0.85
-    palette = plt.get_cmap("tab20").colors
+    tab10 = plt.get_cmap("tab10").colors
+    palettes = {1: [tab10[i] for i in (3, 1, 6, 5, 8)], -1: [tab10[i] for i in (0, 9, 2, 4, 7)]}  # warm +, cool -
     labels = []
-    for sign, key, shade in ((-1, "cluster_negative", 1), (1, "cluster_labels", 0)):  # positive drawn last: on top
+    for sign, key in ((-1, "cluster_negative"), (1, "cluster_labels")):  # positive drawn last: on top
         lab = np.asarray(m[key][s])
         for k in range(1, int(lab.max(initial=0)) + 1):
             where = coords[lab == k]
-            rgb[where[:, 0], where[:, 1]] = palette[(2 * (k - 1) + shade) % len(palette)]
+            rgb[where[:, 0], where[:, 1]] = palettes[sign][(k - 1) % len(palettes[sign])]
             labels.append((f"{'+' if sign > 0 else '-'}{k}", float(where[:, 0].mean()), float(where[:, 1].mean())))
     return rgb, labels
 
@@ -559,5 +560,5 @@ def plot_clusters(results: list[tuple]):
     titles = ", below it ".join(loaded.title for loaded, _ in results)
     fig.suptitle(f"Clusters of the localizer t-map (S - N) on the sheet of every site ({shape[0]} x {shape[1]} cells)\n"
                  f"{titles}\nseeded at t >= {seed:g}, grown over 4-neighbours while t >= {grow:g}, at least "
-                 f"{min_size:g} cells; +k positive, -k negative (on -t); grey: in no cluster", fontsize=9)
+                 f"{min_size:g} cells; +k positive (warm colours), -k negative (on -t; cool colours); grey: in no cluster", fontsize=9)
     return fig

@@ -127,10 +127,10 @@ def validation_measures(model, windows: np.ndarray, batch_size: int = 8, seed: i
             "n_windows": len(windows), "tokens": len(windows) * T, "site_names": names}
 
 
-def last_logged_evaluation(ckpt_path: Path) -> dict | None:
+def last_logged_evaluation(ckpt_path: Path, alpha: float = 1.0) -> dict | None:
     """The last `eval` event of the run's log.jsonl beside the checkpoint (this project's runs): its step, the
-    validation task loss and the per-site spatial loss before alpha summed (`sites`); None without a log or an
-    evaluation in it."""
+    validation task loss and the per-site spatial loss before alpha summed (`sites`; NaN for a run of alpha 0,
+    whose training never measures it and logs zeros); None without a log or an evaluation in it."""
     log = Path(ckpt_path).parent / "log.jsonl"
     if not log.is_file():
         return None
@@ -142,4 +142,4 @@ def last_logged_evaluation(ckpt_path: Path) -> dict | None:
         return None
     sites = last["val"].get("sites") or []
     return {"step": int(last["iter"]), "task_loss": float(last["val"]["task"]),
-            "sampled_sl_sum": float(sum(sites)) if sites else math.nan, "source": str(log)}
+            "sampled_sl_sum": float(sum(sites)) if sites and alpha > 0 else math.nan, "source": str(log)}

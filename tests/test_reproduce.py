@@ -15,12 +15,13 @@ from topolm.validation import last_logged_evaluation, start_windows, validation_
 FAST = ["permutations=9", "null_shuffles=2", "heldout_tokens=256", "fwhm=0", "min_size=3", "seed_threshold=0.5"]
 
 
-def _control(gpt2_run, folder):
+def _control(gpt2_run, folder, alpha: float = 0.0):
     """The session's checkpoint as an alpha = 0 control with one weight changed (its own weights digest)."""
     from topolm.checkpoint import load_checkpoint, save_checkpoint
     ckpt = load_checkpoint(gpt2_run.ckpt)
-    ckpt["model_config"]["alpha"] = 0.0
+    ckpt["model_config"]["alpha"] = alpha
     ckpt["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = 0.5
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / gpt2_run.ckpt.name
     save_checkpoint(ckpt, path)
     return path
@@ -47,23 +48,20 @@ def test_validation_losses_equal_a_hand_computation_on_the_windows(gpt2_run, tmp
     windows = start_windows(tokens, T, 3 * T + 5)
     got = validation_measures(model, windows, batch_size=1, seed=3)
     assert got["n_windows"] == 3 and got["tokens"] == 3 * T
-    # by hand: each window's mean cross-entropy from the model's own loss, window k = tokens[kT : kT + T + 1]
+    # by hand: each window's mean cross-entropy from the model's own loss, window k = tokens[kT : kT + T + 1]; a
+    # control's sheet measured as if trained with it: the same weights with alpha 1, the same neighborhoods
+    reference = load_model(_control(gpt2_run, tmp_path / "alpha1", 1.0), "cpu")[0] if control else model
     g = torch.Generator().manual_seed(3)
     task, per_site, acts = [], [], {name: [] for name in model.site_names}
-    alpha = model.config.alpha
-    model.config.alpha = 1.0  # a control's sheet measured as if trained with it: the same neighborhoods
-    try:
-        for k in range(3):
-            x = torch.from_numpy(tokens[k * T:k * T + T].astype(np.int64))[None]
-            y = torch.from_numpy(tokens[k * T + 1:k * T + T + 1].astype(np.int64))[None]
-            with torch.no_grad():
-                _, losses = model(x, y, units=model.sample_units(g))
-                for name, a in model.site_activations(x).items():
-                    acts[name].append(a[0].double().numpy())
-            task.append(float(losses.task))
-            per_site.append(losses.per_site.double().numpy())
-    finally:
-        model.config.alpha = alpha
+    for k in range(3):
+        x = torch.from_numpy(tokens[k * T:k * T + T].astype(np.int64))[None]
+        y = torch.from_numpy(tokens[k * T + 1:k * T + T + 1].astype(np.int64))[None]
+        with torch.no_grad():
+            _, losses = reference(x, y, units=reference.sample_units(g))
+            for name, a in reference.site_activations(x).items():
+                acts[name].append(a[0].double().numpy())
+        task.append(float(losses.task))
+        per_site.append(losses.per_site.double().numpy())
     assert got["task_loss"] == pytest.approx(np.mean(task), rel=1e-6)
     np.testing.assert_allclose(got["sampled_sl"], np.mean(per_site, axis=0), rtol=1e-5)
     assert got["sampled_sl_sum"] == pytest.approx(np.mean(per_site, axis=0).sum(), rel=1e-5)

@@ -510,6 +510,10 @@ def plot_ablation(models: list[tuple[str, dict]], select: str, where: str, draws
     rows = 3
     fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.18 * rows)
     fig.tight_layout(rect=(0, (0.18 * rows + 0.1) / fig.get_figheight(), 1, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------- the clusters
 
 def _cluster_image(m: dict, s: int, shape: tuple[int, int]) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
     """RGB (rows, cols, 3) of site s's clusters (topolm.clusters): each cluster its own colour (positive ones warm,

@@ -111,15 +111,22 @@ def test_other_differing_keys_make_configurations_and_one_seed_has_no_error_bar(
     plant(tmp_path, "r5", tiny_payload, {"radius": 5}, 5.5, 0.3, 0.2)
     plant(tmp_path, "r3", tiny_payload, {"radius": 3}, 5.4, 0.5, 0.1)
     plant(tmp_path, "site-alpha", tiny_payload, {"alpha": {"attn": 0, "mlp": 0}, "radius": 3}, 5.0, 0.0, 0.4)
-    sweep(tmp_path, f"runs={tmp_path / 'out' / 'r5'},{tmp_path / 'out' / 'r*'},{tmp_path / 'out' / 'site-alpha'}")
+    plant(tmp_path, "sites-off", tiny_payload, {"alpha_attn": 0.0, "alpha_mlp": 0.0}, 5.1, 0.0, 0.4)
+    plant(tmp_path, "attn-only", tiny_payload, {"alpha_attn": None, "alpha_mlp": 0.0}, 5.2, 0.2, 0.3)
+    sweep(tmp_path, f"runs={tmp_path / 'out' / 'r5'},{tmp_path / 'out' / 'r*'},{tmp_path / 'out' / 's*'},"
+                    f"{tmp_path / 'out' / 'attn-only'}")
     table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert table["keys"] == ["alpha", "radius"]
+    assert table["keys"] == ["alpha", "alpha_attn", "alpha_mlp", "radius"]
     configs = table["configurations"]
-    # numbers first (alpha 2.5, radius 3 before 5), then the per-site alpha, a control: 0 at every site
-    assert [(c["config"]["alpha"], c["config"]["radius"]) for c in configs] == [
-        (2.5, 3), (2.5, 5), ({"attn": 0, "mlp": 0}, 3)]
-    assert [c["control"] for c in configs] == [False, False, True]
-    assert [len(c["runs"]) for c in configs] == [1, 1, 1]  # r5 named twice counts once
+    # alpha first: numbers (then alpha_attn: 0.0 before null, ..., radius 3 before 5), then the per-site alpha
+    assert [[c["config"][k] for k in table["keys"]] for c in configs] == [
+        [2.5, 0.0, 0.0, 3], [2.5, None, 0.0, 3], [2.5, None, None, 3], [2.5, None, None, 5],
+        [{"attn": 0, "mlp": 0}, None, None, 3]]
+    # controls: every site's weight 0 (alpha_attn and alpha_mlp both 0, or a per-site alpha of zeros)
+    assert [c["control"] for c in configs] == [True, False, False, False, True]
+    assert [c["label"] for c in configs][1] == "alpha=2.5, alpha_attn=null, alpha_mlp=0.0, radius=3"
+    assert [len(c["runs"]) for c in configs] == [1] * 5  # r5 named twice counts once
+    configs = [c for c in configs if c["config"]["alpha_attn"] is None and c["config"]["alpha_mlp"] is None]
     assert configs[0]["val_task_loss"] == {"mean": 5.4, "sd": None, "n": 1}
     assert "| 5.4000 |" in (tmp_path / "sweep" / "sweep.md").read_text()
 

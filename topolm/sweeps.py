@@ -12,8 +12,9 @@ between the task and the topography (`sweep.py` is the command).
   error bar; undefined with one run); a measure undefined in one run (NaN, null in JSON) leaves the
   mean undefined too.
 - Configurations are ordered by `alpha`, then by the other differing keys: a number by its value,
-  any other value (a per-site alpha) by its JSON text, after the numbers. A configuration whose alpha is
-  0 (or, for a per-site alpha, 0 everywhere) is the control.
+  any other value (a per-site alpha) by its JSON text, after the numbers. A configuration whose every site
+  has weight 0 (`site_weights`: alpha, or alpha_attn / alpha_mlp / alpha_sites where the config has them)
+  is the control.
 """
 from __future__ import annotations
 
@@ -162,6 +163,16 @@ def order_key(value) -> tuple:
     return (1, 0.0, _canonical(value))
 
 
+def site_weights(config: dict) -> list:
+    """The spatial-loss weights a run config gives its sites: `alpha_sites` where given, else the attention
+    and MLP sites' `alpha_attn` and `alpha_mlp`, each falling back to `alpha` (a config without those keys:
+    `alpha` for both). Values are returned as stored (a number, or an opaque per-site value)."""
+    if config.get("alpha_sites"):
+        return list(config["alpha_sites"])
+    alpha = config.get("alpha")
+    return [alpha if config.get(k) is None else config[k] for k in ("alpha_attn", "alpha_mlp")]
+
+
 def is_control(alpha) -> bool:
     """Whether a config's alpha trains the non-topographic control: the number 0, or (a per-site alpha) a
     mapping or list whose every value is 0. A missing alpha (None) is no control."""
@@ -202,7 +213,7 @@ def group_runs(runs: list[Run], contrast: str) -> dict:
         rows = [{"run": str(r.path), "seed": r.config.get("seed"), "step": r.step, "eval_iter": r.eval_iter,
                  "summary": str(r.summary_path), **r.measure(contrast)} for r in members]
         entry = {"config": config, "label": ", ".join(f"{k}={_show(v)}" for k, v in config.items()) or "all runs",
-                 "control": is_control(members[0].config.get("alpha")), "runs": rows}
+                 "control": is_control(site_weights(members[0].config)), "runs": rows}
         entry.update({m: seed_statistics([row[m] for row in rows]) for m in MEASURES})
         configurations.append(entry)
     return {"contrast": contrast, "keys": keys, "ignored_keys": sorted(IGNORED_KEYS),

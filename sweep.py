@@ -46,7 +46,7 @@ class SweepConfig(DeviceKey, SeedKey):
     """Folder of analyze.py's outputs: a run's analysis is <analyses>/<run folder name>/summary.json (analyze.py's
     default out), else <out>/analyses/<run folder name>/summary.json."""
     analyze: bool = True
-    """Measure a run that has no analysis (analyze.py's defaults, no figures: about a minute per demo run on 2
+    """Measure a run that has no analysis (analyze.py's defaults, no figures: under a minute per demo run on 2
     CPU cores); false refuses such a run instead."""
     contrast: str = "localizer"
     """The contrast whose site-mean Moran's I is plotted (a contrast the analyses ran: localizer, verb_noun, ...)."""

@@ -124,7 +124,7 @@ def test_other_differing_keys_make_configurations_and_one_seed_has_no_error_bar(
         [{"attn": 0, "mlp": 0}, None, None, 3]]
     # controls: every site's weight 0 (alpha_attn and alpha_mlp both 0, or a per-site alpha of zeros)
     assert [c["control"] for c in configs] == [True, False, False, False, True]
-    assert [c["label"] for c in configs][1] == "alpha=2.5, alpha_attn=null, alpha_mlp=0.0, radius=3"
+    assert [c["label"] for c in configs][1] == "alpha=2.5, alpha_attn=null, alpha_mlp=0, radius=3"
     assert [len(c["runs"]) for c in configs] == [1] * 5  # r5 named twice counts once
     configs = [c for c in configs if c["config"]["alpha_attn"] is None and c["config"]["alpha_mlp"] is None]
     assert configs[0]["val_task_loss"] == {"mean": 5.4, "sd": None, "n": 1}

@@ -193,6 +193,9 @@ def seed_statistics(values: list[float]) -> dict:
 
 
 def _show(value) -> str:
+    """A config value in a label: a float as %g (alpha=10, not 10.0), '' for the empty string, else JSON."""
+    if isinstance(value, float):
+        return f"{value:g}"
     return "''" if value == "" else value if isinstance(value, str) else _canonical(value)
 
 

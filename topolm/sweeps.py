@@ -268,6 +268,7 @@ def plot_tradeoff(table: dict):
             ax.annotate(c["label"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(label.format(contrast=table["contrast"]))
         ax.grid(alpha=0.3)
+        ax.margins(x=0.15, y=0.1)  # room for the labels beside the outermost points
     axes[0].set_ylabel("validation task loss (nats)")
     if any(c["control"] for c in table["configurations"]):
         axes[0].legend(loc="best", fontsize=8)

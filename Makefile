@@ -2,9 +2,12 @@
 # make compare   the demo beside its non-topographic control (alpha=0): reuses the newest finished demo run
 #                in out/ (or trains one), trains the control unless it is finished, compares their maps
 # make test      install into .venv and run the whole test suite (what CI runs), one pytest worker per core
-# make test-quick  the development subset: without the compile and torchrun tests
+# make test-quick  the development subset: without the compile, torchrun and brainscore tests
+# make .venv-brainscore/.installed  Brain-Score language's own environment (brainscore/requirements.txt)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# brainscore-language needs numpy < 2 and transformers < 5: an environment of its own (brainscore/score.py)
+BS_VENV ?= .venv-brainscore
 # Expanded once (:=), so every step of a target names the same run folder.
 ifndef RUN
 RUN := shakespeare-$(shell date +%Y%m%d-%H%M%S)
@@ -27,6 +30,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-hf.
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# torch first, from its pin, so that no requirement makes pip choose another build
+$(BS_VENV)/.installed: brainscore/requirements.txt
+	python3 -m venv $(BS_VENV)
+	$(BS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(BS_VENV)/bin/python -m pip install --quiet -r brainscore/requirements.txt
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
@@ -41,11 +51,11 @@ compare: install
 	$(if $(call finished,$(RUN)-control),@echo "reusing the finished run out/$(RUN)-control",$(PY) train.py train_shakespeare.yaml run_name=$(RUN)-control alpha=0)
 	$(PY) analyze.py ckpt=out/$(RUN) compare=out/$(RUN)-control out=figures/$(RUN)-compare overwrite=true
 
-test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -n auto tests
+test: $(VENV)/.installed-dev $(BS_VENV)/.installed
+	BRAINSCORE_VENV=$(BS_VENV) $(PY) -m pytest -q -n auto tests
 
 test-quick: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -n auto tests -m "not compile and not torchrun"
+	$(PY) -m pytest -q -n auto tests -m "not compile and not torchrun and not brainscore"
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BS_VENV)

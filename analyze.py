@@ -46,7 +46,7 @@ import torch
 
 from topolm.analysis import (StatisticsKeys, Stimuli, contrast_names, count_keys, defined_mean, heldout_text,
                              heldout_windows, measure_model, option_lines, summarize)
-from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.checkpoint import load_model, require_gpt2_tokenizer, require_positions
 from topolm.config import InferenceKeys, SeedKey, UserError, cli_main, load_config, require, resolve_device
 from topolm.files import (atomic_write, commit_staged, discard_staged, remove_partial_writes,
                           require_writable, staging_folder)
@@ -71,7 +71,8 @@ class AnalyzeConfig(StatisticsKeys, InferenceKeys, SeedKey):
     compare: str = ""
     """Optional second model (e.g. the alpha=0 control), analysed the same way and drawn below the first."""
     out: str = ""
-    """Output folder, relative to the current folder; empty: figures/<run folder name of ckpt>."""
+    """Output folder, relative to the current folder; empty: figures/<run folder name of ckpt> (of a Hugging
+    Face folder: its own name)."""
     overwrite: bool = False
     """Write into an output folder that already holds a summary.json."""
     stimuli: str = DEFAULT_STIMULI
@@ -132,7 +133,8 @@ class Loaded:
 
     @property
     def name(self) -> str:
-        return self.path.parent.name
+        """The run folder's name for a checkpoint file, the folder's own for a Hugging Face folder."""
+        return self.path.name if self.path.is_dir() else self.path.parent.name
 
     @property
     def step(self) -> int:
@@ -145,6 +147,7 @@ class Loaded:
 
 def load(cfg: AnalyzeConfig, device: str, label: str, arg: str, localizer) -> Loaded:
     model, ckpt, path = load_model(arg, device)
+    require_positions(ckpt, path, "the analysis")
     require_gpt2_tokenizer(ckpt, path, "the analysis's stimuli")
     tokens, source, chosen_by = heldout_tokens(cfg, ckpt, localizer)
     if len(tokens) < 16:
@@ -321,7 +324,9 @@ def measure_all(cfg: AnalyzeConfig, models: list[Loaded], stim: Stimuli, read: t
         summary[loaded.label] = {"name": loaded.name, "checkpoint": str(loaded.path), "step": loaded.step,
                                  "provenance": loaded.provenance,
                                  "n_layer": loaded.model.config.n_layer, "n_embed": loaded.model.config.n_embed,
+                                 "sheet": list(loaded.model.config.sheet),
                                  "with_resid": loaded.model.config.with_resid, "alpha": loaded.model.config.alpha,
+                                 "alpha_sites": loaded.model.config.site_alpha,
                                  "heldout": {"source": loaded.heldout_source, "from": loaded.heldout_chosen_by,
                                              "tokens": int(m["heldout_samples"])},
                                  **summarize(m)}

@@ -1,4 +1,5 @@
-"""Measure what this code costs on this machine: spatial loss, train step, swap search, data prep.
+"""Measure what this code costs on this machine: spatial loss, train step, swap search, data prep, and the
+topography train.py measures at an evaluation.
 
     python bench.py                       # everything; on 2 CPU cores about 20 minutes, most of it the
                                           # 30 pairs of paper-width train steps (pairs=N for fewer)
@@ -36,7 +37,7 @@ from positions import CorticalSheet, random_layout
 class BenchConfig(DeviceKey):
     """bench.py's keys: its own below; device from topolm.config.DeviceKey."""
     only: str = "all"
-    """'all', 'spatial', 'step', 'swap' or 'data'."""
+    """'all', 'spatial', 'step', 'swap', 'data' or 'topography'."""
     reps: int = 5
     """Timed repetitions per figure."""
     warmup: int = 2
@@ -54,7 +55,7 @@ class BenchConfig(DeviceKey):
 
     def __post_init__(self):
         super().__post_init__()
-        one_of(self.only, "only", ("all", "spatial", "step", "swap", "data"))
+        one_of(self.only, "only", ("all", "spatial", "step", "swap", "data", "topography"))
         require(self.reps >= 1 and self.pairs >= 1 and self.warmup >= 0, "reps and pairs must be >= 1, warmup >= 0")
         for width in self.widths.split(","):
             one_of(width, "widths", tuple(STEP_SIZES))
@@ -294,6 +295,101 @@ def bench_data(cfg: BenchConfig) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- 5. topography at an evaluation
+
+def bench_topography(cfg: BenchConfig, device: str) -> dict:
+    """train.py's topography at one evaluation of the demo (config/train_shakespeare.yaml: 4 layers, 12 x 12
+    sheets, the corpus softmax of 19,070 ids, eval_iters 40 of 4 x 128 per split) against that evaluation:
+    the scalars (topolm.topography.Measurer.measure, its default keys) and the maps' image, each timed
+    apart. Tokens are drawn at random from the output ids: the cost does not depend on what they say."""
+    import numpy as np
+
+    from topolm.config import load_config as preset
+    from topolm.topography import Measurer, TopographyKeys, draw_maps
+    from topolm.figures import save_figure
+
+    demo = preset(_TrainLike, ["train_shakespeare.yaml"], default_file="train_shakespeare.yaml")
+    n_ids = 19_070
+    output_ids = np.sort(np.random.default_rng(0).choice(demo.vocab_size, n_ids, replace=False))
+    keys = {f: getattr(demo, f) for f in GPTConfig.__dataclass_fields__ if hasattr(demo, f)}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**keys, "n_output_ids": n_ids}), random_layout(2 * demo.n_layer, demo.n_embed, 0),
+                output_ids).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.as_tensor(output_ids)
+
+    def batch():
+        x = ids[torch.randint(n_ids, (demo.batch_size, demo.block_size + 1), generator=g)].to(device)
+        return x[:, :-1], x[:, 1:]
+
+    def evaluation():  # train.py's evaluate: eval_iters batches of each split, no gradients
+        model.eval()
+        nbhd = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for _ in range(2 * demo.eval_iters):
+                x, y = batch()
+                model(x, y, units=model.sample_units(nbhd), return_logits=False)
+        model.train()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        val = Path(tmp) / "val.bin"
+        ids.numpy()[np.random.default_rng(1).integers(n_ids, size=300_000)].astype(np.uint16).tofile(val)
+        keys = TopographyKeys()
+        measurer = Measurer(keys, val, demo.block_size, gpt2_ids=True)
+        record = {}
+
+        def scalars():
+            record.update(measurer.measure(model)[0])
+
+        def image():
+            model.eval()
+            arrays = measurer.measure(model)[1]
+            save_figure(draw_maps(model, arrays, "bench"), Path(tmp) / "maps.png")
+
+        # alternating, so that the load of a shared machine hits both alike; the figure is the median ratio
+        evaluations, scalar_times, ratios = [], [], []
+        for rep in range(cfg.warmup + cfg.reps):
+            t0 = time.perf_counter()
+            evaluation()
+            t1 = time.perf_counter()
+            scalars()
+            t2 = time.perf_counter()
+            if rep >= cfg.warmup:
+                evaluations.append(t1 - t0)
+                scalar_times.append(t2 - t1)
+                ratios.append((t2 - t1) / (t1 - t0))
+        image_times = []
+        for _ in range(cfg.reps):
+            t0 = time.perf_counter()
+            image()
+            image_times.append(time.perf_counter() - t0)
+        out = {"evaluation_s": statistics.median(evaluations), "scalars_s": statistics.median(scalar_times),
+               "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+               "image_s": statistics.median(image_times) - statistics.median(scalar_times),
+               "heldout_tokens": keys.topography_heldout_tokens, "stimuli": keys.topography_stimuli,
+               "null_shuffles": keys.topography_null_shuffles}
+    print(f"topography at a demo evaluation: evaluation (2 x {demo.eval_iters} batches of {demo.batch_size} x "
+          f"{demo.block_size}) {out['evaluation_s']:.2f} s; the scalars {out['scalars_s']:.2f} s: "
+          f"{100 * out['ratio']:.1f}% of it (median over {cfg.reps} alternating pairs, {100 * min(ratios):.1f}-"
+          f"{100 * max(ratios):.1f}%; target <= 10%); the maps' image adds {out['image_s']:.2f} s")
+    return out
+
+
+@dataclass
+class _TrainLike(LoopConfig, GPTConfig):
+    """The demo preset's model and loop keys as bench_topography reads them (train.py's other keys ignored)."""
+    eval_iters: int = 200
+    out_dir: str = ""
+    run_name: str = ""
+    eval_interval: int = 0
+    save_interval: int = 0
+    dataset: str = ""
+    output_vocab: str = ""
+    position_dir: str = ""
+    max_iters: int = 0
+    topography_image_interval: int = 0
+
+
 def main(argv: list[str]) -> None:
     cfg: BenchConfig = load_config(BenchConfig, argv)
     device = resolve_device(cfg.device)
@@ -302,7 +398,8 @@ def main(argv: list[str]) -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {"device": device, "config": asdict(cfg)}
     parts = {"spatial": lambda: bench_spatial(cfg, device), "step": lambda: bench_step(cfg, device),
-             "swap": lambda: bench_swap(cfg), "data": lambda: bench_data(cfg)}
+             "swap": lambda: bench_swap(cfg), "data": lambda: bench_data(cfg),
+             "topography": lambda: bench_topography(cfg, device)}
     for name, fn in parts.items():
         if cfg.only in ("all", name):
             results[name] = fn()

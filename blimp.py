@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.checkpoint import load_model, require_gpt2_tokenizer, require_positions
 from topolm.config import cli_main, load_config, resolve_device
 from topolm.files import atomic_write, output_file, require_writable
 from topolm.provenance import provenance
@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
     cfg: BlimpConfig = load_config(BlimpConfig, argv)
     device = resolve_device(cfg.device)
     model, ckpt, path = load_model(cfg.ckpt, device)
+    require_positions(ckpt, path, "BLiMP")
     require_gpt2_tokenizer(ckpt, path, "BLiMP")
     out = output_file(cfg.out, path.name + ".blimp.json", path.parent)
     require_writable(out.parent)

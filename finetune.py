@@ -54,7 +54,7 @@ from topolm.distributed import Dist, check_on_main, print0, run_distributed
 from topolm.files import atomic_write, remove_partial_writes, require_writable
 from topolm.provenance import provenance
 from topolm.glue import GLUE_TASKS, Examples, compute_metrics, load_glue, task_score, tokenize
-from model import SequenceClassifier
+from model import GPTConfig, SequenceClassifier
 from topolm.signals import StopFlag
 from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
                              epoch_seed, eval_seeds, gather_objects, learning_rate_at, params_digest, reduce_with_stop,
@@ -90,7 +90,8 @@ class FinetuneConfig(CheckpointKey, LoopConfig):
     dropout: float = 0.1
     """Dropout in the GPT and before the head during finetuning, in [0, 1)."""
     alpha_scale: float = 1.0
-    """Spatial loss weight during finetuning = alpha_scale x the checkpoint's alpha; 0 turns it off."""
+    """Spatial loss weight of each site during finetuning = alpha_scale x the checkpoint's weight of that site
+    (its alpha, alpha_attn, alpha_mlp or alpha_sites); 0 turns it off."""
     # ---- shared keys with finetuning's defaults
     batch_size: int = 64
     """Examples per micro-batch and rank (the paper: 64)."""
@@ -236,9 +237,9 @@ def build_model(ckpt: dict, cfg: FinetuneConfig, n_outputs: int, resume: bool) -
     or from a finetuning run's ckpt-last.pt (whose config already has them, and its head)."""
     if resume:
         return build_classifier(ckpt, head_dropout=cfg.dropout)
-    alpha = ckpt["model_config"]["alpha"] * cfg.alpha_scale
+    alpha = GPTConfig(**ckpt["model_config"]).scaled_alpha(cfg.alpha_scale)  # every site's weight, scaled
     return build_classifier({k: v for k, v in ckpt.items() if k != "head"}, n_outputs, head_dropout=cfg.dropout,
-                            dropout=cfg.dropout, alpha=alpha)
+                            dropout=cfg.dropout, **alpha)
 
 
 RESUME_KEYS = ("task", "data_dir", "max_length", "max_train_examples", "batch_size", "gradient_accumulation_steps",
@@ -313,14 +314,15 @@ def check_inputs(cfg: FinetuneConfig) -> Inputs:
         ckpt = load_checkpoint(ckpt_file)
         if "head" in ckpt:
             print0(f"note: {ckpt_file} is itself finetuned; its head is dropped and a new one trained")
-        pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": ckpt["model_config"]["alpha"],
-                      "provenance": provenance(ckpt_file, ckpt)}
+        backbone = GPTConfig(**ckpt["model_config"])
+        pretrained = {"path": str(ckpt_file), "iter_num": ckpt.get("iter_num"), "alpha": backbone.alpha,
+                      "alpha_sites": backbone.site_alpha, "provenance": provenance(ckpt_file, ckpt)}
     block_size = ckpt["model_config"]["block_size"]
     if cfg.max_length > block_size:
         raise UserError(f"max_length={cfg.max_length} exceeds the checkpoint's block_size={block_size}; set "
                         f"max_length <= {block_size}")
     require_gpt2_tokenizer(ckpt, ckpt_file, "GLUE text")
-    if cfg.alpha_scale > 0 and ckpt["model_config"]["alpha"] > 0:
+    if cfg.alpha_scale > 0 and GPTConfig(**ckpt["model_config"]).spatial_sites:
         require_permutation_layout(ckpt, ckpt_file, f"finetuning with alpha_scale={cfg.alpha_scale:g}",
                                    "; pass alpha_scale=0 to finetune without it")
     check_wandb(cfg)
@@ -394,8 +396,8 @@ def setup(cfg: FinetuneConfig, d: Dist) -> FinetuneRun:
            + ", ".join(f"{len(v):,} {s}" for s, v in val_sets.items())
            + (f"; resumed at step {iter_num}" if resume else ""))
     print0(f"device {d.device} x {d.world_size} rank(s), dtype {dtype}, {batches.steps_per_epoch} steps per epoch of "
-           f"{batches.per_step} examples, at most {max_iters} steps; spatial weight alpha = "
-           f"{raw_model.gpt.config.alpha:g}; results in {cfg.task_dir()}")
+           f"{batches.per_step} examples, at most {max_iters} steps; spatial weight "
+           f"{raw_model.gpt.config.alpha_label()}; results in {cfg.task_dir()}")
     log.write(event="resume" if resume else "start", iter=iter_num, world_size=d.world_size, config=asdict(cfg),
               pretrained=pretrained, n_train=len(train_set), n_val={s: len(v) for s, v in val_sets.items()})
     wandb_run = start_wandb(cfg, cfg.task_dir(), run_id=wandb_id, enabled=d.is_main,

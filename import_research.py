@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     print(f"imported {cfg.ckpt} (iteration {record['iter_num']}): {c.n_layer} layers, n_embed {c.n_embed}, "
           f"vocab {c.vocab_size}, with_resid={c.with_resid}"
           f"{'' if record['with_resid_in_model_args'] else ' (not in model_args: older research code)'}, "
-          f"alpha {c.alpha:g}, radius {c.radius}, {c.neighborhoods_per_batch} neighborhoods per batch")
+          f"alpha {c.alpha_label()[1:]}, radius {c.radius}, {c.neighborhoods_per_batch} neighborhoods per batch")
     if perm:
         print(f"positions from {cfg.positions}: a permutation of the {c.n_embed} cells at every site")
     else:

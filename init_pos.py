@@ -34,7 +34,7 @@ from topolm.provenance import provenance
 from model import GPT, GPTConfig, SheetShape
 from topolm.position_sets import MODEL_KEYS, initial_weights_digest, save_positions
 from topolm.swap import swap_optimize, unit_correlations
-from positions import check_radius, grid_side, identity_layout, random_layout, site_names, spatial_losses
+from positions import check_radius, identity_layout, random_layout, site_names, spatial_losses
 
 DEFAULT_DATA = "init-data/train.bin"
 
@@ -82,7 +82,7 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
 
     def __post_init__(self):
         super().__post_init__()
-        side = grid_side(self.n_embed)
+        rows, cols = self.sheet
         # Each key's own domain is checked whatever the layout; what depends on the grid, for swapopt only.
         for key in ("radius", "n_neighborhoods", "local_steps", "n_tokens", "block_size", "model_block_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
@@ -90,11 +90,11 @@ class InitPosConfig(SheetShape, CheckpointKey, SeedKey):
                 f"ckpt={self.ckpt} is used by layout=swapopt only; with layout={self.layout} it would be "
                 f"ignored: set layout=swapopt or ckpt=''")
         if self.layout == "swapopt":
-            n_centres = check_radius(side, self.radius)
+            n_centres = check_radius(self.sheet, self.radius)
             require(self.radius >= 2, f"radius={self.radius} gives one-unit neighborhoods: nothing to swap")
             require(self.visit_all or 1 <= self.n_neighborhoods <= n_centres,
                     f"n_neighborhoods={self.n_neighborhoods} must be in [1, {n_centres}] for radius {self.radius} "
-                    f"on a {side}x{side} grid")
+                    f"on a {rows}x{cols} grid")
             require(self.local_steps >= 1, f"local_steps={self.local_steps} must be >= 1")
             require(self.block_size >= 1 and self.n_tokens >= self.block_size,
                     f"n_tokens={self.n_tokens} must be >= block_size={self.block_size}")
@@ -154,6 +154,9 @@ def collect_activations(cfg: InitPosConfig) -> tuple[torch.Tensor, str, dict | N
         if (mc.n_layer, mc.n_embed) != (cfg.n_layer, cfg.n_embed):
             raise UserError(f"checkpoint {path} has n_layer={mc.n_layer}, n_embed={mc.n_embed}; "
                             f"the position set asks for n_layer={cfg.n_layer}, n_embed={cfg.n_embed}")
+        if mc.sheet != cfg.sheet:
+            raise UserError(f"checkpoint {path} has a {mc.sheet[0]}x{mc.sheet[1]} sheet; the position set asks for "
+                            f"{cfg.sheet[0]}x{cfg.sheet[1]}: set sheet_rows={mc.sheet[0]}")
         source, origin = f"checkpoint {path}", provenance(path, ckpt, model)
         record = {"ckpt": origin["checkpoint"], "step": origin["step"], "weights_sha256": origin["weights_sha256"]}
     else:
@@ -189,9 +192,9 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     meta = {"layout": cfg.layout, "seed": cfg.seed}
     if cfg.layout == "identity":
-        coords = identity_layout(n_sites, cfg.n_embed)
+        coords = identity_layout(n_sites, cfg.n_embed, cfg.sheet)
     else:
-        coords = random_layout(n_sites, cfg.n_embed, cfg.seed)
+        coords = random_layout(n_sites, cfg.n_embed, cfg.seed, cfg.sheet)
     summary = None
     if cfg.layout == "swapopt":
         t0 = time.perf_counter()
@@ -199,11 +202,11 @@ def main(argv: list[str]) -> None:
         corr = unit_correlations(acts)
         t1 = time.perf_counter()
         print(f"activations: {acts.shape[1]:,} samples x {n_sites} sites from the {source} ({t1 - t0:.1f} s)")
-        start = spatial_losses(corr, coords, cfg.radius).mean(axis=1)
+        start = spatial_losses(corr, coords, cfg.radius, cfg.sheet).mean(axis=1)
         coords, report = swap_optimize(coords, corr, cfg.radius, cfg.n_neighborhoods, cfg.local_steps,
-                                       cfg.visit_all, cfg.seed, progress=True)
+                                       cfg.visit_all, cfg.seed, progress=True, shape=cfg.sheet)
         t2 = time.perf_counter()
-        end = spatial_losses(corr, coords, cfg.radius).mean(axis=1)
+        end = spatial_losses(corr, coords, cfg.radius, cfg.sheet).mean(axis=1)
         names = site_names(cfg.n_layer)
         print(f"swap search: {t2 - t1:.2f} s; mean spatial loss over all neighborhoods, before -> after:")
         print(f"{'site':<14}{'before':>9}{'after':>9}{'accepted':>10}")
@@ -218,7 +221,7 @@ def main(argv: list[str]) -> None:
                    "seconds_activations": t1 - t0, "seconds_swaps": t2 - t1, "sites": rows}
         meta.update(radius=cfg.radius, n_neighborhoods=cfg.n_neighborhoods, local_steps=cfg.local_steps,
                     visit_all=cfg.visit_all, activations_from=source, provenance=origin, optimized_for=record)
-    save_positions(out, coords, meta)
+    save_positions(out, coords, meta, cfg.sheet)
     if summary is not None:
         atomic_write(out / "swapopt_summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"wrote {cfg.layout} positions for {n_sites} sites of {cfg.n_embed} units to {out} "

@@ -11,12 +11,13 @@ residual projections. What TopoLM adds:
 - `self.sheet` (positions.CorticalSheet) owns the frozen unit positions as a buffer, so they
   travel in the checkpoint, and computes the spatial loss.
 - Only the columns of the sampled neighborhoods are gathered during the forward pass, and all
-  sites' neighborhoods go through one batched loss. With alpha = 0 none of this runs.
+  sites' neighborhoods go through one batched loss. Each site has its own weight (alpha, or per
+  site kind / per site); at a site of weight 0 none of this runs, and with every weight 0 nothing does.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from topolm.config import Checked, require
-from positions import CorticalSheet, check_radius, grid_side, site_names
+from positions import CorticalSheet, check_radius, sheet_shape, site_names
 
 
 @dataclass
@@ -35,7 +36,10 @@ class SheetShape(Checked):
     n_head: int = 16
     """Attention heads; must divide n_embed."""
     n_embed: int = 784
-    """Hidden units per site; a perfect square, since units sit on a side x side grid (28 x 28 for 784)."""
+    """Hidden units per site; they sit on a rows x columns grid of n_embed cells (sheet_rows)."""
+    sheet_rows: int = 0
+    """Rows of every site's sheet, which then has n_embed / sheet_rows columns; 0: the most square rows x
+    columns of n_embed (28 x 28 for 784, 24 x 32 for GPT-2's 768, 6 x 8 for 48)."""
     vocab_size: int = 50304
     """Vocabulary size; GPT-2's 50257 padded to a multiple of 64."""
     with_resid: bool = False
@@ -47,7 +51,7 @@ class SheetShape(Checked):
         super().__post_init__()
         for key in ("n_layer", "n_head", "n_embed", "vocab_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        grid_side(self.n_embed)
+        sheet_shape(self.n_embed, self.sheet_rows)
         self.check_heads()
 
     def check_heads(self) -> None:
@@ -56,6 +60,11 @@ class SheetShape(Checked):
     @property
     def n_sites(self) -> int:
         return 2 * self.n_layer
+
+    @property
+    def sheet(self) -> tuple[int, int]:
+        """(rows, cols) of every site's sheet."""
+        return sheet_shape(self.n_embed, self.sheet_rows)
 
 
 @dataclass
@@ -70,7 +79,16 @@ class GPTConfig(SheetShape):
     neighborhoods_per_batch: int = 5
     """Neighborhoods sampled per site on every forward pass."""
     alpha: float = 2.5
-    """Weight of each site's spatial loss; 0 trains the non-topographic control."""
+    """Weight of each site's spatial loss; 0 trains the non-topographic control. alpha_attn, alpha_mlp or
+    alpha_sites give sites other weights."""
+    alpha_attn: float | None = None
+    """Weight of the attention sites (layer.{i}.attn) instead of alpha; null: alpha."""
+    alpha_mlp: float | None = None
+    """Weight of the MLP sites (layer.{i}.mlp) instead of alpha; null: alpha (alpha_mlp=0: attention sites only)."""
+    alpha_sites: list[float] = field(default_factory=list)
+    """One weight per site in site order (layer.0.attn, layer.0.mlp, layer.1.attn, ...: 2 x n_layer values,
+    e.g. alpha_sites=[2.5,0,1,0]) instead of alpha; empty: alpha, alpha_attn and alpha_mlp. Not together with
+    alpha_attn or alpha_mlp. A site of weight 0 costs nothing: no neighborhood of it is sampled."""
     accum: Literal["mean", "max"] = "mean"
     """How a site combines its neighborhoods' losses: 'mean' or 'max'."""
     n_output_ids: int = 0
@@ -86,11 +104,23 @@ class GPTConfig(SheetShape):
         super().__post_init__()
         for key in ("block_size", "neighborhoods_per_batch"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        n_centres = check_radius(grid_side(self.n_embed), self.radius)
+        rows, cols = self.sheet
+        n_centres = check_radius(self.sheet, self.radius)
         require(self.neighborhoods_per_batch <= n_centres,
                 f"neighborhoods_per_batch={self.neighborhoods_per_batch} exceeds the {n_centres} neighborhoods "
-                f"of radius {self.radius} on a {grid_side(self.n_embed)}x{grid_side(self.n_embed)} grid")
-        require(self.alpha >= 0 and math.isfinite(self.alpha), f"alpha={self.alpha} must be a finite number >= 0")
+                f"of radius {self.radius} on a {rows}x{cols} grid")
+        for key in ("alpha", "alpha_attn", "alpha_mlp"):
+            value = getattr(self, key)
+            require(value is None or (value >= 0 and math.isfinite(value)),
+                    f"{key}={value} must be a finite number >= 0")
+        if self.alpha_sites:
+            require(self.alpha_attn is None and self.alpha_mlp is None,
+                    "alpha_sites gives every site's weight: leave alpha_attn and alpha_mlp out (null)")
+            require(len(self.alpha_sites) == self.n_sites,
+                    f"alpha_sites has {len(self.alpha_sites)} values; the model's {self.n_layer} layers have "
+                    f"{self.n_sites} sites (2 x n_layer, in the order layer.0.attn, layer.0.mlp, ...)")
+            require(all(v >= 0 and math.isfinite(v) for v in self.alpha_sites),
+                    f"alpha_sites={list(self.alpha_sites)}: every weight must be a finite number >= 0")
         require(self.accum in ("mean", "max"), f"accum must be 'mean' or 'max'; got '{self.accum}'")
         require(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         require(self.activation in ("gelu", "gelu_new"),
@@ -99,14 +129,55 @@ class GPTConfig(SheetShape):
                 f"n_output_ids={self.n_output_ids} must be in [0, vocab_size={self.vocab_size}]")
 
 
+    @property
+    def site_alpha(self) -> list[float]:
+        """The spatial loss's weight of each site, in site order (n_sites values): alpha_sites, else
+        alpha_attn / alpha_mlp per kind, else alpha."""
+        if self.alpha_sites:
+            return [float(v) for v in self.alpha_sites]
+        attn = self.alpha if self.alpha_attn is None else self.alpha_attn
+        mlp = self.alpha if self.alpha_mlp is None else self.alpha_mlp
+        return [float(w) for _ in range(self.n_layer) for w in (attn, mlp)]
+
+    @property
+    def spatial_sites(self) -> list[int]:
+        """Indices (site order) of the sites whose weight is > 0: the only ones whose spatial loss is computed."""
+        return [i for i, w in enumerate(self.site_alpha) if w > 0]
+
+    @property
+    def alpha_uniform(self) -> float | None:
+        """The one weight every site has, None when sites differ."""
+        weights = set(self.site_alpha)
+        return weights.pop() if len(weights) == 1 else None
+
+    def scaled_alpha(self, scale: float) -> dict:
+        """The alpha keys with every site's weight multiplied by `scale` (finetune.py's alpha_scale)."""
+        return {"alpha": self.alpha * scale,
+                "alpha_attn": None if self.alpha_attn is None else self.alpha_attn * scale,
+                "alpha_mlp": None if self.alpha_mlp is None else self.alpha_mlp * scale,
+                "alpha_sites": [v * scale for v in self.alpha_sites]}
+
+    def alpha_label(self) -> str:
+        """The site weights in a run folder's name: a2.5 (every site), a2.5-0 (attention, MLP sites), or
+        a-<8 hex digits of the list's SHA-256> for any other per-site list."""
+        uniform = self.alpha_uniform
+        if uniform is not None:
+            return f"a{uniform:g}"
+        attn, mlp = set(self.site_alpha[0::2]), set(self.site_alpha[1::2])
+        if len(attn) == 1 and len(mlp) == 1:
+            return f"a{attn.pop():g}-{mlp.pop():g}"
+        import hashlib
+        return "a-" + hashlib.sha256(repr(self.site_alpha).encode()).hexdigest()[:8]
+
+
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "n_output_ids", "activation")
 
 
 class Losses(NamedTuple):
     total: torch.Tensor
     task: torch.Tensor
-    spatial: torch.Tensor  # sum over sites of alpha * SL_site
-    per_site: torch.Tensor  # (n_sites,) SL of each site, before alpha
+    spatial: torch.Tensor  # sum over sites of alpha_site * SL_site (times the schedule's factor in training)
+    per_site: torch.Tensor  # (n_sites,) SL of each site, before alpha; 0 at a site of weight 0 (not computed)
 
 
 class LayerNorm(nn.Module):
@@ -196,8 +267,15 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embed, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.sheet = CorticalSheet(config.n_sites, config.n_embed, config.radius, positions)
+        self.sheet = CorticalSheet(config.n_sites, config.n_embed, config.radius, positions, rows=config.sheet_rows)
         self.site_names = site_names(config.n_layer)
+        # The sites whose loss is computed; every one (None) keeps the draw of all-sites models as it was
+        self.spatial_sites = config.spatial_sites
+        self._sampled = None if len(self.spatial_sites) == config.n_sites else self.spatial_sites
+        self.register_buffer("site_alpha", torch.tensor(config.site_alpha, dtype=torch.float32), persistent=False)
+        # The schedule's factor of the current step (train.py's alpha_schedule), a buffer so that a compiled
+        # model reads its new value every step without recompiling
+        self.register_buffer("alpha_factor", torch.ones((), dtype=torch.float32), persistent=False)
         if config.n_output_ids:
             self.register_buffer("output_ids", torch.arange(config.n_output_ids))
             if output_ids is not None:
@@ -277,13 +355,22 @@ class GPT(nn.Module):
 
     @property
     def spatial_on(self) -> bool:
-        return self.config.alpha > 0
+        """Whether any site's weight is > 0."""
+        return bool(self.spatial_sites)
+
+    @torch.no_grad()
+    def set_alpha_factor(self, factor: float) -> None:
+        """Multiply every site's weight by `factor` from now on (train.py's alpha schedule; 1 by default)."""
+        self.alpha_factor.fill_(factor)
 
     def sample_units(self, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """Units of this step's random neighborhoods (n_sites, k * members); None when alpha = 0.
+        """Units of this step's random neighborhoods (len(spatial_sites), k * members), one row per site of
+        weight > 0 in site order; None when every weight is 0.
 
         Callers that compile the model draw these outside it (a seeded generator breaks the graph)."""
-        return self.sheet.sample_units(self.config.neighborhoods_per_batch, generator) if self.spatial_on else None
+        if not self.spatial_on:
+            return None
+        return self.sheet.sample_units(self.config.neighborhoods_per_batch, generator, self._sampled)
 
     def encode(self, idx, generator: torch.Generator | None = None, spatial: bool = True,
                units: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
@@ -306,19 +393,23 @@ class GPT(nn.Module):
         row_mask = None
         if units is not None and lengths is not None:
             row_mask = (pos.unsqueeze(0) < lengths.unsqueeze(1)).reshape(B * T, 1).float()
-        grams = []
-        for block in self.transformer.h:
+        grams, row = [], {s: j for j, s in enumerate(self.spatial_sites)}
+        for i, block in enumerate(self.transformer.h):
             x, site_acts = block(x)
             if units is not None:
-                for act in site_acts:
-                    grams.append(self.sheet.site_gram(act, units[len(grams)], k, row_mask))
+                for s, act in zip((2 * i, 2 * i + 1), site_acts):
+                    if s in row:
+                        grams.append(self.sheet.site_gram(act, units[row[s]], k, row_mask))
         x = self.transformer.ln_f(x)
         per_site = self.sheet.loss(torch.stack(grams), self.config.accum) if units is not None else None
+        if per_site is not None and self._sampled is not None:  # the sites of weight 0 get 0, not computed
+            index = torch.tensor(self._sampled, device=per_site.device)
+            per_site = per_site.new_zeros(self.config.n_sites).index_copy(0, index, per_site)
         return x, per_site
 
     def forward(self, idx, targets=None, generator: torch.Generator | None = None, units: torch.Tensor | None = None,
                 return_logits: bool = True):
-        """Logits, and with targets a `Losses` (total = task + sum over sites of alpha * SL).
+        """Logits, and with targets a `Losses` (total = task + alpha_factor x sum over sites of alpha_site x SL).
 
         The neighborhoods are `units` if given, else drawn from `generator` (see `sample_units`).
         Without targets the logits are the last position's (B, 1, vocab_size); with targets all
@@ -334,7 +425,9 @@ class GPT(nn.Module):
         if per_site is None:
             zero = task.new_zeros(())
             return Losses(task, task, zero, task.new_zeros(self.config.n_sites))
-        spatial = self.config.alpha * per_site.sum()
+        uniform = self.config.alpha_uniform
+        spatial = uniform * per_site.sum() if uniform is not None else (self.site_alpha * per_site).sum()
+        spatial = spatial * self.alpha_factor
         return Losses(task + spatial, task, spatial, per_site)
 
     @torch.no_grad()

@@ -1,8 +1,10 @@
 """Unit positions on the cortical sheet, neighborhoods, and the spatial loss.
 
-Every spatial site (the output of one attention or MLP sublayer) has `n_embed = side * side`
-units. A layout gives each unit integer coordinates (x, y); every grid cell holds exactly one
-unit, so a layout is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
+Every spatial site (the output of one attention or MLP sublayer) has `n_embed = rows * cols`
+units on a rows x cols sheet (`sheet_shape`: the most square factorisation unless the rows are set;
+the paper's 784 is 28 x 28). Cell (x, y) is row x, column y, cell index x * cols + y. A layout
+gives each unit integer coordinates (x, y); every grid cell holds exactly one unit, so a layout
+is a permutation of the grid, stored as `coords[site, unit] = (x, y)`.
 Layouts imported from the research code may break that rule (its pre-optimization left shared
 and empty cells). A model keeps such a layout exactly, for sampling and analysis,
 but everything below that needs one unit per cell (sampling neighborhoods, hence the spatial
@@ -40,11 +42,29 @@ LAYOUTS = ("random", "identity", "swapopt")
 EPS = 1e-8  # keeps a unit with zero variance (or a flat correlation pattern) from giving NaN
 
 
-def grid_side(n_embed: int) -> int:
-    side = math.isqrt(n_embed)
-    if side * side != n_embed:
-        raise ValueError(f"n_embed={n_embed} is not a perfect square: units sit on a side x side grid")
-    return side
+def sheet_shape(n_embed: int, rows: int = 0) -> tuple[int, int]:
+    """(rows, cols) of the sheet of n_embed units, rows x cols = n_embed.
+
+    rows 0: the most square factorisation, rows <= cols (28 x 28 for 784, 24 x 32 for 768, 6 x 8 for 48;
+    a prime width gives 1 x n_embed). Raises ValueError when rows is negative or does not divide n_embed."""
+    if n_embed < 1:
+        raise ValueError(f"n_embed={n_embed} must be >= 1")
+    if rows < 0:
+        raise ValueError(f"sheet_rows={rows} must be >= 0 (0: the most square rows x columns of n_embed)")
+    if rows == 0:
+        rows = max(d for d in range(1, math.isqrt(n_embed) + 1) if n_embed % d == 0)
+    if n_embed % rows:
+        raise ValueError(f"sheet_rows={rows} does not divide n_embed={n_embed}: the sheet is rows x columns = n_embed "
+                         f"units (sheet_rows=0 takes the most square, {'x'.join(map(str, sheet_shape(n_embed)))})")
+    return rows, n_embed // rows
+
+
+def grid(shape: int | tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a grid given as (rows, cols) or as the side of a square."""
+    if isinstance(shape, (int, np.integer)):
+        return int(shape), int(shape)
+    rows, cols = shape
+    return int(rows), int(cols)
 
 
 def site_names(n_layer: int) -> list[str]:
@@ -52,34 +72,38 @@ def site_names(n_layer: int) -> list[str]:
     return [f"layer.{i}.{kind}" for i in range(n_layer) for kind in ("attn", "mlp")]
 
 
-def check_radius(side: int, radius: int) -> int:
-    """Number of neighborhood centres on the grid; refuses radii that do not fit."""
+def check_radius(shape: int | tuple[int, int], radius: int) -> int:
+    """Number of neighborhood centres on a rows x cols grid (`shape`, or the side of a square); refuses
+    radii that do not fit."""
+    rows, cols = grid(shape)
     if radius < 1:
         raise ValueError(f"radius={radius} must be >= 1")
-    if 2 * radius - 1 > side:
+    if 2 * radius - 1 > min(rows, cols):
         raise ValueError(
-            f"radius={radius} is too large for a {side}x{side} grid: a neighborhood spans "
-            f"{2 * radius - 1} cells per side (largest radius here: {(side + 1) // 2})"
+            f"radius={radius} is too large for a {rows}x{cols} grid: a neighborhood spans "
+            f"{2 * radius - 1} cells per side (largest radius here: {(min(rows, cols) + 1) // 2})"
         )
-    return (side - 2 * radius + 2) ** 2
+    return (rows - 2 * radius + 2) * (cols - 2 * radius + 2)
 
 
 # ----------------------------------------------------------------------------- layouts
 
-def identity_layout(n_sites: int, n_embed: int) -> np.ndarray:
-    """Unit u at (u // side, u % side) at every site: the paper's no-permutation ablation."""
-    side = grid_side(n_embed)
+def identity_layout(n_sites: int, n_embed: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Unit u at (u // cols, u % cols) at every site: the paper's no-permutation ablation. shape: the
+    sheet's (rows, cols), default `sheet_shape(n_embed)`."""
+    rows, cols = shape or sheet_shape(n_embed)
     u = np.arange(n_embed)
-    coords = np.stack([u // side, u % side], axis=-1)
+    coords = np.stack([u // cols, u % cols], axis=-1)
     return np.broadcast_to(coords, (n_sites, n_embed, 2)).astype(np.int64).copy()
 
 
-def random_layout(n_sites: int, n_embed: int, seed: int) -> np.ndarray:
-    """An independent uniform random permutation of the grid per site, from its own generator."""
-    side = grid_side(n_embed)
+def random_layout(n_sites: int, n_embed: int, seed: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """An independent uniform random permutation of the grid per site, from its own generator; shape: the
+    sheet's (rows, cols), default `sheet_shape(n_embed)`."""
+    rows, cols = shape or sheet_shape(n_embed)
     rng = np.random.default_rng(seed)
     cells = np.stack([rng.permutation(n_embed) for _ in range(n_sites)])
-    return np.stack([cells // side, cells % side], axis=-1).astype(np.int64)
+    return np.stack([cells // cols, cells % cols], axis=-1).astype(np.int64)
 
 
 NOT_A_PERMUTATION = ("the unit positions are not a permutation of the grid (some cells hold several units, "
@@ -88,42 +112,54 @@ NOT_A_PERMUTATION = ("the unit positions are not a permutation of the grid (some
                      "without the spatial loss (alpha 0) and the analysis can")
 
 
-def check_layout(coords: np.ndarray, n_sites: int, n_embed: int, permutation: bool = True) -> None:
-    """Refuse coordinates of the wrong shape, off the grid or not integers; with `permutation`,
-    also anything that is not one permutation of the grid per site."""
-    side = grid_side(n_embed)
+def check_layout(coords: np.ndarray, n_sites: int, n_embed: int, permutation: bool = True,
+                 shape: tuple[int, int] | None = None) -> None:
+    """Refuse coordinates of the wrong shape, off the rows x cols grid (`shape`, default
+    `sheet_shape(n_embed)`) or not integers; with `permutation`, also anything that is not one
+    permutation of the grid per site."""
+    rows, cols = shape or sheet_shape(n_embed)
     coords = np.asarray(coords)
     if coords.shape != (n_sites, n_embed, 2):
         raise ValueError(f"positions have shape {coords.shape}; this model needs {(n_sites, n_embed, 2)}")
     if not np.issubdtype(coords.dtype, np.integer) and not np.array_equal(coords, np.round(coords)):
         raise ValueError("positions are not integer grid cells")
-    if coords.min() < 0 or coords.max() >= side:
-        raise ValueError(f"positions fall outside the {side}x{side} grid")
+    if coords.min() < 0 or coords[..., 0].max() >= rows or coords[..., 1].max() >= cols:
+        raise ValueError(f"positions fall outside the {rows}x{cols} grid")
     if not permutation:
         return
-    cells = coords[..., 0] * side + coords[..., 1]
+    cells = cells_of(coords.astype(np.int64), (rows, cols))
     for s in range(n_sites):
         if len(np.unique(cells[s])) != n_embed:
             raise ValueError(f"positions of site {s} are not a permutation of the grid (cells repeat)")
 
 
-def is_permutation(coords: np.ndarray, n_embed: int) -> bool:
-    """Whether every site's coordinates (sites, n_embed, 2) put one unit on each cell of the grid."""
-    side = grid_side(n_embed)
+def layout_shape(coords: np.ndarray) -> tuple[int, int]:
+    """(rows, cols) that integer coordinates (..., 2) span from (0, 0)."""
+    coords = np.asarray(coords).reshape(-1, 2)
+    return int(coords[:, 0].max()) + 1, int(coords[:, 1].max()) + 1
+
+
+def is_permutation(coords: np.ndarray, n_embed: int, shape: tuple[int, int] | None = None) -> bool:
+    """Whether every site's coordinates (sites, n_embed, 2) put one unit on each cell of the grid: the
+    rows x cols grid `shape`, or (None) the grid the coordinates span, which must hold n_embed cells."""
     coords = np.asarray(coords)
-    if coords.shape[-2:] != (n_embed, 2) or coords.min() < 0 or coords.max() >= side:
+    if coords.shape[-2:] != (n_embed, 2) or coords.size == 0 or coords.min() < 0:
         return False
-    cells = np.sort(cells_of(coords.reshape(-1, n_embed, 2), side), axis=-1)
+    rows, cols = shape or layout_shape(coords)
+    if rows * cols != n_embed or coords[..., 0].max() >= rows or coords[..., 1].max() >= cols:
+        return False
+    cells = np.sort(cells_of(coords.reshape(-1, n_embed, 2), (rows, cols)), axis=-1)
     return bool((cells == np.arange(n_embed)).all())
 
 
-def cells_of(coords: np.ndarray, side: int) -> np.ndarray:
-    return coords[..., 0] * side + coords[..., 1]
+def cells_of(coords: np.ndarray, shape: int | tuple[int, int]) -> np.ndarray:
+    """Row-major cell index x * cols + y of coordinates (..., 2) on a grid of `shape` (rows, cols) or side."""
+    return coords[..., 0] * grid(shape)[1] + coords[..., 1]
 
 
-def cell_to_unit(coords: np.ndarray, side: int) -> np.ndarray:
+def cell_to_unit(coords: np.ndarray, shape: int | tuple[int, int]) -> np.ndarray:
     """Inverse layout: which unit sits at each cell, (sites, cells)."""
-    cells = cells_of(np.asarray(coords), side)
+    cells = cells_of(np.asarray(coords), shape)
     inverse = np.empty_like(cells)
     np.put_along_axis(inverse, cells, np.arange(cells.shape[-1])[None].repeat(len(cells), 0), axis=-1)
     return inverse
@@ -138,28 +174,32 @@ def block_offsets(radius: int) -> np.ndarray:
     return np.stack([dx.ravel(), dy.ravel()], axis=-1)
 
 
-def centres(side: int, radius: int) -> np.ndarray:
-    """All centres whose whole block fits: cx, cy in [r-1, side-r]."""
-    check_radius(side, radius)
-    c = np.arange(radius - 1, side - radius + 1)
-    cx, cy = np.meshgrid(c, c, indexing="ij")
+def centres(shape: int | tuple[int, int], radius: int) -> np.ndarray:
+    """All centres whose whole block fits on a rows x cols grid (`shape`, or a square's side):
+    cx in [r-1, rows-r], cy in [r-1, cols-r], row-major."""
+    rows, cols = grid(shape)
+    check_radius((rows, cols), radius)
+    cx, cy = np.meshgrid(np.arange(radius - 1, rows - radius + 1), np.arange(radius - 1, cols - radius + 1),
+                         indexing="ij")
     return np.stack([cx.ravel(), cy.ravel()], axis=-1)
 
 
-def block_cells(side: int, radius: int) -> np.ndarray:
+def block_cells(shape: int | tuple[int, int], radius: int) -> np.ndarray:
     """Cell ids of every neighborhood, (centres, members), members in block order."""
-    cells = centres(side, radius)[:, None, :] + block_offsets(radius)[None, :, :]
-    return cells[..., 0] * side + cells[..., 1]
+    cells = centres(shape, radius)[:, None, :] + block_offsets(radius)[None, :, :]
+    return cells_of(cells, shape)
 
 
-def neighborhood_units(coords: np.ndarray, side: int, radius: int) -> np.ndarray:
-    """Units in every neighborhood of every site, (sites, centres, members), from the coordinates.
+def neighborhood_units(coords: np.ndarray, shape: int | tuple[int, int], radius: int) -> np.ndarray:
+    """Units in every neighborhood of every site, (sites, centres, members), from the coordinates on a
+    rows x cols grid (`shape`, or a square's side).
 
     Raises ValueError (`NOT_A_PERMUTATION`) unless every site's layout is a permutation."""
-    if not is_permutation(coords, side * side):
+    rows, cols = grid(shape)
+    if not is_permutation(coords, rows * cols, (rows, cols)):
         raise ValueError(NOT_A_PERMUTATION)
-    inverse = cell_to_unit(coords, side)
-    return inverse[:, block_cells(side, radius)]
+    inverse = cell_to_unit(coords, (rows, cols))
+    return inverse[:, block_cells((rows, cols), radius)]
 
 
 def block_distances(radius: int) -> np.ndarray:
@@ -207,31 +247,37 @@ def pair_spatial_loss(r: np.ndarray, d: np.ndarray) -> np.ndarray:
 PAIRS_PER_CHUNK = 1 << 21  # pairs gathered at once by `spatial_losses` (a few tens of MB)
 
 
-def spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int) -> np.ndarray:
+def spatial_losses(corr: np.ndarray, coords: np.ndarray, radius: int,
+                   shape: tuple[int, int] | None = None) -> np.ndarray:
     """Spatial loss of every neighborhood of every site, in float64, for any layout.
 
     corr (sites, C, C) unit correlations and coords (sites, C, 2) integer cells -> (sites, centres); or one
     site: (C, C) and (C, 2) -> (centres,). A neighborhood's members are the units whose cells lie in the
-    (2r-1)^2 block around a centre (`centres`, on the smallest square grid holding the coordinates): for a
+    (2r-1)^2 block around a centre (`centres`, on the rows x cols grid `shape`; by default the grid the
+    coordinates span when it has C cells, else the most square grid of C cells widened to hold them): for a
     permutation exactly the block's units, otherwise every unit of a shared cell and none of an empty one.
     d are the members' own grid distances (0 between units sharing a cell). NaN as in `pair_spatial_loss`.
     The loss of `CorticalSheet.loss` over all neighborhoods instead of sampled ones, computed from
     correlations instead of activations."""
     corr, coords = np.asarray(corr, np.float64), np.asarray(coords, np.int64)
     if coords.ndim == 2:
-        return spatial_losses(corr[None], coords[None], radius)[0]
-    side = max(math.isqrt(coords.shape[1]), int(coords.max()) + 1)
-    grid_centres = centres(side, radius)
-    return np.stack([_site_spatial_losses(corr[s], coords[s], grid_centres, radius, side) for s in range(len(coords))])
+        return spatial_losses(corr[None], coords[None], radius, shape)[0]
+    if shape is None:  # the grid the coordinates span when it has C cells, else the most square one widened to them
+        rows, cols = sheet_shape(coords.shape[1])
+        span = layout_shape(coords)
+        shape = span if span[0] * span[1] == coords.shape[1] else (max(rows, span[0]), max(cols, span[1]))
+    grid_centres = centres(shape, radius)
+    return np.stack([_site_spatial_losses(corr[s], coords[s], grid_centres, radius, shape)
+                     for s in range(len(coords))])
 
 
 def _site_spatial_losses(corr: np.ndarray, xy: np.ndarray, grid_centres: np.ndarray, radius: int,
-                         side: int) -> np.ndarray:
+                         shape: tuple[int, int]) -> np.ndarray:
     """`spatial_losses` of one site: neighborhoods with the same number of members are evaluated together."""
     inside = ((np.abs(xy[None, :, 0] - grid_centres[:, None, 0]) < radius)
               & (np.abs(xy[None, :, 1] - grid_centres[:, None, 1]) < radius))  # (centres, units)
     counts = inside.sum(axis=1)
-    cell = cells_of(xy, side)
+    cell = cells_of(xy, shape)
     out = np.full(len(grid_centres), np.nan)
     for n in np.unique(counts[counts >= 2]):
         which = np.flatnonzero(counts == n)
@@ -396,18 +442,18 @@ class CorticalSheet(nn.Module):
     as they are; `permutation` is then False and `sample_units` refuses them.
     """
 
-    def __init__(self, n_sites: int, n_embed: int, radius: int, coords: np.ndarray | None = None):
+    def __init__(self, n_sites: int, n_embed: int, radius: int, coords: np.ndarray | None = None, rows: int = 0):
         super().__init__()
         self.n_sites, self.n_embed, self.radius = n_sites, n_embed, radius
-        self.side = grid_side(n_embed)
-        self.n_centres = check_radius(self.side, radius)
+        self.shape = sheet_shape(n_embed, rows)  # (rows, cols)
+        self.n_centres = check_radius(self.shape, radius)
         self.members = (2 * radius - 1) ** 2
         if coords is None:
-            coords = identity_layout(n_sites, n_embed)  # placeholder until real positions are set
-        check_layout(coords, n_sites, n_embed, permutation=False)
+            coords = identity_layout(n_sites, n_embed, self.shape)  # placeholder until real positions are set
+        check_layout(coords, n_sites, n_embed, permutation=False, shape=self.shape)
         self.permutation = True
         self.register_buffer("unit_coords", torch.as_tensor(np.asarray(coords), dtype=torch.long))
-        self.register_buffer("block_cells", torch.as_tensor(block_cells(self.side, radius)), persistent=False)
+        self.register_buffer("block_cells", torch.as_tensor(block_cells(self.shape, radius)), persistent=False)
         rows, cols = np.tril_indices(self.members, k=-1)
         self.register_buffer("tril_rows", torch.as_tensor(rows), persistent=False)
         self.register_buffer("tril_cols", torch.as_tensor(cols), persistent=False)
@@ -421,32 +467,35 @@ class CorticalSheet(nn.Module):
         """Recompute neighborhood membership from the coordinates (none without a permutation)."""
         coords = self.unit_coords.cpu().numpy()
         try:
-            check_layout(coords, self.n_sites, self.n_embed, permutation=False)
+            check_layout(coords, self.n_sites, self.n_embed, permutation=False, shape=self.shape)
         except ValueError as e:
             raise ValueError(f"invalid unit positions: {e}") from e
-        self.permutation = is_permutation(coords, self.n_embed)
+        self.permutation = is_permutation(coords, self.n_embed, self.shape)
         if self.permutation:
-            self.cell_to_unit.copy_(torch.as_tensor(cell_to_unit(coords, self.side)))
+            self.cell_to_unit.copy_(torch.as_tensor(cell_to_unit(coords, self.shape)))
         else:  # a cell may hold several units or none: no unit per cell to look up
             self.cell_to_unit.fill_(-1)
 
     @torch.no_grad()
     def set_positions(self, coords: np.ndarray) -> None:
-        check_layout(coords, self.n_sites, self.n_embed)
+        check_layout(coords, self.n_sites, self.n_embed, shape=self.shape)
         self.unit_coords.copy_(torch.as_tensor(np.asarray(coords), dtype=torch.long))
         self.refresh()
 
-    def sample_units(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Units of k distinct random neighborhoods per site, (sites, k * members).
+    def sample_units(self, k: int, generator: torch.Generator | None = None,
+                     sites: list[int] | None = None) -> torch.Tensor:
+        """Units of k distinct random neighborhoods per site, (sites, k * members); `sites`: only these
+        sites' (indices in site order; None: every site), one row each in that order.
 
         Raises ValueError (`NOT_A_PERMUTATION`) for a layout that is not a permutation."""
         if not self.permutation:
             raise ValueError(NOT_A_PERMUTATION)
         device = self.cell_to_unit.device
-        scores = torch.rand(self.n_sites, self.n_centres, generator=generator, device=device)
+        lookup = self.cell_to_unit if sites is None else self.cell_to_unit[sites]
+        scores = torch.rand(len(lookup), self.n_centres, generator=generator, device=device)
         chosen = scores.argsort(dim=-1)[:, :k]
-        cells = self.block_cells[chosen].reshape(self.n_sites, -1)
-        return self.cell_to_unit.gather(1, cells)
+        cells = self.block_cells[chosen].reshape(len(lookup), -1)
+        return lookup.gather(1, cells)
 
     def site_gram(self, act: torch.Tensor, site_units: torch.Tensor, k: int,
                   row_mask: torch.Tensor | None = None) -> torch.Tensor:

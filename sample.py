@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from topolm.checkpoint import load_model, require_gpt2_tokenizer
+from topolm.checkpoint import load_model, require_gpt2_tokenizer, require_positions
 from topolm.config import (InferenceKeys, SeedKey, UserError, cli_main, load_config, require, require_finite,
                            resolve_device)
 from topolm.files import read_text
@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
             raise UserError(f"prompt file not found: {prompt_file}")
         start = read_text(prompt_file)
     model, ckpt, path = load_model(cfg.ckpt, device)
+    require_positions(ckpt, path, "sampling")
     require_gpt2_tokenizer(ckpt, path, "sampling from a text prompt")
     enc = gpt2_encoding()
     ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]

@@ -1,4 +1,4 @@
-"""Pretrain a topographic GPT-2 (TopoLM): task cross-entropy + alpha * spatial loss per site.
+"""Pretrain a topographic GPT-2 (TopoLM): task cross-entropy + alpha_site * spatial loss per site.
 
     python train.py train_shakespeare.yaml                      # CPU or one GPU
     torchrun --standalone --nproc_per_node=4 train.py train_gpt2.yaml batch_size=48 wandb_log=False
@@ -32,22 +32,25 @@ from topolm.files import open_tokens, remove_partial_writes, require_writable, t
 from topolm.corpus import token_ids_used
 from model import ARCH_KEYS, GPT, GPTConfig
 from topolm.position_sets import MODEL_KEYS, initial_weights_digest, load_positions, match_model_record, read_meta
-from positions import random_layout
+from positions import random_layout, sheet_shape
 from topolm.signals import StopFlag
-from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank, check_wandb,
-                             eval_seeds, gather_objects, learning_rate_at, params_digest, peak_flops, reduce_with_stop,
-                             resolve_dtype, resume_command, start_wandb, stream_seed)
+from topolm.topography import TopographyKeys, TrainingHook
+from topolm.training import (JsonLog, Optimization, RunCheckpoints, StepResult, accumulation_per_rank,
+                             alpha_factor_at, check_wandb, eval_seeds, gather_objects, learning_rate_at, params_digest,
+                             peak_flops, reduce_with_stop, resolve_dtype, resume_command, start_wandb, stream_seed)
 
 
 @dataclass
-class TrainConfig(LoopConfig, GPTConfig):
+class TrainConfig(LoopConfig, GPTConfig, TopographyKeys):
     """train.py's keys: its own below, the model's from model.GPTConfig, the optimizer's, batches',
-    logging and system keys from topolm.config.LoopConfig (each declared once, with its docstring, there)."""
+    logging and system keys from topolm.config.LoopConfig, the topography measured at each evaluation from
+    topolm.topography.TopographyKeys (each declared once, with its docstring, there)."""
     # ---- I/O
     out_dir: str = "out"
     """Folder that holds run folders; each run writes into out_dir/<run name>."""
     run_name: str = ""
-    """Run folder name under out_dir; empty derives one from dataset, alpha and size."""
+    """Run folder name under out_dir; empty derives one from dataset, the site weights (GPTConfig.alpha_label)
+    and size."""
     eval_interval: int = 2000
     """Evaluate train/val losses every this many iterations (and at the end)."""
     eval_iters: int = 200
@@ -58,6 +61,9 @@ class TrainConfig(LoopConfig, GPTConfig):
     """If False, a periodic checkpoint is written only when the last val loss is the best so far."""
     keep_last: int = 0
     """Keep only the newest this many checkpoints of the run; 0 keeps all."""
+    keep_every: int = 0
+    """With keep_last: keep also, beyond the newest keep_last, every n-th periodic checkpoint (those whose iteration
+    is a multiple of keep_every x save_interval), e.g. for development.py's maps over training; 0: none."""
     init_from: str = "scratch"
     """'scratch' starts a new run from random weights; 'resume' continues from the run folder's newest
     checkpoint. Any other value is a path: a checkpoint file, a run folder (its newest checkpoint), a
@@ -88,20 +94,44 @@ class TrainConfig(LoopConfig, GPTConfig):
     # ---- length of the run
     max_iters: int = 600000
     """Optimizer steps in the whole run (0 with eval_only)."""
+    # ---- the spatial loss's weight over the steps
+    alpha_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Factor on every site's weight (alpha, alpha_attn, alpha_mlp, alpha_sites) at optimizer step it
+    (topolm.training.alpha_factor_at): 'constant' 1; 'linear' a warm-up it / alpha_warmup_iters up to 1 at
+    alpha_warmup_iters, then 1; 'cosine' the same warm-up (none with alpha_warmup_iters=0), then
+    alpha_final + (1 - alpha_final) * (1 + cos(pi * (it - alpha_warmup_iters) / (alpha_decay_iters -
+    alpha_warmup_iters))) / 2, then alpha_final from alpha_decay_iters on. Logged every step (log.jsonl:
+    alpha_factor and the weights alpha_sites; wandb: alpha_factor); evaluations use the factor of their step."""
+    alpha_warmup_iters: int = 0
+    """Steps of the linear warm-up of alpha_schedule=linear (>= 1) or cosine (0: none)."""
+    alpha_decay_iters: int = 0
+    """alpha_schedule=cosine: the step at which the cosine reaches alpha_final (> alpha_warmup_iters)."""
+    alpha_final: float = 0.0
+    """alpha_schedule=cosine: the factor from alpha_decay_iters on, in [0, 1]."""
 
     def __post_init__(self):
         super().__post_init__()  # the model's, optimizer's, loop's and system keys
         for key in ("eval_interval", "eval_iters", "save_interval"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        for key in ("keep_last", "max_iters"):
+        for key in ("keep_last", "keep_every", "max_iters"):
             require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
-        require(self.radius >= 2 or self.alpha == 0,
+        require(self.radius >= 2 or not self.spatial_sites,
                 f"radius={self.radius} gives one-unit neighborhoods, which have no pairs to correlate; use "
                 f"radius >= 2 (or alpha=0 for the control)")
+        for key in ("alpha_warmup_iters", "alpha_decay_iters"):
+            require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
+        require(0.0 <= self.alpha_final <= 1.0, f"alpha_final={self.alpha_final} must be in [0, 1]")
+        require(self.alpha_schedule != "linear" or self.alpha_warmup_iters >= 1,
+                "alpha_schedule=linear needs alpha_warmup_iters >= 1 (the steps of its warm-up)")
+        require(self.alpha_schedule != "cosine" or self.alpha_decay_iters > self.alpha_warmup_iters,
+                f"alpha_schedule=cosine needs alpha_decay_iters > alpha_warmup_iters={self.alpha_warmup_iters} "
+                f"(the step at which the decay ends); got alpha_decay_iters={self.alpha_decay_iters}")
         require(bool(self.dataset), "dataset= is empty; name a folder with train.bin and val.bin")
         require(bool(self.init_from), "init_from= is empty; use scratch, resume or the path of a model to start from")
         require(self.run_name == "" or self.run_name.strip("./") != "",
                 f"run_name='{self.run_name}' is not a folder name")
+        require(self.keep_every == 0 or self.keep_last > 0,
+                f"keep_every={self.keep_every} needs keep_last > 0 (keep_last=0 keeps every checkpoint already)")
         require(self.n_output_ids == 0, f"n_output_ids={self.n_output_ids}: train.py derives it from the data; "
                                         f"set output_vocab=corpus instead")
 
@@ -117,8 +147,8 @@ class TrainConfig(LoopConfig, GPTConfig):
 
     def run_dir(self) -> Path:
         name = self.run_name or (
-            f"{Path(self.dataset).name}-{'topo' if self.alpha > 0 else 'control'}"
-            f"-L{self.n_layer}-E{self.n_embed}-a{self.alpha:g}-r{self.radius}")
+            f"{Path(self.dataset).name}-{'topo' if self.spatial_sites else 'control'}"
+            f"-L{self.n_layer}-E{self.n_embed}-{self.alpha_label()}-r{self.radius}")
         return Path(self.out_dir) / name
 
 
@@ -148,10 +178,10 @@ class Batches:
 def positions_for(cfg: TrainConfig) -> tuple[np.ndarray, str, dict]:
     """A new run's unit positions, where they come from, and their set's meta.json ({} if none)."""
     if not cfg.position_dir:
-        return random_layout(2 * cfg.n_layer, cfg.n_embed, cfg.seed), f"random(seed={cfg.seed})", {}
+        return random_layout(2 * cfg.n_layer, cfg.n_embed, cfg.seed, cfg.sheet), f"random(seed={cfg.seed})", {}
     folder = resolve_path(cfg.position_dir, POSITIONS_DIR)
     try:
-        coords, meta = load_positions(folder, cfg.n_layer, cfg.n_embed)
+        coords, meta = load_positions(folder, cfg.n_layer, cfg.n_embed, cfg.sheet)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from e
     return coords, f"{folder} ({meta.get('layout', '?')})", meta
@@ -191,6 +221,9 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
     saved = ckpt["model_config"]
     wanted = asdict(cfg.model_config(n_output_ids))
     diff = [f"{k}={saved.get(k)} in checkpoint vs {wanted[k]} now" for k in ARCH_KEYS if saved.get(k) != wanted[k]]
+    theirs = sheet_shape(saved["n_embed"], saved.get("sheet_rows", 0)) if not diff else cfg.sheet
+    if theirs != cfg.sheet:
+        diff.append(f"a {theirs[0]}x{theirs[1]} sheet in checkpoint vs {cfg.sheet[0]}x{cfg.sheet[1]} now (sheet_rows)")
     if diff:
         raise UserError(f"checkpoint {path} was made for another architecture: {'; '.join(diff)}; set these keys "
                         f"as in the checkpoint, or start a new run with another run_name")
@@ -200,6 +233,9 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path: Path, n_output_ids: 
 
 # The keys that fix a model's weights' shapes and its function: a run started from a model takes them
 SOURCE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embed", "bias", "activation")
+# The keys of the spatial loss's weights and their schedule (a checkpoint's `alpha` field records them)
+ALPHA_KEYS = ("alpha", "alpha_attn", "alpha_mlp", "alpha_sites", "alpha_schedule", "alpha_warmup_iters",
+              "alpha_decay_iters", "alpha_final")
 
 
 def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, tuple[dict, Path] | None]:
@@ -222,10 +258,22 @@ def adopt_source_shape(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
     saved = src["model_config"]
     clash = [f"{k}={getattr(cfg, k)} on the command line vs {saved[k]} in the model" for k in SOURCE_KEYS
              if k in given and getattr(cfg, k) != saved[k]]
+    adopted = {k: saved[k] for k in SOURCE_KEYS if getattr(cfg, k) != saved[k]}
+    # kept positions (or a resume's) fix the sheet too; new ones (position_dir, or none in the folder) take the run's
+    if cfg.init_from == "resume" or not (cfg.position_dir or not src.get("hf", {"positions": True})["positions"]):
+        rows = sheet_shape(saved["n_embed"], saved.get("sheet_rows", 0))[0]
+        try:
+            ours = sheet_shape(saved["n_embed"], cfg.sheet_rows)[0]
+        except ValueError:
+            ours = None
+        if ours != rows and "sheet_rows" in given:
+            clash.append(f"sheet_rows={cfg.sheet_rows} on the command line vs the model's {rows}-row sheet (its "
+                         f"positions are kept; new ones from position_dir may have another sheet)")
+        elif ours != rows:
+            adopted["sheet_rows"] = rows
     if clash:
         raise UserError(f"{path} is a model of another shape: {'; '.join(clash)}; leave these keys out "
                         f"(a run started from a model takes its shape) or start from another model")
-    adopted = {k: saved[k] for k in SOURCE_KEYS if getattr(cfg, k) != saved[k]}
     if adopted:
         print0(f"{path}: the run takes the model's {' '.join(f'{k}={v}' for k, v in adopted.items())}")
     try:
@@ -350,6 +398,7 @@ class TrainRun:
     wandb_id: str | None
     peak: float | None  # the GPU's dense bf16 peak FLOP/s, for MFU (None on CPU)
     running_mfu: float = -1.0
+    topography: TrainingHook | None = None  # the evaluations' topography (None: topography=false)
 
     @property
     def checks(self) -> dict:
@@ -391,6 +440,11 @@ def check_inputs(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = N
         ckpt_file = ckpts[-1]
         ckpt = loaded[0] if loaded is not None and loaded[1] == ckpt_file else load_checkpoint(ckpt_file)
         check_resume_config(ckpt, cfg, ckpt_file, 0 if output_ids is None else len(output_ids))
+        changed = [f"{k}={ckpt['config'].get(k)!r} before, {getattr(cfg, k)!r} now" for k in ALPHA_KEYS
+                   if k in ckpt["config"] and ckpt["config"][k] != getattr(cfg, k)]
+        if changed:
+            print0(f"note: the spatial loss's weights or schedule differ from the checkpoint's ({'; '.join(changed)}): "
+                   f"the run continues with the new ones from iteration {ckpt['iter_num']}")
         positions_source, origin = ckpt["layout"]["source"], ckpt.get("started_from")
     else:
         if cfg.from_model:
@@ -430,6 +484,7 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
     accum_steps = accumulation_per_rank(cfg.gradient_accumulation_steps, d)
     dtype = resolve_dtype(cfg.dtype, d.device)
     inputs = check_inputs(cfg, d, loaded)
+    topography = start_topography(cfg, d, inputs)
     ckpt, output_ids = inputs.ckpt, inputs.output_ids
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = GPT(cfg.model_config(0 if output_ids is None else len(output_ids)), inputs.coords,
@@ -452,7 +507,8 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
         raw_model.load_state_dict(ckpt["model"])
         iter_num, best_val_loss, wandb_id = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("wandb_id")
     ckpts = RunCheckpoints(cfg.run_dir(), d, opt, generators, interval=cfg.save_interval, start_iter=iter_num,
-                           last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint)
+                           last_iter=cfg.max_iters, keep_last=cfg.keep_last, always=cfg.always_save_checkpoint,
+                           keep_every=cfg.keep_every)
     if ckpt is not None:
         ckpts.restore(ckpt, cfg.seed, "the checkpoint")
         print0(f"resumed from iteration {iter_num} ({inputs.ckpt_file})")
@@ -471,14 +527,30 @@ def setup(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
                             enabled=d.is_main)
     return TrainRun(cfg, d, raw_model, model, opt, inputs.batches, generators, ckpts, log, wandb_run, inputs.record,
                     accum_steps, tokens_per_iter, iter_num, iter_num, best_val_loss, wandb_run.id or wandb_id,
-                    peak_flops(d.device))
+                    peak_flops(d.device), topography=topography)
 
 
 # ----------------------------------------------------------------------------- the loop's steps
 
+def alpha_record(cfg: TrainConfig, it: int) -> dict:
+    """The checkpoint's `alpha` field after `it` steps: the schedule's keys, every site's weight
+    (`sites`, before the factor) and the factor and weights of the last step taken (None at step 0)."""
+    last = alpha_factor_at(it - 1, cfg) if it > 0 else None
+    return {**{k: getattr(cfg, k) for k in ALPHA_KEYS}, "sites": cfg.site_alpha, "last_factor": last,
+            "last_sites": None if last is None else [w * last for w in cfg.site_alpha]}
+
+
+def set_alpha(run: TrainRun, it: int) -> float:
+    """Put the schedule's factor of step `it` into the model (training and the evaluation at `it` use it)."""
+    factor = alpha_factor_at(it, run.cfg)
+    run.raw_model.set_alpha_factor(factor)
+    return factor
+
+
 def save(run: TrainRun, it: int) -> None:
     """The checkpoint after `it` steps: the model, and all a resume needs."""
-    payload = make_payload(run.raw_model, kind="pretrain", config=asdict(run.cfg), iter_num=it, **run.record)
+    payload = make_payload(run.raw_model, kind="pretrain", config=asdict(run.cfg), iter_num=it,
+                           alpha=alpha_record(run.cfg, it), **run.record)
     path = checkpoint_path(run.cfg.run_dir(), it)
     run.ckpts.save(path, payload, best_val_loss=run.best_val_loss, wandb_id=run.wandb_id)
     print0(f"saved checkpoint {path}")
@@ -500,11 +572,30 @@ def evaluate_and_log(run: TrainRun, it: int, stop: StopFlag) -> bool | None:
     run.wandb.log({"iter": it, **{f"{split}/{k}": res[split][k] for split in ("train", "val")
                                   for k in ("loss", "task", "spatial")},
                    **{f"val/sl/{n}": v for n, v in zip(run.raw_model.site_names, res["val"]["sites"])}}, step=it)
+    measure_topography(run, it)
     return improved
 
 
-def log_step(run: TrainRun, it: int, lr: float, step: StepResult, dt: float) -> None:
-    """Print and log optimizer step `it`, which took `dt` seconds; MFU as a running mean after 5 steps."""
+# ----------------------------------------------------------------------------- the evaluations' topography
+
+def start_topography(cfg: TrainConfig, d: Dist, inputs: Inputs) -> TrainingHook | None:
+    """The evaluation hook of topolm.topography (its inputs read and checked before anything is written);
+    None with topography=false."""
+    gpt2_ids = (inputs.record["tokenizer"] or {}).get("name") == "gpt2"
+    return TrainingHook.start(cfg, inputs.batches["val"].path, cfg.block_size, cfg.vocab_size, gpt2_ids, cfg.run_dir(),
+                              d.is_main, say=print0)
+
+
+def measure_topography(run: TrainRun, it: int) -> None:
+    """The topography of the raw model after `it` steps, outside every collective: every rank measures the same
+    weights on the same inputs (so the ranks stay in step without waiting for each other), rank 0 logs it."""
+    if run.topography is not None:
+        run.topography(run.raw_model, it, run.log, run.wandb, say=print0)
+
+
+def log_step(run: TrainRun, it: int, lr: float, step: StepResult, dt: float, factor: float) -> None:
+    """Print and log optimizer step `it`, which took `dt` seconds with the alpha schedule's `factor`; MFU as a
+    running mean after 5 steps."""
     task, spatial = step.stats["task"], step.stats["spatial"]
     mfu_text = ""
     if run.peak and it + 1 - run.start_iter > 5:
@@ -515,9 +606,10 @@ def log_step(run: TrainRun, it: int, lr: float, step: StepResult, dt: float) -> 
            f"{dt * 1000:.0f} ms/iter, {run.tokens_per_iter / dt:,.0f} tok/s{mfu_text}"
            + (" (step skipped)" if step.skipped else ""))
     run.log.write(event="train", iter=it, loss=task + spatial, task=task, spatial=spatial, sites=step.stats["sites"],
-                  lr=lr, grad_norm=step.grad_norm, skipped=step.skipped, loss_scale=step.loss_scale, dt=dt)
+                  lr=lr, grad_norm=step.grad_norm, skipped=step.skipped, loss_scale=step.loss_scale, dt=dt,
+                  alpha_factor=factor, alpha_sites=[w * factor for w in run.cfg.site_alpha])
     run.wandb.log({"iter": it, "train/step_loss": task + spatial, "train/step_task": task,
-                   "train/step_spatial": spatial, "lr": lr}, step=it)
+                   "train/step_spatial": spatial, "lr": lr, "alpha_factor": factor}, step=it)
 
 
 def check_ranks_agree(run: TrainRun) -> None:
@@ -543,6 +635,7 @@ def train(cfg: TrainConfig, d: Dist, loaded: tuple[dict, Path] | None = None) ->
         run = setup(cfg, d, loaded)
         try:
             if cfg.eval_only:
+                set_alpha(run, run.iter_num)
                 evaluate_and_log(run, run.iter_num, stop)
                 return
             if train_loop(run, stop):
@@ -561,6 +654,7 @@ def train_loop(run: TrainRun, stop: StopFlag) -> bool:
     t0 = time.time()
     while run.iter_num < cfg.max_iters:
         it = run.iter_num
+        factor = set_alpha(run, it)
         if it % cfg.eval_interval == 0:
             last_improved = evaluate_and_log(run, it, stop)
             if last_improved is None:
@@ -574,10 +668,11 @@ def train_loop(run: TrainRun, stop: StopFlag) -> bool:
         dt, t0 = t1 - t0, t1
         run.iter_num += 1
         if it % cfg.log_interval == 0:
-            log_step(run, it, lr, step, dt)
+            log_step(run, it, lr, step, dt, factor)
         if step.stop:
             return True
 
+    set_alpha(run, run.iter_num)
     if evaluate_and_log(run, run.iter_num, stop) is None:
         return True
     if run.ckpts.due(run.iter_num):

@@ -1,4 +1,4 @@
-"""Write the analysis stimuli (localizer.tsv, pos.tsv) beside this file.
+"""Write the analysis stimuli (localizer.tsv, pos.tsv, small/localizer.tsv) beside this file.
 
     python stimuli/generate.py
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from topolm.stimuli import write_stimuli  # noqa: E402
+from topolm.stimuli import write_small_localizer, write_stimuli  # noqa: E402
 
 
 def main() -> None:
-    for path in write_stimuli(HERE):
+    for path in [*write_stimuli(HERE), write_small_localizer(HERE)]:
         print(f"wrote {path} ({sum(1 for line in open(path) if not line.startswith('#')) - 1} rows)")
 
 

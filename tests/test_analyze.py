@@ -200,7 +200,7 @@ def test_ablate_never_chooses_a_unit_whose_t_is_undefined(gpt2_run, tmp_path):
     assert not out.exists()
     proc = run_main(ablate, [*args, "k=4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    chosen = json.loads(out.read_text())["selective"]["units"]
+    chosen = json.loads(out.read_text())["sweep"][0]["selective"]["units"]
     assert chosen["layer.0.mlp"] == np.argsort(-t[1, :4]).tolist()
     assert all(np.isfinite(t[s, chosen[name]]).all() for s, name in enumerate(chosen))
 

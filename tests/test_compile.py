@@ -27,7 +27,7 @@ def tiny_gpt(**kw) -> GPT:
             "alpha", "dropout")
     cfg = GPTConfig(**{**{k: TINY[k] for k in keys}, **kw})
     torch.manual_seed(0)
-    return GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, seed=1))
+    return GPT(cfg, random_layout(cfg.n_sites, cfg.n_embed, seed=1, shape=cfg.sheet))
 
 
 def gradients(model: torch.nn.Module, run, loss_name: str) -> dict[str, torch.Tensor]:
@@ -51,10 +51,17 @@ def assert_gradients_match(eager: dict, compiled: dict, what: str) -> None:
     assert not bad, f"{what} gradients differ:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("with_resid,accum", [(False, "mean"), (False, "max"), (True, "mean")])
-def test_compiled_gradients_match_eager(with_resid, accum):
+# per-site weights with sites of weight 0 (left out of the forward) on a 4 x 12 sheet, at a schedule's factor
+PER_SITE = dict(n_embed=48, sheet_rows=4, alpha_sites=[1.0, 0.0, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("with_resid,accum,extra", [(False, "mean", {}), (False, "max", {}), (True, "mean", {}),
+                                                    (False, "mean", PER_SITE)])
+def test_compiled_gradients_match_eager(with_resid, accum, extra):
     """Spatial and task loss gradients of every parameter, and the forward losses, eager vs compiled."""
-    model = tiny_gpt(with_resid=with_resid, accum=accum)
+    model = tiny_gpt(with_resid=with_resid, accum=accum, **extra)
+    if extra:
+        model.set_alpha_factor(0.5)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, TINY["vocab_size"], (TINY["batch_size"], TINY["block_size"]), generator=g)
     y = torch.roll(x, -1, 1)

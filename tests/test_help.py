@@ -76,7 +76,8 @@ def test_help_lists_every_key_and_loads_nothing(name, word, capsys, nothing_load
     flat = " ".join(out.split())
     for f in dataclasses.fields(cls):
         [line] = [x for x in lines if x.startswith(f"  {f.name} (")]
-        default = repr(f.default) if isinstance(f.default, str) else str(f.default)
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # a list key: its factory's
+        default = repr(value) if isinstance(value, str) else str(value)
         assert f" = {default}" in line, (f.name, line)
         doc = docstring_by_regex(cls, f.name)
         assert doc, f"{cls.__name__}.{f.name} has no docstring"

@@ -198,7 +198,7 @@ def test_what_does_not_fit_is_refused_before_anything_is_written(sources, case, 
 REFUSED_CONFIGS = [
     ("n_inner", 100), ("layer_norm_epsilon", 1e-6), ("scale_attn_weights", False),
     ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True), ("tie_word_embeddings", False),
-    ("activation_function", "relu"), ("model_type", "gpt_neo"), ("add_cross_attention", True), ("n_embd", 32),
+    ("activation_function", "relu"), ("model_type", "gpt_neo"), ("add_cross_attention", True), ("n_head", 5),
 ]
 
 

@@ -153,7 +153,8 @@ def test_ablate_out_with_a_trailing_slash_writes_inside_the_folder(gpt2_run, tmp
     ran = run_main(ablate, [f"ckpt={gpt2_run.run}", f"units={units}", "k=2", f"data_dir={gpt2_run.pairs}",
                             f"out={tmp_path / 'abl'}/", "device=cpu"])
     assert ran.returncode == 0, ran.stderr
-    assert json.loads((tmp_path / "abl" / f"{gpt2_run.ckpt.name}.ablation-k2.json").read_text())["k"] == 2
+    assert json.loads((tmp_path / "abl" / f"{gpt2_run.ckpt.name}.ablation-k2.json").read_text())["k"] == [2]
+    assert (tmp_path / "abl" / f"{gpt2_run.ckpt.name}.ablation-k2.png").is_file()  # the curves beside it
 
 
 def test_glue_summary_json_naming_a_folder_writes_inside_it(tmp_path):

@@ -184,6 +184,71 @@ def test_documented_hook_points_give_our_site_activations(grammar, tmp_path, wit
         assert (hf(ids).logits - gpt_logits(ours)(ids)).abs().max().item() < 1e-5
 
 
+# TransformerLens's TransformerBridge on an exported folder: its hook caches for the given ids, saved as .npz,
+# raw (the Hugging Face weights as they are), then in compatibility mode with and without weight processing
+TRANSFORMER_LENS_RUN = """
+import sys
+import numpy as np
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+folder, ids_file, out = sys.argv[1:]
+ids = torch.from_numpy(np.load(ids_file))
+caches = {}
+for mode in ("raw", "compatibility", "no_processing"):
+    bridge = TransformerBridge.boot_transformers(folder, device="cpu")
+    if mode != "raw":
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=mode == "no_processing")
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(ids)
+    caches[f"{mode}/logits"] = logits.numpy()
+    for key in cache.keys():
+        if key.endswith(("hook_attn_out", "hook_mlp_out", "hook_resid_mid", "hook_resid_post")):
+            caches[f"{mode}/{key}"] = cache[key].numpy()
+np.savez(out, **caches)
+"""
+# the hook that holds each kind of site, by with_resid
+TL_HOOKS = {False: {"attn": "hook_attn_out", "mlp": "hook_mlp_out"},
+            True: {"attn": "hook_resid_mid", "mlp": "hook_resid_post"}}
+
+
+@pytest.mark.transformer_lens
+@pytest.mark.parametrize("with_resid", [False, True])
+def test_transformer_lens_hooks_are_the_sites_without_weight_processing(grammar, tmp_path, with_resid):
+    """TransformerLens 4.3 (requirements-dev.txt) boots the export (TransformerBridge.boot_transformers, offline):
+    blocks.i.hook_attn_out / hook_mlp_out (with_resid=false) and hook_resid_mid / hook_resid_post
+    (with_resid=true) equal our sites within 1e-5 on the raw weights and in compatibility mode with
+    no_processing; the default compatibility mode (layer norm folded, weights centred) gives other numbers."""
+    pytest.importorskip("transformer_lens")
+    ours, ckpt, _ = load_model(grammar["run"])
+    folder = grammar["hf"]
+    if with_resid:  # the same weights with the sites after the residual additions
+        import dataclasses
+        resid = GPT(dataclasses.replace(ours.config, with_resid=True)).eval()
+        resid.load_state_dict(ours.state_dict())
+        folder = tmp_path / "hf-resid"
+        export_model(resid, make_payload(resid, kind="pretrain", config={}, iter_num=12, tokenizer=ckpt["tokenizer"],
+                                         layout_source="test"), folder, "test")
+        ours = resid
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    run_script([PYTHON, "-c", TRANSFORMER_LENS_RUN, str(folder), str(tmp_path / "ids.npy"), str(tmp_path / "tl.npz")],
+               env=env, timeout=600)
+    got = dict(np.load(tmp_path / "tl.npz"))
+    with torch.no_grad():
+        expected = ours.site_activations(ids)
+        logits = gpt_logits(ours)(ids).numpy()
+    processed = []
+    for name in ours.site_names:
+        _, layer, kind = name.split(".")
+        hook = f"blocks.{layer}.{TL_HOOKS[with_resid][kind]}"
+        for mode in ("raw", "no_processing"):
+            np.testing.assert_allclose(got[f"{mode}/{hook}"], expected[name].numpy(), rtol=0, atol=1e-5)
+        processed.append(np.abs(got[f"compatibility/{hook}"] - expected[name].numpy()).max())
+    assert min(processed) > 1e-3  # folded layer norms and centred weights: other activations
+    assert np.abs(got["raw/logits"] - logits).max() < 1e-5
+
+
 def test_export_refuses_to_overwrite(grammar):
     with pytest.raises(UserError, match="already exists; pass overwrite=true"):
         export_hf.main([f"ckpt={grammar['run']}", f"out={grammar['hf']}"])
@@ -404,24 +469,26 @@ def test_ablate_selective_against_random_units(grammar, tmp_path):
     ablate.main([f"ckpt={grammar['run']}", f"units={units}", "k=6", f"data_dir={grammar['pairs']}",
                  f"dataset={grammar['data']}", "val_batches=2", "val_batch_size=4", f"out={out}", "seed=3"])
     r = json.loads(out.read_text())
+    assert r["k"] == [6] and [e["k"] for e in r["sweep"]] == [6]
+    entry = r["sweep"][0]
     assert r["provenance"]["weights_sha256"] == weights_digest(model) and r["units_provenance"] == r["provenance"]
     expected_top = top_units(t, 6)
-    assert r["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
-    assert r["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()
-    draws = r["random"]["draws"]
+    assert entry["selective"]["units"] == {name: expected_top[s].tolist() for s, name in enumerate(model.site_names)}
+    assert entry["selective"]["significant_per_site"] == (np.take_along_axis(t, expected_top, 1) > 1.0).sum(1).tolist()
+    draws = entry["random"]["draws"]
     assert len(draws) == 5 and len({json.dumps(d["units"]) for d in draws}) == 5
     assert all(len(set(u)) == 6 for d in draws for u in d["units"].values())
-    assert r["random"]["blimp"]["values"] == [d["blimp"] for d in draws]
-    assert r["random"]["val_loss"]["mean"] == pytest.approx(np.mean([d["val_loss"] for d in draws]))
-    assert r["random"]["val_loss"]["std"] == pytest.approx(np.std([d["val_loss"] for d in draws], ddof=1))
+    assert entry["random"]["blimp"]["values"] == [d["blimp"] for d in draws]
+    assert entry["random"]["val_loss"]["mean"] == pytest.approx(np.mean([d["val_loss"] for d in draws]))
+    assert entry["random"]["val_loss"]["std"] == pytest.approx(np.std([d["val_loss"] for d in draws], ddof=1))
     # the intact condition is blimp.py's score, and the validation loss of the same windows
     assert r["intact"]["blimp"] == 1.0
     tokens = np.fromfile(grammar["data"] / "val.bin", dtype=np.uint16)
     assert r["intact"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
     # the selective condition is the model with exactly those units zeroed
-    with zeroed_units(model, r["selective"]["units"]):
-        assert r["selective"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
-    assert r["selective"]["val_loss"] != pytest.approx(r["intact"]["val_loss"])
+    with zeroed_units(model, entry["selective"]["units"]):
+        assert entry["selective"]["val_loss"] == pytest.approx(validation_loss(model, tokens, 2, 4, 3))
+    assert entry["selective"]["val_loss"] != pytest.approx(r["intact"]["val_loss"])
 
     np.savez(units, site_names=np.array(model.site_names), coords=np.roll(model.sheet.unit_coords.numpy(), 1, 1),
              t_localizer=t, provenance=np.array(json.dumps(r["provenance"])))
@@ -574,12 +641,10 @@ def test_ablation_of_a_restricted_vocabulary_is_batch_size_invariant(restricted,
         runs.append(json.loads(out.read_text()))
     for r in runs:
         assert r["intact"]["blimp"] == alone["accuracy"]
-        assert math.isfinite(r["intact"]["val_loss"]) and math.isfinite(r["selective"]["val_loss"])
+        assert math.isfinite(r["intact"]["val_loss"]) and math.isfinite(r["sweep"][0]["selective"]["val_loss"])
     # the same 8 windows, batched 8 x 1 or 2 x 4: the same losses; the same pairs at batch_size 1 or 64
-    for key in ("intact", "selective"):
-        assert runs[0][key]["blimp"] == runs[1][key]["blimp"] and runs[0][key]["val_loss"] == runs[1][key]["val_loss"]
-    assert runs[0]["random"]["blimp"]["values"] == runs[1]["random"]["blimp"]["values"]
-    assert runs[0]["random"]["val_loss"]["values"] == runs[1]["random"]["val_loss"]["values"]
+    assert runs[0]["intact"] == runs[1]["intact"]
+    assert runs[0]["sweep"] == runs[1]["sweep"]  # every condition, the random draws included
     assert runs[0]["not_scorable"] == runs[1]["not_scorable"] == 8 and runs[0]["n_pairs"] == 16
 
 

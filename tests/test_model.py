@@ -89,7 +89,8 @@ def test_generate_shapes_and_top_k():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(n_embed=40), "not a perfect square"),
+    (dict(n_embed=40, n_head=2, sheet_rows=3), "sheet_rows=3 does not divide n_embed=40"),
+    (dict(n_embed=40, radius=4), "too large for a 5x8 grid"),
     (dict(n_head=5), "not divisible"),
     (dict(radius=4), "too large"),
     (dict(radius=0), "must be >= 1"),

@@ -92,7 +92,7 @@ OPTIMIZER = {"learning_rate": [0, -1e-3, NAN, INF], "weight_decay": [-0.1, NAN, 
              "beta2": [1.0, NAN], "grad_clip": [-1, NAN], "warmup_iters": [-1], "lr_decay_iters": [-1],
              "min_lr": [-1e-5, NAN, INF]}
 LOOP = {**SYSTEM, **OPTIMIZER, "batch_size": [0], "gradient_accumulation_steps": [0], "log_interval": [0]}
-SHEET = {"n_layer": [0], "n_head": [0, -2], "n_embed": [0, 50], "vocab_size": [0]}
+SHEET = {"n_layer": [0], "n_head": [0, -2], "n_embed": [0], "sheet_rows": [-1, 5], "vocab_size": [0]}
 MODEL = {**SHEET, "block_size": [0], "dropout": [1.0, -0.1, NAN], "radius": [0, 99],
          "neighborhoods_per_batch": [0, 10**6], "alpha": [-1, NAN, INF], "n_output_ids": [-1, 10**6]}
 
@@ -100,7 +100,9 @@ MODEL = {**SHEET, "block_size": [0], "dropout": [1.0, -0.1, NAN], "radius": [0, 
 DOMAINS = [
     (train.TrainConfig, ["train_shakespeare.yaml"],
      {**MODEL, **LOOP, "eval_interval": [0], "eval_iters": [0], "save_interval": [0], "keep_last": [-1],
-      "max_iters": [-1]}),
+      "max_iters": [-1], "alpha_warmup_iters": [-1], "alpha_decay_iters": [-1], "alpha_final": [-0.1, 1.5, NAN],
+      "keep_every": [-1], "topography_heldout_tokens": [15], "topography_null_shuffles": [1],
+      "topography_seed": [-1, SEED_MAX + 1], "topography_image_interval": [-1]}),
     (finetune.FinetuneConfig, ["finetune_glue.yaml", "ckpt=somewhere"],
      {**LOOP, "max_length": [0], "max_train_examples": [-1], "dropout": [1.0, NAN], "alpha_scale": [-1, NAN, INF],
       "max_epochs": [0], "max_iters": [-1], "eval_interval": [-1], "patience": [0]}),

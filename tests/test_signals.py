@@ -89,7 +89,7 @@ def command_line(command, gpt2_run, tmp_path) -> tuple[list[str], str, list]:
     if command == "ablate":
         units = units_file(tmp_path / "units.npz", gpt2_run.ckpt)
         return ([ckpt, f"units={units}", "k=2", f"data_dir={gpt2_run.pairs}", f"dataset={gpt2_run.data}",
-                 "val_batches=20000", "val_batch_size=1", f"out={out}"], "ablating k=2", [out])
+                 "val_batches=20000", "val_batch_size=1", f"out={out}"], "ablating k=2", [out, out.with_suffix(".png")])
     figures = tmp_path / "results" / "figures"
     return ([ckpt, f"out={figures}", "permutations=99999", "null_shuffles=1000"], "held-out text", [figures])
 

@@ -48,7 +48,7 @@ def test_a_script_is_caught_importing_a_script(tmp_path):
 
 # The user's names, the model and the sheet, and the project's own files and folders.
 TOP_LEVEL = {".ci", ".gitignore", "Makefile", "README.md", "pytest.ini", "requirements.txt", "requirements-dev.txt",
-             "requirements-hf.txt", "config", "data", "docs", "finetuned", "gpt2-positions", "init-data", "out",
+             "requirements-hf.txt", "brainscore", "config", "data", "docs", "finetuned", "gpt2-positions", "init-data", "out",
              "stimuli", "tests", "topolm", "model.py", "positions.py"} | {f"{c}.py" for c in COMMANDS}
 
 

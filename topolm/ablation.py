@@ -1,16 +1,22 @@
-"""Validation loss and units zeroed at their sites (the paper's causal test).
+"""Validation loss and units zeroed at their sites or at their sublayers' inputs (the paper's causal test).
 
-`zeroed_units` sets chosen units of chosen sites to zero where the site's activation is, through
-forward hooks on the model's site taps (model.sites()). With with_resid=False a site is the
-sublayer's output before the residual addition, so zeroing a unit there removes exactly that
-unit's contribution; with with_resid=True the site is the residual stream itself.
+`zeroed_units` sets chosen units of chosen sites to zero, through hooks that are removed on exit (the
+weights are never changed). where="site": where the site's activation is, forward hooks on the model's
+site taps (model.sites()); with with_resid=False a site is the sublayer's output before the residual
+addition, so zeroing a unit there removes exactly that unit's contribution; with with_resid=True the
+site is the residual stream itself. where="input": the same dimensions of the input of the site's
+sublayer (`input_points`: the c_attn of block i for layer.i.attn, its c_fc for layer.i.mlp), which
+equals zeroing those input columns of the sublayer's first weight matrix (the research code's ablation).
+Units are chosen per site (`top_units`) or over the whole network (`top_units_network`, the paper's).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,30 +76,67 @@ def validation_loss(model, tokens: np.ndarray, n_batches: int, batch_size: int, 
 
 # ============================================================================= ablation
 
-@contextmanager
-def zeroed_units(model, units: dict[str, torch.Tensor | np.ndarray | list[int]]):
-    """Within the block, the given units of each named site are zero where the site's activation is.
+Where = Literal["site", "input"]
+Select = Literal["site", "network"]
 
-    units: site name -> unit indices (into n_embed). Forward hooks on the site taps replace each
-    tap's output by a copy with those units set to exactly 0; the hooks are removed on exit."""
-    taps = model.sites()
-    unknown = [name for name in units if name not in taps]
+
+def input_points(model) -> dict:
+    """Site name -> the linear layer whose input feeds the site's sublayer: block i's `attn.c_attn` for
+    layer.i.attn, its `mlp.c_fc` for layer.i.mlp (model.py's Block: c_attn reads ln_1(x), c_fc reads
+    ln_2(x), the residual stream's n_embed dimensions after the LayerNorm). Zeroing input dimension j of
+    such a layer is zeroing column j of its weight, (out_features, n_embed)."""
+    points = {}
+    for i, block in enumerate(model.transformer.h):
+        points[f"layer.{i}.attn"] = block.attn.c_attn
+        points[f"layer.{i}.mlp"] = block.mlp.c_fc
+    return points
+
+
+def _zero_output(_module, _inputs, output, idx):
+    return output.index_fill(-1, idx.to(output.device), 0.0)
+
+
+def _zero_input(_module, inputs, idx):
+    return (inputs[0].index_fill(-1, idx.to(inputs[0].device), 0.0), *inputs[1:])
+
+
+@contextmanager
+def zeroed_units(model, units: dict[str, torch.Tensor | np.ndarray | list[int]], where: Where = "site"):
+    """Within the block, the given units of each named site are zero: where="site" where the site's
+    activation is, where="input" in the input of the site's sublayer (`input_points`).
+
+    units: site name -> unit indices (into n_embed). where="site": forward hooks on the site taps replace
+    each tap's output by a copy with those units set to exactly 0. where="input": forward pre-hooks on the
+    sublayer's first linear layer replace its input (B, T, n_embed) by a copy with those dimensions 0,
+    the same product as that weight with those columns zero; the residual stream itself and every other
+    reader of it are untouched. The hooks are removed on exit; the weights are never written. Raises
+    ValueError for a site the model does not have or another `where`."""
+    if where not in ("site", "input"):
+        raise ValueError(f"where must be 'site' or 'input'; got {where!r}")
+    points = model.sites() if where == "site" else input_points(model)
+    unknown = [name for name in units if name not in points]
     if unknown:
-        raise ValueError(f"unknown site(s) {', '.join(unknown)}; the model has {', '.join(taps)}")
+        raise ValueError(f"unknown site(s) {', '.join(unknown)}; the model has {', '.join(points)}")
     handles = []
     try:
         for name, idx in units.items():
             idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
             if len(idx) == 0:
                 continue
-
-            def hook(_module, _inputs, output, idx=idx):
-                return output.index_fill(-1, idx.to(output.device), 0.0)
-            handles.append(taps[name].register_forward_hook(hook))
+            if where == "site":
+                handles.append(points[name].register_forward_hook(functools.partial(_zero_output, idx=idx)))
+            else:
+                handles.append(points[name].register_forward_pre_hook(functools.partial(_zero_input, idx=idx)))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _undefined_refusal(k: int, source: str, defined: int, total: int, where: str) -> UserError:
+    return UserError(f"k={k}: {source} has a defined t_localizer at only {defined} of {total} units of {where} "
+                     f"(the others are undefined: zero variance in both groups, or too few items); "
+                     f"an undefined unit is not selective: choose k <= {defined}")
 
 
 def top_units(t: np.ndarray, k: int, names: list[str] | None = None, source: str = "the units file") -> np.ndarray:
@@ -106,15 +149,42 @@ def top_units(t: np.ndarray, k: int, names: list[str] | None = None, source: str
     if len(defined) and defined.min() < k:
         s = int(np.argmin(defined))
         site = names[s] if names is not None else f"site {s}"
-        raise UserError(f"k={k}: {source} has a defined t_localizer at only {int(defined[s])} of {t.shape[1]} units "
-                        f"of {site} (the others are undefined: zero variance in both groups, or too few items); "
-                        f"an undefined unit is not selective: choose k <= {int(defined.min())}")
+        raise _undefined_refusal(k, source, int(defined[s]), t.shape[1], site)
     return np.argsort(-np.where(np.isfinite(t), t, -np.inf), axis=1, kind="stable")[:, :k]
 
 
-def random_units(n_sites: int, n_embed: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct units drawn uniformly at random at each site, (n_sites, k)."""
-    return np.stack([rng.choice(n_embed, size=k, replace=False) for _ in range(n_sites)])
+def top_units_network(t: np.ndarray, k: int, source: str = "the units file") -> list[np.ndarray]:
+    """The k units with the largest t over all sites together (the paper's ablation): one int array per
+    site (n_sites arrays whose lengths sum to k; a site may get none), each in descending order of t.
+    Ties: the lower site, then the lower unit index first. t: (n_sites, n_embed). A unit whose t is
+    undefined (NaN) is never chosen: raises UserError naming `k`, `source` and how many units of the
+    network have a defined t when fewer than k do."""
+    t = np.asarray(t, dtype=np.float64)
+    defined = int(np.isfinite(t).sum())
+    if defined < k:
+        raise _undefined_refusal(k, source, defined, t.size, f"the network ({t.shape[0]} sites)")
+    order = np.argsort(-np.where(np.isfinite(t), t, -np.inf).ravel(), kind="stable")[:k]
+    site, unit = np.divmod(order, t.shape[1])
+    return [unit[site == s] for s in range(t.shape[0])]
+
+
+def chosen_units(t: np.ndarray, k: int, select: Select, names: list[str] | None = None,
+                 source: str = "the units file") -> list[np.ndarray]:
+    """The k most selective units as one int array per site: select="site" the k largest t of every site
+    (`top_units`, k per site), select="network" the k largest over all sites (`top_units_network`, k in all).
+    Raises UserError as those do."""
+    if select == "site":
+        return list(top_units(t, k, names, source))
+    if select == "network":
+        return top_units_network(t, k, source)
+    raise ValueError(f"select must be 'site' or 'network'; got {select!r}")
+
+
+def random_units(counts, n_embed: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """counts[s] distinct units drawn uniformly at random at each site s, one int array per site (in the
+    order drawn). counts: per-site numbers, e.g. those of the most selective units, so that a random draw
+    zeroes as many units at every site as they do."""
+    return [rng.choice(n_embed, size=int(c), replace=False) for c in counts]
 
 
 UNITS_KEYS = ("site_names", "coords", "t_localizer")

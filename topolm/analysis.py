@@ -584,15 +584,17 @@ def heldout_correlations(model, windows: np.ndarray, batch_size: int = 8) -> tup
     return acc.correlations(), acc.n
 
 
-def full_grid_spatial_loss(corr: np.ndarray, coords: np.ndarray, radius: int) -> float:
+def full_grid_spatial_loss(corr: np.ndarray, coords: np.ndarray, radius: int,
+                           shape: tuple[int, int] | None = None) -> float:
     """The spatial loss averaged over every neighborhood of one site (not the few sampled in training).
 
-    corr (n_units, n_units) float64 correlations, coords (n_units, 2) any layout; the per-neighborhood
+    corr (n_units, n_units) float64 correlations, coords (n_units, 2) any layout on the rows x cols sheet
+    `shape` (None: `positions.spatial_losses`' default); the per-neighborhood
     losses are `positions.spatial_losses` (the float64 numpy form of the training loss), neighborhoods
     without a defined loss (fewer than two units, or all on one cell) left out of the mean."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a layout with no defined neighborhood gives NaN
-        return float(np.nanmean(spatial_losses(corr, coords, radius)))
+        return float(np.nanmean(spatial_losses(corr, coords, radius, shape)))
 
 
 # ----------------------------------------------------------------------------- one model, every measure
@@ -848,8 +850,9 @@ def measure_model(model, stim: Stimuli, windows: np.ndarray, q: float = 0.05, pe
         for key in ("adjacent", "far"):
             per_site[f"{key}_corr"].append(curve[key])
             per_site[f"null_{key}_corr"].append(null[key])
-        per_site["spatial_loss"].append(full_grid_spatial_loss(corr[s], coords[s], model.config.radius))
-        per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], model.config.radius)
+        radius, sheet = model.config.radius, model.config.sheet
+        per_site["spatial_loss"].append(full_grid_spatial_loss(corr[s], coords[s], radius, sheet))
+        per_site["null_spatial_loss"].append(np.mean([full_grid_spatial_loss(corr[s], coords[s][perm], radius, sheet)
                                                       for perm in perms[:CORRELATION_NULL_SHUFFLES]]))
     for key, values in per_site.items():
         arr = np.array(values, dtype=bool if key.startswith("significant_") else np.float64)

@@ -40,6 +40,7 @@ import torch
 from topolm.tokenizer import EOT_TOKEN
 from topolm.config import UserError, run_suggestions
 from topolm.files import atomic_write
+from topolm.provenance import weights_digest
 from topolm.hf import hf_layout, is_hf_folder, read_hf_model
 from model import GPT, GPTConfig, SequenceClassifier
 from positions import NOT_A_PERMUTATION, is_permutation
@@ -56,6 +57,14 @@ CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 def checkpoint_path(run_dir: Path, iter_num: int) -> Path:
     """`run_dir/ckpt-<iter, 7 digits>.pt`: the name train.py gives the checkpoint after `iter_num` steps."""
     return Path(run_dir) / f"ckpt-{iter_num:07d}.pt"
+
+
+def checkpoint_iter(path: Path) -> int:
+    """The iteration in a checkpoint file's name (`checkpoint_path`'s). Raises ValueError for another name."""
+    m = CKPT_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not named as a run's checkpoint (ckpt-<iter>.pt)")
+    return int(m.group(1))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -114,7 +123,8 @@ def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer:
         "model": gpt.state_dict(),
         "model_config": dataclasses.asdict(gpt.config),
         "tokenizer": tokenizer,
-        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed)), "source": layout_source},
+        "layout": {"permutation": bool(is_permutation(coords, gpt.config.n_embed, gpt.sheet.shape)),
+                   "source": layout_source},
         "data": data,
         "config": config,
         "iter_num": iter_num,
@@ -329,9 +339,11 @@ def build_classifier(ckpt: dict, n_outputs: int | None = None, head_dropout: flo
 
 def hf_checkpoint(folder: str | Path) -> dict:
     """A Hugging Face GPT2LMHeadModel folder (an export, or any GPT-2 whose config.json fits model.py:
-    topolm.hf.HF_REQUIREMENTS) as a checkpoint dict of kind "imported": its weights transposed back,
+    topolm.hf.HF_REQUIREMENTS) as a checkpoint dict: its weights transposed back,
     its unit positions from positions.npy (else the identity layout), its spatial settings and
     tokenizer from topolm.json (else alpha 0, and GPT-2's tokenizer for a vocabulary of at least 50257).
+    An export whose topolm.json provenance records these very weights (its digest) keeps the source
+    checkpoint's kind, step (`iter_num`) and `data`; any other folder is kind "imported" at step 0.
 
     Its extra field `hf` is `{"folder": str, "positions": bool}` (whether the folder had positions).
     Raises UserError naming the config.json key or the file that does not fit."""
@@ -339,9 +351,14 @@ def hf_checkpoint(folder: str | Path) -> dict:
     model_config, state, coords, sheet = read_hf_model(folder)
     tokenizer = sheet["tokenizer"] if "tokenizer" in sheet else tokenizer_for(model_config.vocab_size)
     provenance = sheet.get("provenance") or {}
-    return {"format": FORMAT, "kind": "imported", "model": state, "model_config": dataclasses.asdict(model_config),
-            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config.n_embed, state),
-            "data": None, "config": {}, "iter_num": 0,
+    # An export of this project's checkpoint records the checkpoint's kind and step: results derived from the
+    # folder then carry the same provenance as those derived from the checkpoint (but for the path).
+    exported = provenance.get("weights_sha256") == weights_digest(state)
+    kind = provenance.get("kind") if exported and provenance.get("kind") in KINDS else "imported"
+    step = provenance.get("step") if exported and isinstance(provenance.get("step"), int) else 0
+    return {"format": FORMAT, "kind": kind, "model": state, "model_config": dataclasses.asdict(model_config),
+            "tokenizer": tokenizer, "layout": hf_layout(coords, sheet, folder, model_config, state),
+            "data": sheet.get("data") if exported else None, "config": {}, "iter_num": step,
             "hf": {"folder": str(folder.resolve()), "positions": coords is not None, "provenance": provenance}}
 
 
@@ -366,6 +383,17 @@ def load_model(path_or_run: str | Path, device: str = "cpu") -> tuple[GPT, dict,
     except UserError as e:
         raise UserError(f"{path}: {e}") from e
     return gpt.to(device).eval(), ckpt, path
+
+
+def require_positions(ckpt: dict, path: Path | str, what: str) -> None:
+    """Refuse a Hugging Face folder without its unit positions (no positions.npy) before `what` starts: its
+    sheet would be the identity layout, which the model was never trained with, and the results (maps, or
+    scores recorded against the model's layout) would describe a sheet the model does not have."""
+    hf = ckpt.get("hf")
+    if hf and not hf["positions"]:
+        raise UserError(f"{path} is a Hugging Face folder without unit positions (no positions.npy, as a plain GPT-2 "
+                        f"has none): {what} needs the sheet the model was trained with; export the model with "
+                        f"export_hf.py, which writes positions.npy and topolm.json beside the weights")
 
 
 def require_gpt2_tokenizer(ckpt: dict, path: Path | str, what: str = "text") -> None:

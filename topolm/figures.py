@@ -386,3 +386,128 @@ def plot_profile(results: list[tuple]):
     return fig
 
 
+
+
+def plot_maps_over_steps(model_config, steps: list[int], arrays: list[dict], contrast: str, q: float, title: str):
+    """Every site's t-map of `contrast` at several steps of one run, side by side: one row per site (L<layer>
+    attn / mlp), one column per step (arrays[k]: topolm.topography.map_arrays of the checkpoint after steps[k]);
+    one colour scale, symmetric around 0, over every panel; dots: the selective units (as plot_maps)."""
+    import matplotlib.pyplot as plt
+
+    names = [str(n) for n in arrays[0]["site_names"]]
+    shape = sheet_shape(np.concatenate([np.reshape(m["coords"], (-1, 2)) for m in arrays]))
+    width, height, cell = panel_pixels(shape)
+    fig, axes = plt.subplots(len(names), len(steps), dpi=MAP_DPI, squeeze=False, layout="constrained",
+                             figsize=(max(len(steps) * (width / MAP_DPI + 0.3) + 1.6, 5.0),
+                                      len(names) * (height / MAP_DPI + 0.35) + 1.2))
+    vmax = _vmax([(None, m) for m in arrays], contrast)
+    image = None
+    for k, (step, m) in enumerate(zip(steps, arrays)):
+        for s, name in enumerate(names):
+            ax = axes[s, k]
+            image = _draw_map(ax, m[f"t_{contrast}"][s], _marks(m, contrast, q)[s], m["coords"][s], vmax,
+                              _dot_size(cell, MAP_DPI), shape)
+            ax.set_title(f"step {step}  {_moran_text(m, s, contrast)}", fontsize=8, pad=2)
+            if k == 0:
+                layer, kind = s // 2, s % 2
+                ax.set_ylabel(f"L{layer} {'attn' if kind == 0 else 'mlp'}", fontsize=8)
+    what, short = contrast_label(arrays[0], contrast)
+    fig.suptitle(f"{what}: Welch t per unit over training, {title}\n{_mark_text(contrast, q)}; I: Moran's I; "
+                 f"{UNDEFINED_NOTE}", fontsize=9)
+    if vmax is not None:
+        cbar = fig.colorbar(image, ax=axes, shrink=0.7, aspect=30)
+        cbar.set_label(f"Welch t ({short})", fontsize=9)
+    return fig
+
+
+def plot_development(dev: dict, title: str):
+    """The measures of development.py's JSON against step: task loss (train, val), Moran's I of each contrast with
+    its shuffled-position null (dashed), the adjacent and far correlation, the full-grid spatial loss (site means)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=MAP_DPI, layout="constrained")
+    ax = axes[0, 0]
+    for split in ("train", "val"):
+        ax.plot(dev["steps"], dev["task_loss"][split], marker="o", ms=3, label=split)
+    ax.set(title="task loss (cross-entropy)", xlabel="step", ylabel="nats / token")
+    ax.legend(fontsize=8)
+    topo = dev["topography"]
+    steps, mean = topo["steps"], topo["mean"]
+    ax = axes[0, 1]
+    for n, c in enumerate(dev["contrasts"]):
+        line, = ax.plot(steps, _nan(mean[c]["morans_i"]), marker="o", ms=3, label=CONTRAST_LABELS.get(c, (c, dev["contrasts"][c]))[1])
+        ax.plot(steps, _nan(mean[c]["null_i"]), ls="--", color=line.get_color(), label=f"{c}: null (positions shuffled)")
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set(title="Moran's I of the t-map (site mean)", xlabel="step", ylabel="I")
+    if dev["contrasts"]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not measured (the model's token ids are not GPT-2's)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(steps, _nan(mean["adjacent_corr"]), marker="o", ms=3, label="adjacent units (distance 1, sqrt 2)")
+    ax.plot(steps, _nan(mean["far_corr"]), marker="o", ms=3, label="far units (distance >= 6)")
+    ax.set(title="correlation on held-out text (site mean)", xlabel="step", ylabel="Pearson r")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    ax.plot(steps, _nan(mean["spatial_loss"]), marker="o", ms=3)
+    ax.set(title="full-grid spatial loss (site mean)", xlabel="step", ylabel="spatial loss")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _nan(values: list) -> list[float]:
+    """JSON's null (an undefined value) as NaN, which matplotlib leaves out of a line."""
+    return [math.nan if v is None else v for v in values]
+
+
+# ----------------------------------------------------------------------------- the ablation sweep
+
+ABLATION_METRICS = (("blimp", "BLiMP accuracy (fraction of pairs)"), ("val_loss", "validation loss (nats per token)"))
+
+
+def _ablation_series(record: dict, key: str) -> tuple[list, list, list, list, list]:
+    """(k, top-k, random mean, random min, random max) of one metric, k = 0 the intact model."""
+    intact = record["intact"][key]
+    rows = [(0, intact, intact, intact, intact)]
+    rows += [(e["k"], e["selective"][key], e["random"][key]["mean"], e["random"][key]["min"], e["random"][key]["max"])
+             for e in record["sweep"] if e["k"] > 0]
+    return tuple(list(column) for column in zip(*rows))
+
+
+def plot_ablation(models: list[tuple[str, dict]], select: str, where: str, draws: int):
+    """The ablation sweep as curves against k: for every model (title, record as ablate.py writes it: `intact`,
+    `sweep`), the k most selective units' scores and the mean of the random draws with their min-max band;
+    BLiMP accuracy, and the validation loss where it was measured. k = 0 is the intact model; the x axis is
+    symmetric-log (linear below 1), so k = 0 and k = 12544 share it."""
+    import matplotlib.pyplot as plt
+
+    metrics = [(key, label) for key, label in ABLATION_METRICS if models[0][1]["intact"][key] is not None]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.9), dpi=90, squeeze=False)
+    colours = ["C3", "C0"]
+    for ax, (key, label) in zip(axes[0], metrics):
+        for c, (title, record) in enumerate(models):
+            k, top, mean, lo, hi = _ablation_series(record, key)
+            ax.plot(k, top, "-o", color=colours[c], markersize=4, label=f"{title}: top-k selective units")
+            ax.plot(k, mean, "--s", color=colours[c], mfc="none", markersize=4,
+                    label=f"{title}: random units, mean of {draws} draws")
+            ax.fill_between(k, lo, hi, color=colours[c], alpha=0.15, linewidth=0,
+                            label=f"{title}: random units, min to max")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("k: units zeroed per site" if select == "site" else "k: units zeroed in all (top-k over the "
+                      "network)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    # below the panels, in the figure's own room (the curves fill the panels): one column of three per model
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(models), frameon=False)
+    where_text = ("the site's output" if where == "site" else "the sublayer's input (c_attn / c_fc input columns)")
+    fig.suptitle(f"Ablation of the most language-selective units (localizer t) vs random units;\nunits chosen "
+                 f"{'per site' if select == 'site' else 'over the whole network'}, zeroed at {where_text}; "
+                 f"k = 0: the intact model", fontsize=9)
+    rows = 3
+    fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.18 * rows)
+    fig.tight_layout(rect=(0, (0.18 * rows + 0.1) / fig.get_figheight(), 1, 1))
+    return fig

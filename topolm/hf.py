@@ -33,7 +33,7 @@ from topolm.files import read_json
 from topolm.provenance import provenance
 from topolm.tokenizer import EOT_TOKEN, GPT2_BPE_HASHES
 from model import GPT, GPTConfig, LayerNorm
-from positions import grid_side, is_permutation, site_names
+from positions import check_radius, is_permutation, sheet_shape, site_names
 
 
 # ============================================================================= Hugging Face export
@@ -108,9 +108,12 @@ def sheet_description(gpt: GPT, ckpt: dict, source: str) -> dict:
         "sites": list(gpt.site_names),
         "site_modules": site_modules(gpt),
         "n_embed": c.n_embed,
-        "grid_side": grid_side(c.n_embed),
+        **({"grid_side": c.sheet[0]} if c.sheet[0] == c.sheet[1] else {}),
+        "grid_rows": c.sheet[0],
+        "grid_cols": c.sheet[1],
         "with_resid": c.with_resid,
-        "spatial_loss": {"alpha": c.alpha, "radius": c.radius, "neighborhoods_per_batch": c.neighborhoods_per_batch,
+        "spatial_loss": {"alpha": c.alpha, "alpha_sites": c.site_alpha, "radius": c.radius,
+                         "neighborhoods_per_batch": c.neighborhoods_per_batch,
                          "accum": c.accum, "neighborhood": "square block of (2r-1)^2 cells, sup-norm distance < r",
                          "formula": "0.5 * (1 - Pearson(lower triangle of unit correlations, of 1 / (1 + distance)))"},
         "layout": ckpt.get("layout"),
@@ -274,16 +277,21 @@ def hf_model_config(config: dict, sheet: dict, folder: Path) -> GPTConfig:
     defaults = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024}
     shape = {ours: config.get(theirs, defaults[theirs]) for ours, theirs in names.items()}
     try:
-        side = grid_side(shape["n_embed"])
-    except ValueError as e:
-        raise UserError(f"{folder / 'config.json'}: n_embd={shape['n_embed']}: {e}; this model cannot be "
-                        f"loaded") from e
+        rows, cols = sheet_shape(shape["n_embed"], int(sheet.get("grid_rows", 0)))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{folder}: n_embd={shape['n_embed']}: {e}; this model cannot be loaded") from e
     spatial = sheet.get("spatial_loss") or {}
-    radius = spatial.get("radius", min(GPTConfig.radius, (side + 1) // 2))
-    nbhd = spatial.get("neighborhoods_per_batch", min(GPTConfig.neighborhoods_per_batch, (side - 2 * radius + 2) ** 2))
+    radius = spatial.get("radius", min(GPTConfig.radius, (min(rows, cols) + 1) // 2))
+    nbhd = spatial.get("neighborhoods_per_batch", GPTConfig.neighborhoods_per_batch)
+    if "neighborhoods_per_batch" not in spatial and 1 <= radius <= (min(rows, cols) + 1) // 2:
+        nbhd = min(nbhd, check_radius((rows, cols), radius))
+    alpha = spatial.get("alpha", 0.0)
+    per_site = spatial.get("alpha_sites")
+    per_site = list(per_site) if isinstance(per_site, list) and len(set(per_site)) > 1 else []
     try:
-        return GPTConfig(**shape, activation=config.get("activation_function", "gelu_new"), radius=radius,
-                         neighborhoods_per_batch=nbhd, alpha=spatial.get("alpha", 0.0),
+        return GPTConfig(**shape, sheet_rows=0 if (rows, cols) == sheet_shape(shape["n_embed"]) else rows,
+                         activation=config.get("activation_function", "gelu_new"),
+                         radius=radius, neighborhoods_per_batch=nbhd, alpha=alpha, alpha_sites=per_site,
                          accum=spatial.get("accum", "mean"), with_resid=bool(sheet.get("with_resid", False)),
                          dropout=0.0, bias=True)
     except (ValueError, UserError) as e:
@@ -380,9 +388,10 @@ def read_hf_model(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     return model_config, state, coords, sheet
 
 
-def hf_layout(coords: np.ndarray | None, sheet: dict, folder: Path, n_embed: int, state: dict) -> dict:
+def hf_layout(coords: np.ndarray | None, sheet: dict, folder: Path, model_config: GPTConfig, state: dict) -> dict:
     """The `layout` field for a folder's unit positions (the identity layout when it has none)."""
     if coords is None:
         return {"permutation": True, "source": f"identity (no positions.npy in {folder})"}
     source = (sheet.get("layout") or {}).get("source") or str(folder / sheet.get("positions_file", "positions.npy"))
-    return {"permutation": bool(is_permutation(state["sheet.unit_coords"].numpy(), n_embed)), "source": source}
+    permutation = is_permutation(state["sheet.unit_coords"].numpy(), model_config.n_embed, model_config.sheet)
+    return {"permutation": bool(permutation), "source": source}

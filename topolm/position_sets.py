@@ -17,25 +17,32 @@ import numpy as np
 from topolm.config import UserError
 from topolm.files import atomic_write, read_json
 from topolm.provenance import weights_digest
-from positions import POSITIONS_FORMAT, check_layout, grid_side, site_names
+from positions import POSITIONS_FORMAT, check_layout, layout_shape, sheet_shape, site_names
 
 
 # ----------------------------------------------------------------------------- position-set files
 
-def save_positions(folder: str | Path, coords: np.ndarray, meta: dict) -> Path:
-    """Write `positions.npy` (int16, sites x units x 2) and readable `meta.json`, each atomically."""
+def save_positions(folder: str | Path, coords: np.ndarray, meta: dict, shape: tuple[int, int] | None = None) -> Path:
+    """Write `positions.npy` (int16, sites x units x 2) and readable `meta.json`, each atomically.
+
+    shape: the sheet's (rows, cols), default `positions.sheet_shape(n_embed)`; meta.json records it as
+    `rows` and `cols` (and a square's as `side`)."""
     folder = Path(folder)
     n_sites, n_embed, _ = coords.shape
-    check_layout(coords, n_sites, n_embed)
-    info = {"format": POSITIONS_FORMAT, "side": grid_side(n_embed), "n_embed": n_embed,
+    rows, cols = shape or sheet_shape(n_embed)
+    check_layout(coords, n_sites, n_embed, shape=(rows, cols))
+    square = {"side": rows} if rows == cols else {}
+    info = {"format": POSITIONS_FORMAT, **square, "rows": rows, "cols": cols, "n_embed": n_embed,
             "n_layer": n_sites // 2, "sites": site_names(n_sites // 2), **meta}
     atomic_write(folder / "positions.npy", lambda f: np.save(f, coords.astype(np.int16), allow_pickle=False))
     atomic_write(folder / "meta.json", json.dumps(info, indent=2) + "\n")
     return folder
 
 
-def load_positions(folder: str | Path, n_layer: int, n_embed: int) -> tuple[np.ndarray, dict]:
-    """Read a position set and check that it fits a model of n_layer blocks and n_embed units."""
+def load_positions(folder: str | Path, n_layer: int, n_embed: int,
+                   shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+    """Read a position set and check that it fits a model of n_layer blocks and n_embed units on a rows x
+    cols sheet (`shape`, default `positions.sheet_shape(n_embed)`). Raises FileNotFoundError, ValueError."""
     folder = Path(folder)
     npy = folder / "positions.npy"
     if not npy.is_file():
@@ -52,7 +59,13 @@ def load_positions(folder: str | Path, n_layer: int, n_embed: int) -> tuple[np.n
             f"position set {folder} has shape {coords.shape} (n_layer={coords.shape[0] // 2}, "
             f"n_embed={coords.shape[1] if coords.ndim > 1 else '?'}); this model needs n_layer={n_layer}, n_embed={n_embed}"
         )
-    check_layout(coords, *want[:2])
+    rows, cols = shape or sheet_shape(n_embed)
+    theirs = (meta.get("rows"), meta.get("cols")) if "rows" in meta else layout_shape(coords)
+    if tuple(theirs) != (rows, cols):
+        raise ValueError(f"position set {folder} is for a {theirs[0]}x{theirs[1]} sheet; this model's is "
+                         f"{rows}x{cols}: set sheet_rows={theirs[0]}, or make a set for this sheet with init_pos.py "
+                         f"sheet_rows={rows}")
+    check_layout(coords, *want[:2], shape=(rows, cols))
     return coords, meta
 
 

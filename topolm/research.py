@@ -26,7 +26,7 @@ import torch
 from topolm.checkpoint import LEGACY_MAGIC, file_problem, first_bytes, refused_global, torch_load_reason
 from topolm.config import UserError
 from model import GPT, GPTConfig
-from positions import grid_side, site_names
+from positions import sheet_shape, site_names
 
 # ============================================================================= restricted unpickling
 
@@ -308,6 +308,15 @@ def _plain_number(config: dict | None, key: str):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def research_side(n_embed: int) -> int:
+    """The side of the research code's square sheet of n_embed units (it places units on sqrt(n_embed) x
+    sqrt(n_embed) cells). Raises ValueError when n_embed is not a perfect square."""
+    rows, cols = sheet_shape(n_embed)
+    if rows != cols:
+        raise ValueError(f"n_embed={n_embed} is not a perfect square: the research code's sheets are side x side")
+    return rows
+
+
 def read_research_positions(folder: Path, n_layer: int, n_embed: int) -> dict:
     """The research code's positions folder (`layer.{i}.{attn,mlp}.pkl`) as plain arrays.
 
@@ -318,7 +327,7 @@ def read_research_positions(folder: Path, n_layer: int, n_embed: int) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"positions folder not found: {folder}")
-    side = grid_side(n_embed)
+    side = research_side(n_embed)
     coords, members, per_batch, n_masks = [], set(), set(), set()
     for name in site_names(n_layer):
         path = folder / f"{name}.pkl"
@@ -435,7 +444,7 @@ def _model_sizes(args: dict, state: dict, path: Path) -> dict:
             raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)} but model_args {rows}={want[0]}, "
                             f"{cols}={want[1]} need {want}")
     try:
-        grid_side(sizes["n_embed"])
+        research_side(sizes["n_embed"])
     except ValueError as e:
         raise UserError(f"{path}: {e}") from e
     return sizes

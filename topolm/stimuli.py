@@ -343,6 +343,25 @@ def write_stimuli(folder: Path = STIMULI_DIR) -> list[Path]:
                                               (POS_FILE, POS_COLUMNS, pos_rows, POS_DECLARATIONS))]
 
 
+SMALL_FOLDER = "small"
+SMALL_LOCALIZER_ITEMS = 24
+SMALL_LOCALIZER_CONDITIONS = ("S", "N")
+SMALL_DECLARATIONS = ("# the first 24 sentences (S) and nonword lists (N) of stimuli/localizer.tsv: train.py's topography "
+                      "at every evaluation (stimuli/README.md)\n")
+
+
+def write_small_localizer(folder: Path = STIMULI_DIR) -> Path:
+    """`small/localizer.tsv` under `folder`: items 0 .. SMALL_LOCALIZER_ITEMS - 1 of conditions S and N of the
+    localizer in `folder` (read as read_localizer reads it), a localizer stimulus set whose one contrast is S - N.
+    Needs no wordfreq."""
+    loc = read_localizer(folder)
+    rows = [dict(item=k, labels=f"condition={c}", text=loc[c][k]) for k in range(SMALL_LOCALIZER_ITEMS)
+            for c in SMALL_LOCALIZER_CONDITIONS]
+    (Path(folder) / SMALL_FOLDER).mkdir(parents=True, exist_ok=True)
+    return write_set_file(Path(folder) / SMALL_FOLDER / LOCALIZER_FILE, list(LOCALIZER_COLUMNS), rows,
+                          SMALL_DECLARATIONS)
+
+
 def write_set_file(path: Path, columns: list[str], rows: list[dict], head: str = "") -> Path:
     """A stimulus-set (or word-list) file: `head` (its `#` declarations), then the tab-separated `columns`
     of `rows`, unquoted, written under a temporary name and renamed. Returns `path`."""

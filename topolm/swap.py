@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from positions import (EPS, NOT_A_PERMUTATION, block_cells, block_distances, cell_to_unit, distance_target,
-                       grid_side, is_permutation, pair_spatial_loss)
+                       grid, is_permutation, pair_spatial_loss, sheet_shape)
 
 
 # ----------------------------------------------------------------------------- swap pre-optimization
@@ -31,12 +31,13 @@ def _visited_losses(corr_flat: np.ndarray, n_embed: int, units: np.ndarray, d: n
 
 
 def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborhoods: int, local_steps: int,
-                  visit_all: bool, seed: int, progress: bool = False) -> tuple[np.ndarray, dict]:
+                  visit_all: bool, seed: int, progress: bool = False,
+                  shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
     """Swap pre-optimization (the research code README's pre-optimization: swaps kept when a neighborhood's loss does not rise), all sites at once.
 
     Per site: visit `n_neighborhoods` random distinct neighborhoods (or all of them in random
     order), and in each make `local_steps` attempts to swap the cells of two of its units,
-    keeping a swap when that neighborhood's spatial loss does not increase.
+    keeping a swap when that neighborhood's spatial loss does not increase (shape: the sheet's (rows, cols)).
 
     Swapping permutes the members, which leaves the set of pairwise correlations, hence their
     mean and spread, unchanged: only the cross term sum_ij r_ij * D'_ij of the Pearson numerator
@@ -51,14 +52,14 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
     from tqdm import tqdm
 
     n_sites, n_embed, _ = coords.shape
-    side = grid_side(n_embed)
-    if not is_permutation(coords, n_embed):
+    sheet = grid(shape or sheet_shape(n_embed))
+    if not is_permutation(coords, n_embed, sheet):
         raise ValueError(NOT_A_PERMUTATION)
-    cells = block_cells(side, radius)
+    cells = block_cells(sheet, radius)
     n_centres, m = cells.shape
     if not visit_all and not 1 <= n_neighborhoods <= n_centres:
         raise ValueError(f"n_neighborhoods={n_neighborhoods} must be in [1, {n_centres}] for radius {radius} "
-                         f"on a {side}x{side} grid")
+                         f"on a {sheet[0]}x{sheet[1]} grid")
     if m < 2:
         raise ValueError(f"radius={radius} gives neighborhoods of one unit: nothing to swap")
     rng = np.random.default_rng(seed)
@@ -75,7 +76,7 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
     weight[rows, cols] = target * np.linalg.norm(raw - raw.mean())
     weight = weight + weight.T
 
-    inverse = cell_to_unit(coords, side)
+    inverse = cell_to_unit(coords, sheet)
     s = np.arange(n_sites)
     corr_flat = np.ascontiguousarray(corr).reshape(-1)
     site_base = (s * n_embed * n_embed)[:, None]
@@ -105,7 +106,7 @@ def swap_optimize(coords: np.ndarray, corr: np.ndarray, radius: int, n_neighborh
     new_coords = np.empty_like(coords)
     unit_cells = np.empty_like(inverse)
     np.put_along_axis(unit_cells, inverse, np.arange(n_embed)[None].repeat(n_sites, 0), axis=1)
-    new_coords[..., 0], new_coords[..., 1] = unit_cells // side, unit_cells % side
+    new_coords[..., 0], new_coords[..., 1] = unit_cells // sheet[1], unit_cells % sheet[1]
     report = {"visited_centres": order, "loss_before": before, "loss_after": after, "accepted": accepted,
               "attempts": n_visits * local_steps, "first": first, "second": second, "gain": gains}
     return new_coords, report

@@ -4,8 +4,9 @@ Each script keeps its own readable loop; this module holds what both loops call:
 step with DDP / autocast / fp16 grad scaler / torch.compile and the non-finite check
 (`Optimization`), the learning-rate schedule, the random streams and their state, the JSON
 log and wandb (or its null stand-in), rank digests, the owner of a run's
-checkpoints (`RunCheckpoints`), the stop check of an evaluation batch (`reduce_with_stop`; the stop
-flag itself: topolm/signals.py) and the GPU peak-FLOPs table.
+checkpoints (`RunCheckpoints`), the spatial loss's weight schedule (`alpha_factor_at`), the stop
+check of an evaluation batch (`reduce_with_stop`; the stop flag itself: topolm/signals.py) and the
+GPU peak-FLOPs table.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from topolm.checkpoint import list_checkpoints, save_checkpoint
+from topolm.checkpoint import checkpoint_iter, list_checkpoints, save_checkpoint
 from topolm.config import UserError
 from topolm.distributed import Dist, print0, raise_together
 from topolm.signals import StopFlag
@@ -86,6 +87,26 @@ def learning_rate_at(it: int, cfg) -> float:
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def alpha_factor_at(it: int, cfg) -> float:
+    """The factor on every site's spatial-loss weight at optimizer step `it` (0-based).
+
+    `cfg` has alpha_schedule, alpha_warmup_iters (W), alpha_decay_iters (D) and alpha_final (train.py's
+    TrainConfig). 'constant': 1. 'linear': it / W for it < W, then 1. 'cosine': it / W for it < W (no
+    warm-up when W = 0), then alpha_final + (1 - alpha_final) * (1 + cos(pi * (it - W) / (D - W))) / 2 up
+    to D, alpha_final from D on (the cosine of nanoGPT's learning rate, on the weight instead)."""
+    if cfg.alpha_schedule == "constant":
+        return 1.0
+    warmup = cfg.alpha_warmup_iters
+    if it < warmup:
+        return it / warmup
+    if cfg.alpha_schedule == "linear":
+        return 1.0
+    if it >= cfg.alpha_decay_iters:
+        return float(cfg.alpha_final)
+    ratio = (it - warmup) / (cfg.alpha_decay_iters - warmup)
+    return cfg.alpha_final + (1.0 - cfg.alpha_final) * 0.5 * (1.0 + math.cos(math.pi * ratio))
 
 
 STREAMS = {"batch": 1, "nbhd": 2, "dropout": 3}
@@ -397,17 +418,27 @@ class RunCheckpoints:
 
     `folder` is the run's folder, `interval` the steps between periodic checkpoints, `start_iter`
     the iteration the run (re)started at and `last_iter` its final one. `keep_last` > 0 keeps only
-    the newest that many `ckpt-<iter>.pt` files of the folder; `always=False` writes a periodic
+    the newest that many `ckpt-<iter>.pt` files of the folder, and with `keep_every` = n > 0 also those whose
+    iteration is a multiple of n x interval; `always=False` writes a periodic
     checkpoint only after an evaluation that improved. Every checkpoint carries every rank's
     random streams and the rank count; a resumable one also the optimizer and scaler state and the
     loop's own state, so that `restore` continues the run bit-exactly. Writing is a collective: all
     ranks call `save`; rank 0 writes, atomically (topolm.checkpoint.save_checkpoint)."""
 
     def __init__(self, folder: Path, d: Dist, opt: Optimization, generators: dict[str, torch.Generator], *,
-                 interval: int, start_iter: int, last_iter: int, keep_last: int = 0, always: bool = True):
+                 interval: int, start_iter: int, last_iter: int, keep_last: int = 0, always: bool = True,
+                 keep_every: int = 0):
         self.folder, self.d, self.opt, self.generators = Path(folder), d, opt, generators
         self.interval, self.start_iter, self.last_iter = interval, start_iter, last_iter
-        self.keep_last, self.always = keep_last, always
+        self.keep_last, self.always, self.keep_every = keep_last, always, keep_every
+
+    def pruned(self) -> list[Path]:
+        """The checkpoints of the folder that keep_last and keep_every do not keep (oldest first)."""
+        if not self.keep_last:
+            return []
+        kept_every = self.keep_every * self.interval
+        return [old for old in list_checkpoints(self.folder)[:-self.keep_last]
+                if not (kept_every and checkpoint_iter(old) % kept_every == 0)]
 
     def due(self, it: int, improved: bool = True) -> bool:
         """Whether a checkpoint is due after `it` steps: every `interval` steps (with always=False only
@@ -428,9 +459,8 @@ class RunCheckpoints:
             except UserError as e:  # a full disk: the earlier checkpoints stay, and every rank stops
                 error = e
             else:
-                if self.keep_last:
-                    for old in list_checkpoints(self.folder)[:-self.keep_last]:
-                        old.unlink()
+                for old in self.pruned():
+                    old.unlink()
         raise_together(self.d, error)
 
     def restore(self, ckpt: dict, seed: int, what: str) -> None:

@@ -24,7 +24,7 @@ PYTHON = sys.executable
 
 # Every command a user runs from the repository root; a change that adds one extends this list.
 COMMANDS = {"train", "finetune", "sample", "analyze", "blimp", "ablate", "export_hf", "import_research", "init_pos",
-            "bench", "gpu_check", "glue_summary", "development", "reproduce"}
+            "bench", "gpu_check", "glue_summary", "development", "reproduce", "sweep"}
 
 
 def write_pattern_data(folder: Path, vocab: int = 64, n_train: int = 40_000, n_val: int = 4_000, seed: int = 0) -> Path:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -49,8 +50,9 @@ import scipy.stats
 import torch
 
 from topolm.batching import filled, invariant_kernels, length_batches
-from topolm.config import Checked, UserError, require
-from topolm.tokenizer import EOT_TOKEN
+from topolm.config import DATA_DIR, Checked, UserError, require, resolve_path
+from topolm.files import read_text
+from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 from positions import spatial_losses
 
 ADJACENT_MAX = 1.5  # grid distance 1 or sqrt(2)
@@ -532,6 +534,35 @@ def heldout_windows(tokens: np.ndarray, n_tokens: int, seq_len: int, seed: int =
 
 
 @torch.no_grad()
+def heldout_text(heldout: str, ckpt: dict, localizer: dict[str, list[str]]) -> tuple[np.ndarray, str, str]:
+    """The held-out token ids (n_tokens,), their source (a file, or a description) and why that source:
+    the file `heldout` (a uint16 .bin or UTF-8 text), else val.bin of the text the model was trained on (the
+    checkpoint's `data` field: the folder recorded there, or, where that is gone, its dataset key resolved
+    here), else the localizer's sentences (`localizer`: texts per condition). Raises UserError for a
+    `heldout` file that is missing or not a token file."""
+    enc = gpt2_encoding()
+    if heldout:
+        path = Path(heldout)
+        if not path.is_file():
+            raise UserError(f"heldout file not found: {path}")
+        if path.suffix == ".bin":
+            if path.stat().st_size % 2:
+                raise UserError(f"heldout={path} is not a uint16 token file (odd size)")
+            return np.fromfile(path, dtype=np.uint16), str(path), "heldout="
+        return np.array(enc.encode_ordinary(read_text(path)), dtype=np.int64), str(path), "heldout="
+    data = ckpt.get("data") or {}
+    folders = [Path(data["path"])] if data.get("path") else []
+    if data.get("dataset"):
+        folders.append(resolve_path(str(data["dataset"]), DATA_DIR))
+    for folder in folders:
+        val = folder / "val.bin"
+        if val.is_file() and val.stat().st_size >= 64:
+            return np.memmap(val, dtype=np.uint16, mode="r"), str(val), f"the checkpoint's data ({data['dataset']})"
+    text = " ".join(localizer.get("S") or next(iter(localizer.values())))
+    return (np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)",
+            "the fallback")
+
+
 def heldout_correlations(model, windows: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, int]:
     """Unit correlations per site over held-out windows: (n_sites, n_embed, n_embed) float64 and the sample count.
 

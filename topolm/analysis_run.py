@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topolm.analysis import (StatisticsKeys, Stimuli, contrast_names, count_keys, defined_mean, heldout_windows, measure_model,
+from topolm.analysis import (StatisticsKeys, Stimuli, contrast_names, count_keys, defined_mean, heldout_text, heldout_windows, measure_model,
                              option_lines, summarize)
 from topolm.checkpoint import load_model, require_gpt2_tokenizer, require_positions
 from topolm.clusters import ClusterKeys
@@ -74,30 +74,9 @@ class AnalysisKeys(StatisticsKeys, ClusterKeys, SeedKey):
 # ----------------------------------------------------------------------------- inputs
 
 def heldout_tokens(cfg: AnalysisKeys, ckpt: dict, localizer: dict[str, list[str]]) -> tuple[np.ndarray, str, str]:
-    """The held-out token ids, their source (a file, or a description) and why that source: `heldout`,
-    else val.bin of the text the model was trained on (the checkpoint's `data` field: the folder
-    recorded there, or, where that is gone, its dataset key resolved here), else the localizer's sentences."""
-    enc = gpt2_encoding()
-    if cfg.heldout:
-        path = Path(cfg.heldout)
-        if not path.is_file():
-            raise UserError(f"heldout file not found: {path}")
-        if path.suffix == ".bin":
-            if path.stat().st_size % 2:
-                raise UserError(f"heldout={path} is not a uint16 token file (odd size)")
-            return np.fromfile(path, dtype=np.uint16), str(path), "heldout="
-        return np.array(enc.encode_ordinary(read_text(path)), dtype=np.int64), str(path), "heldout="
-    data = ckpt.get("data") or {}
-    folders = [Path(data["path"])] if data.get("path") else []
-    if data.get("dataset"):
-        folders.append(resolve_path(str(data["dataset"]), DATA_DIR))
-    for folder in folders:
-        val = folder / "val.bin"
-        if val.is_file() and val.stat().st_size >= 64:
-            return np.memmap(val, dtype=np.uint16, mode="r"), str(val), f"the checkpoint's data ({data['dataset']})"
-    text = " ".join(localizer.get("S") or next(iter(localizer.values())))
-    return (np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)",
-            "the fallback")
+    """The held-out token ids of `cfg.heldout` (topolm.analysis.heldout_text: that file, else the
+    checkpoint's val.bin, else the localizer's sentences), their source and why that source."""
+    return heldout_text(cfg.heldout, ckpt, localizer)
 
 
 @dataclass

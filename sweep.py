@@ -52,6 +52,12 @@ class SweepConfig(DeviceKey, SeedKey):
     """The contrast whose site-mean Moran's I is plotted (a contrast the analyses ran: localizer, verb_noun, ...)."""
     seed: int = 0
     """Seed of the analyses measured here (analyze.py's default 0: the same numbers as its summary)."""
+    permutations: int = 999
+    """Permutations of each Moran's I p-value in the analyses measured here (analyze.py's key and default)."""
+    null_shuffles: int = 100
+    """Position shuffles of the nulls in the analyses measured here (analyze.py's key and default)."""
+    heldout_tokens: int = 8192
+    """Held-out tokens of the correlations in the analyses measured here (analyze.py's key and default)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,7 +95,8 @@ def main(argv: list[str]) -> None:
     remove_partial_writes(require_writable(out))
     for k, run in enumerate(missing, 1):
         print(f"analysing {run.path} ({k} of {len(missing)}): {run.checkpoint}")
-        summary = analyse_checkpoint(run.checkpoint, device, seed=cfg.seed)
+        summary = analyse_checkpoint(run.checkpoint, device, seed=cfg.seed, permutations=cfg.permutations,
+                                     null_shuffles=cfg.null_shuffles, heldout_tokens=cfg.heldout_tokens)
         path = out / "analyses" / run.name / "summary.json"
         atomic_write(path, json.dumps(json_safe(summary), indent=2) + "\n")
         run.summary, run.summary_path = summary["model"], path

@@ -154,21 +154,17 @@ def test_bad_input_is_refused_with_one_line_before_anything_is_written(tmp_path,
 FAST = dict(permutations=9, null_shuffles=2, heldout_tokens=256)
 
 
-def test_a_run_without_analysis_is_measured_as_analyze_py_measures_it(tmp_path, gpt2_run, monkeypatch):
-    import topolm.sweeps
-
+def test_a_run_without_analysis_is_measured_as_analyze_py_measures_it(tmp_path, gpt2_run):
     ran = run_in_process([PYTHON, "analyze.py", f"ckpt={gpt2_run.run}", f"out={tmp_path / 'analyze'}", "device=cpu",
                           *[f"{k}={v}" for k, v in FAST.items()]])
     assert ran.returncode == 0
     expected = json.loads((tmp_path / "analyze" / "summary.json").read_text())["model"]
-    monkeypatch.setitem(topolm.sweeps.ANALYSIS_DEFAULTS, "permutations", FAST["permutations"])
-    monkeypatch.setitem(topolm.sweeps.ANALYSIS_DEFAULTS, "null_shuffles", FAST["null_shuffles"])
-    monkeypatch.setitem(topolm.sweeps.ANALYSIS_DEFAULTS, "heldout_tokens", FAST["heldout_tokens"])
-    args = [f"runs={gpt2_run.run}", f"analyses={tmp_path / 'none'}", f"out={tmp_path / 'sweep'}", "device=cpu"]
+    args = [f"runs={gpt2_run.run}", f"analyses={tmp_path / 'none'}", f"out={tmp_path / 'sweep'}", "device=cpu",
+            *[f"{k}={FAST[k]}" for k in ("permutations", "null_shuffles", "heldout_tokens")]]
     ran = run_in_process([PYTHON, "sweep.py", *args])
     assert "analysing" in ran.stdout
     measured = json.loads((tmp_path / "sweep" / "analyses" / "run" / "summary.json").read_text())["model"]
-    for key in ("step", "sites", "mean", "heldout", "provenance"):
+    for key in ("step", "sites", "mean", "heldout", "provenance", "sheet", "alpha_sites"):
         assert measured[key] == expected[key], key
     table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     (config,) = table["configurations"]

@@ -284,42 +284,17 @@ def _bar(sd: float) -> float:
 
 # ----------------------------------------------------------------------------- analysing a run
 
-ANALYSIS_DEFAULTS = dict(q=0.05, permutations=999, null_shuffles=100, heldout_tokens=8192, batch_size=32, seed=0)
-"""analyze.py's defaults, with which a run without a summary is measured."""
-
-
 def analyse_checkpoint(ckpt: Path, device: str = "cpu", **keys) -> dict:
-    """summary.json's `analysis` and `model` parts for one checkpoint, measured as `python analyze.py
-    ckpt=<ckpt>` with its default stimuli and contrasts measures them (topolm.analysis.measure_model and
-    summarize; `keys` override ANALYSIS_DEFAULTS, analyze.py's keys of those names), without its figures.
+    """summary.json's `analysis`, `stimuli` and `model` parts for one checkpoint, measured exactly as `python
+    analyze.py ckpt=<ckpt>` measures them (topolm.analysis_run: the same inputs, measures and summary;
+    `keys` are analyze.py's keys, e.g. seed=1), without writing its figures.
     Raises UserError as analyze.py does (no GPT-2 tokenizer, a response that is not a number)."""
-    import torch
+    from topolm.analysis_run import AnalysisKeys, fit_stimuli, load, measure_all, read_stimuli
 
-    from topolm.analysis import Stimuli, heldout_text, heldout_windows, measure_model, summarize
-    from topolm.checkpoint import load_model, require_gpt2_tokenizer
-    from topolm.provenance import provenance
-    from topolm.stimsets import read_sets, select_contrasts
-    from topolm.stimuli import STIMULI_DIR
-    from topolm.tokenizer import gpt2_encoding
-
-    opts = {**ANALYSIS_DEFAULTS, **keys}
-    sets = read_sets("stimuli", Path("."), STIMULI_DIR)
-    full = Stimuli.build(sets, select_contrasts(sets, ""), gpt2_encoding())
-    localizer: dict[str, list[str]] = {}
-    for item in sets[0].items:
-        localizer.setdefault(item.labels["condition"], []).append(item.text)
-    model, ck, path = load_model(ckpt, device)
-    require_gpt2_tokenizer(ck, path, "the analysis's stimuli")
-    tokens, source, chosen_by = heldout_text("", ck, localizer)
-    windows = heldout_windows(tokens, opts["heldout_tokens"], min(model.config.block_size - 1, 256), opts["seed"])
-    stim, _ = full.fitting(model.config.block_size)
-    torch.manual_seed(opts["seed"])
-    m = measure_model(model, stim, windows, q=opts["q"], permutations=opts["permutations"],
-                      null_shuffles=opts["null_shuffles"], seed=opts["seed"], batch_size=opts["batch_size"])
-    return {"analysis": {**opts, "by": "sweep.py (the measures of analyze.py's defaults, no figures)"},
-            "model": {"name": path.parent.name, "checkpoint": str(path), "step": int(ck.get("iter_num", -1)),
-                      "provenance": provenance(path, ck, model), "n_layer": model.config.n_layer,
-                      "n_embed": model.config.n_embed, "with_resid": model.config.with_resid,
-                      "alpha": model.config.alpha, "heldout": {"source": source, "from": chosen_by,
-                                                               "tokens": int(m["heldout_samples"])},
-                      **summarize(m)}}
+    cfg = AnalysisKeys(**keys)
+    full, localizer = read_stimuli(cfg)
+    models = [load(cfg, device, "model", str(ckpt), localizer)]
+    stim, fit = fit_stimuli(full, models)
+    _, summary = measure_all(cfg, models, stim, (full, fit))
+    summary["analysis"]["by"] = "sweep.py (analyze.py's measures, no figures)"
+    return summary

@@ -334,3 +334,23 @@ def pytest_collection_modifyitems(session, config, items):
     slow = {item.module for item in items
             if item.get_closest_marker("compile") or item.get_closest_marker("torchrun")}
     items.sort(key=lambda item: item.module not in slow)
+
+
+def random_hf_gpt2(folder: Path, n_embd: int):
+    """A randomly initialised transformers GPT2LMHeadModel (GPT-2's own gelu_new, GPT-2's 50257 ids, 2 layers of
+    width n_embd) with random biases and larger MLP inputs, saved with save_pretrained into `folder`: a foreign
+    GPT-2 folder, made without a download. Returns (folder, the model)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=n_embd, n_layer=2, n_head=2,
+                                    activation_function="gelu_new")).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif name.endswith("mlp.c_fc.weight"):  # GELU inputs of order 1, where tanh and erf differ by ~1e-3
+                p.normal_(0.0, 0.3)
+    hf.save_pretrained(str(folder))
+    return folder, hf

@@ -12,7 +12,7 @@ import torch
 import export_hf
 import import_research
 import train
-from conftest import PYTHON, REPO, overrides, read_log, run_in_process, run_main, one_error_line, write_pattern_data
+from conftest import random_hf_gpt2, PYTHON, REPO, overrides, read_log, run_in_process, run_main, one_error_line, write_pattern_data
 from topolm.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 FIXTURE_RESEARCH = REPO / "tests" / "fixtures" / "research-ckpt-small"
@@ -32,20 +32,7 @@ def run_args(data, out, init_from, **kw) -> list[str]:
 def hf_gpt2(tmp_path_factory):
     """A randomly initialised transformers GPT2LMHeadModel (GPT-2's own gelu_new, GPT-2's 50257 ids, a 6x6
     sheet's width) with random biases and larger MLP inputs, saved with save_pretrained: a foreign GPT-2 folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=36, n_layer=2, n_head=2,
-                                    activation_function="gelu_new")).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif name.endswith("mlp.c_fc.weight"):  # GELU inputs of order 1, where tanh and erf differ by ~1e-3
-                p.normal_(0.0, 0.3)
-    folder = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
-    hf.save_pretrained(str(folder))
-    return folder, hf
+    return random_hf_gpt2(tmp_path_factory.mktemp("hf") / "gpt2-tiny", 36)
 
 
 @pytest.fixture(scope="module")

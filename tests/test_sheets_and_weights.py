@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import PYTHON, numpy_spatial_loss, overrides, read_checkpoint, read_log, run_in_process
+from conftest import random_hf_gpt2, PYTHON, numpy_spatial_loss, overrides, read_checkpoint, read_log, run_in_process
 from model import GPT, GPTConfig
 from positions import (CorticalSheet, block_offsets, centres, check_layout, is_permutation, neighborhood_units,
                        random_layout, sheet_shape, spatial_losses)
@@ -198,20 +198,7 @@ def test_the_schedule_is_logged_every_step_and_resumes_bit_exactly_across_its_ch
 def gpt2_48(tmp_path_factory):
     """A randomly initialised transformers GPT2LMHeadModel of width 48 (no square sheet) with GPT-2's gelu_new,
     random biases and larger MLP inputs, saved with save_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=2, n_head=2,
-                                    activation_function="gelu_new")).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif name.endswith("mlp.c_fc.weight"):  # GELU inputs of order 1, where tanh and erf differ
-                p.normal_(0.0, 0.3)
-    folder = tmp_path_factory.mktemp("hf48") / "gpt2-48"
-    hf.save_pretrained(str(folder))
-    return folder, hf
+    return random_hf_gpt2(tmp_path_factory.mktemp("hf48") / "gpt2-48", 48)
 
 
 def test_a_gpt2_of_width_48_becomes_topographic_on_a_4_by_12_sheet_and_is_analysed(gpt2_48, gpt2_run, tmp_path,

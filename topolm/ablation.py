@@ -40,13 +40,19 @@ def validation_windows(model, tokens: np.ndarray, n_windows: int, seed: int) -> 
         raise UserError(f"the validation tokens ({len(tokens)}) are fewer than block_size + 1 = {T + 1}")
     starts = torch.randint(len(tokens) - T, (n_windows,), generator=torch.Generator().manual_seed(seed)).numpy()
     windows = np.stack([np.asarray(tokens[i:i + T + 1], dtype=np.int64) for i in starts])
-    if model.config.n_output_ids:
-        outside = ~np.isin(windows[:, 1:], model.output_ids.cpu().numpy())
-        if outside.any():
-            raise UserError(f"the validation tokens hold id {int(windows[:, 1:][outside][0])}, outside the model's "
-                            f"output vocabulary of {model.config.n_output_ids} ids (output_vocab=corpus): its loss is "
-                            f"infinite; measure on the dataset the model was trained on")
+    require_output_ids(model, windows[:, 1:], "")
     return windows
+
+
+def require_output_ids(model, targets: np.ndarray, hint: str) -> None:
+    """Refuse target token ids outside a restricted output vocabulary (output_vocab=corpus): their loss is infinite.
+    targets: any shape of int token ids; hint: how to name the dataset key in the message (e.g. " (val_data=)")."""
+    if model.config.n_output_ids:
+        outside = ~np.isin(targets, model.output_ids.cpu().numpy())
+        if outside.any():
+            raise UserError(f"the validation tokens hold id {int(targets[outside][0])}, outside the model's "
+                            f"output vocabulary of {model.config.n_output_ids} ids (output_vocab=corpus): its loss is "
+                            f"infinite; measure on the dataset the model was trained on{hint}")
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from topolm.ablation import require_output_ids
 from topolm.analysis import CorrelationAccumulator, full_grid_spatial_loss
 from topolm.batching import invariant_kernels
 from topolm.blimp import gpt_logits
@@ -81,12 +82,7 @@ def validation_measures(model, windows: np.ndarray, batch_size: int = 8, seed: i
     if int(windows.max()) >= model.config.vocab_size:
         raise UserError(f"the validation tokens hold id {int(windows.max())} >= vocab_size={model.config.vocab_size}: "
                         f"measure on the dataset the model was trained on (val_data=)")
-    if model.config.n_output_ids:
-        outside = ~np.isin(windows[:, 1:], model.output_ids.cpu().numpy())
-        if outside.any():
-            raise UserError(f"the validation tokens hold id {int(windows[:, 1:][outside][0])}, outside the model's output "
-                            f"vocabulary of {model.config.n_output_ids} ids (output_vocab=corpus): its loss is infinite; "
-                            f"measure on the dataset the model was trained on (val_data=)")
+    require_output_ids(model, windows[:, 1:], " (val_data=)")
     names = list(model.site_names)
     taps = model.sites()
     captured: dict[str, torch.Tensor] = {}

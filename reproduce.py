@@ -110,21 +110,27 @@ def validation(cfg: ReproduceConfig, loaded, tokens, device: str):
     return validation_measures(loaded.model, windows, cfg.val_batch_size, cfg.seed, device)
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    if (out / "table.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds a table (table.json); choose another out= or set overwrite=true")
+
+
 def main(argv: list[str]) -> None:
     exit_on_stop()
     cfg: ReproduceConfig = load_config(ReproduceConfig, argv)
     device = resolve_device(cfg.device)
     full, localizer = read_stimuli(cfg)
+    if cfg.out:  # refused before any model loads; the default out= is named after the model, checked below
+        refuse_existing(Path(cfg.out), cfg.overwrite)
+    pairs = read_blimp(cfg)
     models = [load(cfg, device, "model", cfg.ckpt, localizer)]
     if cfg.control:
         models.append(load(cfg, device, "compare", cfg.control, localizer))
     out = Path(cfg.out) if cfg.out else Path("reports") / models[0].name
-    if (out / "table.json").exists() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a table (table.json); choose another out= or set overwrite=true")
+    refuse_existing(out, cfg.overwrite)
     val_bin = dataset_val_bin(models[0].ckpt, cfg.val_data)
     tokens = read_tokens(val_bin) if val_bin else ("no val.bin: the checkpoint records no dataset found here; give "
                                                    "val_data=<dataset folder or .bin>")
-    pairs = read_blimp(cfg)
     glue = [read_glue(given, cfg.glue_root, m.provenance["weights_sha256"])
             for given, m in zip((cfg.glue, cfg.control_glue), models)]
     stim, fit = fit_stimuli(full, models)

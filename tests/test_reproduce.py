@@ -159,6 +159,7 @@ def test_reproduce_writes_the_table_of_a_model_and_its_control(gpt2_run, tmp_pat
     assert (out / "clusters.png").is_file() and (out / "verb_noun_maps.png").is_file()
     again = run_main(reproduce, [f"ckpt={gpt2_run.ckpt}", f"out={out}", *FAST])
     one_error_line(again, "already holds a table", "overwrite=true")
+    assert again.stdout == ""  # refused before any model is read
 
 
 def test_the_logged_evaluation_is_the_last_eval_event_of_the_run(tmp_path):

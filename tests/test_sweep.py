@@ -131,6 +131,16 @@ def test_other_differing_keys_make_configurations_and_one_seed_has_no_error_bar(
     assert "| 5.4000 |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
+def test_keys_of_what_training_measures_do_not_separate_configurations(tmp_path, tiny_payload):
+    """Runs of one configuration, one trained before train.py had the topography keys, are one configuration."""
+    plant(tmp_path, "old", tiny_payload, {}, 5.0, 0.4, 0.1)
+    plant(tmp_path, "new", tiny_payload, {"seed": 2, "topography": True, "topography_heldout_tokens": 2048,
+                                          "topography_image_interval": 500}, 5.2, 0.6, 0.1)
+    sweep(tmp_path, f"runs={tmp_path / 'out' / '*'}")
+    (config,) = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["configurations"]
+    assert len(config["runs"]) == 2 and config["morans_i"]["mean"] == pytest.approx(0.5)
+
+
 def test_bad_input_is_refused_with_one_line_before_anything_is_written(tmp_path, tiny_payload):
     plant(tmp_path, "done", tiny_payload, {}, 5.0, 0.1, 0.2)
     one_error_line(sweep(tmp_path, f"runs={tmp_path / 'out' / 'nothing-*'}", check=False), "no run folder matched")

@@ -32,9 +32,11 @@ from topolm.files import read_json, read_jsonl
 IGNORED_KEYS = frozenset({
     "seed", "run_name", "out_dir", "init_from", "eval_only", "device", "backend", "compile", "wandb_log",
     "wandb_project", "wandb_run_name", "log_interval", "save_interval", "keep_last", "keep_every",
-    "always_save_checkpoint"})
+    "always_save_checkpoint", "topography", "topography_heldout_tokens", "topography_stimuli",
+    "topography_null_shuffles", "topography_seed", "topography_image_interval"})
 """Config keys that never separate configurations: the seed (the replicate), the run's name and place,
-how it was started (a resumed run says init_from=resume) and where it ran, and what it logs and keeps."""
+how it was started (a resumed run says init_from=resume) and where it ran, and what it logs, measures
+while training (topography*: the model trains the same with or without them) and keeps."""
 
 MEASURES = ("val_task_loss", "morans_i", "spatial_loss")
 """The numbers of every run and configuration, in the table's order."""

@@ -50,7 +50,8 @@ import scipy.stats
 import torch
 
 from topolm.batching import filled, invariant_kernels, length_batches
-from topolm.config import DATA_DIR, Checked, UserError, require, resolve_path
+from topolm.checkpoint import recorded_val_bin
+from topolm.config import Checked, UserError, require
 from topolm.files import read_text
 from topolm.tokenizer import EOT_TOKEN, gpt2_encoding
 from positions import spatial_losses
@@ -550,14 +551,9 @@ def heldout_text(heldout: str, ckpt: dict, localizer: dict[str, list[str]]) -> t
                 raise UserError(f"heldout={path} is not a uint16 token file (odd size)")
             return np.fromfile(path, dtype=np.uint16), str(path), "heldout="
         return np.array(enc.encode_ordinary(read_text(path)), dtype=np.int64), str(path), "heldout="
-    data = ckpt.get("data") or {}
-    folders = [Path(data["path"])] if data.get("path") else []
-    if data.get("dataset"):
-        folders.append(resolve_path(str(data["dataset"]), DATA_DIR))
-    for folder in folders:
-        val = folder / "val.bin"
-        if val.is_file() and val.stat().st_size >= 64:
-            return np.memmap(val, dtype=np.uint16, mode="r"), str(val), f"the checkpoint's data ({data['dataset']})"
+    val = recorded_val_bin(ckpt, min_bytes=64)
+    if val is not None:
+        return np.memmap(val, dtype=np.uint16, mode="r"), str(val), f"the checkpoint's data ({ckpt['data']['dataset']})"
     text = " ".join(localizer.get("S") or next(iter(localizer.values())))
     return (np.array(enc.encode_ordinary(text), dtype=np.int64), "the localizer's sentences (no val.bin found)",
             "the fallback")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from topolm.tokenizer import EOT_TOKEN
-from topolm.config import UserError, run_suggestions
+from topolm.config import DATA_DIR, UserError, resolve_path, run_suggestions
 from topolm.files import atomic_write
 from topolm.provenance import weights_digest
 from topolm.hf import hf_layout, is_hf_folder, read_hf_model
@@ -108,6 +108,21 @@ def data_record(dataset: str | None, path: Path | str | None, tokenizer: str | N
     """The `data` field: the dataset key as given, the folder it resolved to (made absolute), and the
     tokenizer its token files name."""
     return {"dataset": dataset, "path": None if path is None else str(Path(path).resolve()), "tokenizer": tokenizer}
+
+
+def recorded_val_bin(ckpt: dict, min_bytes: int = 1) -> Path | None:
+    """The val.bin of the text a checkpoint records it was trained on (its `data` field): in the recorded folder,
+    else in its dataset key resolved under data/ (the folder moved or another clone); the first of at least
+    `min_bytes` bytes, None when there is none."""
+    data = ckpt.get("data") or {}
+    folders = [Path(data["path"])] if data.get("path") else []
+    if data.get("dataset"):
+        folders.append(resolve_path(str(data["dataset"]), DATA_DIR))
+    for folder in folders:
+        val = folder / "val.bin"
+        if val.is_file() and val.stat().st_size >= min_bytes:
+            return val
+    return None
 
 
 def make_payload(gpt: GPT, *, kind: str, config: dict, iter_num: int, tokenizer: dict | None,

@@ -309,13 +309,14 @@ def read_records(log_path: Path, event: str) -> dict[int, dict]:
     import json
 
     out = {}
-    for n, line in enumerate(Path(log_path).read_text().splitlines(), 1):
+    lines = Path(log_path).read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(Path(log_path).read_text().splitlines()):
+            if n == len(lines):
                 continue  # a last line cut by a kill
             raise UserError(f"{log_path} line {n} is not JSON; the log is damaged")
         if record.get("event") == event:

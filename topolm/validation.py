@@ -26,6 +26,7 @@ from topolm.ablation import require_output_ids
 from topolm.analysis import CorrelationAccumulator, full_grid_spatial_loss
 from topolm.batching import invariant_kernels
 from topolm.blimp import gpt_logits
+from topolm.checkpoint import recorded_val_bin
 from topolm.config import DATA_DIR, UserError, resolve_path
 from topolm.files import read_jsonl
 
@@ -51,14 +52,7 @@ def dataset_val_bin(ckpt: dict, given: str = "") -> Path | None:
         if not path.is_file():
             raise UserError(f"val_data={given}: no token file {path}")
         return path
-    data = ckpt.get("data") or {}
-    folders = [Path(data["path"])] if data.get("path") else []
-    if data.get("dataset"):
-        folders.append(resolve_path(str(data["dataset"]), DATA_DIR))
-    for folder in folders:
-        if (folder / "val.bin").is_file():
-            return folder / "val.bin"
-    return None
+    return recorded_val_bin(ckpt)
 
 
 def read_tokens(path: Path) -> np.ndarray:
